@@ -1,0 +1,218 @@
+//! The console: where guest output goes (stdout, a file or nowhere), line
+//! matching for `--expect`, and the host terminal in raw mode.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use regex::Regex;
+
+use crate::devices::bus::lock;
+use crate::events::{VmEvent, VmEventSender};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    Stdio,
+    None,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for ConsoleTarget {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdio" => ConsoleTarget::Stdio,
+            "none" => ConsoleTarget::None,
+            path => ConsoleTarget::File(PathBuf::from(path)),
+        })
+    }
+}
+
+struct Inner {
+    out: Option<Box<dyn Write + Send>>,
+    line: Vec<u8>,
+    expect: Option<Regex>,
+    matched: bool,
+}
+
+/// Shared by every device that prints (UART, debug console).
+pub struct Console {
+    inner: Mutex<Inner>,
+    events: VmEventSender,
+}
+
+/// Longest partial line kept for `--expect` matching; a guest that never
+/// prints a newline must not grow host memory without bound.
+const MAX_LINE: usize = 64 * 1024;
+
+impl Console {
+    pub fn new(
+        target: &ConsoleTarget,
+        expect: Option<Regex>,
+        events: VmEventSender,
+    ) -> io::Result<Arc<Self>> {
+        let out: Option<Box<dyn Write + Send>> = match target {
+            ConsoleTarget::Stdio => Some(Box::new(io::stdout())),
+            ConsoleTarget::None => None,
+            ConsoleTarget::File(p) => Some(Box::new(File::create(p)?)),
+        };
+        Ok(Arc::new(Console {
+            inner: Mutex::new(Inner {
+                out,
+                line: Vec::new(),
+                expect,
+                matched: false,
+            }),
+            events,
+        }))
+    }
+
+    pub fn write_bytes(&self, bytes: &[u8]) {
+        let mut inner = lock(&self.inner);
+        if let Some(out) = inner.out.as_mut() {
+            // The guest must not stall or die because the host's stdout is gone.
+            let _ = out.write_all(bytes).and_then(|_| out.flush());
+        }
+        if inner.expect.is_none() || inner.matched {
+            return;
+        }
+        for &b in bytes {
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&inner.line).trim_end().to_string();
+                inner.line.clear();
+                if inner.expect.as_ref().is_some_and(|re| re.is_match(&text)) {
+                    inner.matched = true;
+                    self.events.send(VmEvent::ExpectMatched(text));
+                    return;
+                }
+            } else if inner.line.len() < MAX_LINE {
+                inner.line.push(b);
+            }
+        }
+    }
+}
+
+/// `io::Write` adapter for vm-superio's UART.
+pub struct ConsoleWriter(pub Arc<Console>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_bytes(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Puts a terminal in raw input mode (output processing kept, so the guest's
+/// `\n` still returns the carriage) and restores it on drop, which covers
+/// every exit path that unwinds or returns.
+pub struct RawTerminal {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Returns None when `fd` is not a terminal.
+    pub fn enable(fd: i32) -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and a valid pointer to a termios struct.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: valid fd and termios struct.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enable` on the same fd.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Ctrl-A is the escape key, as in kvmtool and QEMU: Ctrl-A x quits,
+/// Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
+#[derive(Default)]
+pub struct EscapeParser {
+    pending_escape: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConsoleKey {
+    Guest(Vec<u8>),
+    Quit,
+}
+
+pub const ESCAPE: u8 = 0x01;
+
+impl EscapeParser {
+    pub fn feed(&mut self, input: &[u8]) -> Vec<ConsoleKey> {
+        let mut keys = Vec::new();
+        let mut guest = Vec::new();
+        for &b in input {
+            if self.pending_escape {
+                self.pending_escape = false;
+                match b {
+                    b'x' | b'X' => {
+                        if !guest.is_empty() {
+                            keys.push(ConsoleKey::Guest(std::mem::take(&mut guest)));
+                        }
+                        keys.push(ConsoleKey::Quit);
+                    }
+                    ESCAPE => guest.push(ESCAPE),
+                    _ => {}
+                }
+            } else if b == ESCAPE {
+                self.pending_escape = true;
+            } else {
+                guest.push(b);
+            }
+        }
+        if !guest.is_empty() {
+            keys.push(ConsoleKey::Guest(guest));
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::vm_event_channel;
+
+    #[test]
+    fn expect_matches_whole_lines_once() {
+        let (tx, rx) = vm_event_channel().unwrap();
+        let c = Console::new(&ConsoleTarget::None, Some(Regex::new("^tick 3 ok$").unwrap()), tx)
+            .unwrap();
+        c.write_bytes(b"tick 1 ok\ntick 3");
+        assert!(rx.drain().is_empty());
+        c.write_bytes(b" ok\r\ntick 3 ok\n");
+        assert_eq!(rx.drain(), vec![VmEvent::ExpectMatched("tick 3 ok".into())]);
+    }
+
+    #[test]
+    fn escape_keys() {
+        let mut p = EscapeParser::default();
+        assert_eq!(p.feed(b"ab"), vec![ConsoleKey::Guest(b"ab".to_vec())]);
+        assert_eq!(p.feed(b"a\x01"), vec![ConsoleKey::Guest(b"a".to_vec())]);
+        assert_eq!(p.feed(b"x"), vec![ConsoleKey::Quit]);
+        assert_eq!(p.feed(b"\x01\x01z"), vec![ConsoleKey::Guest(vec![1, b'z'])]);
+    }
+}

@@ -1,0 +1,396 @@
+//! The VM side of the control socket, driven by the VM's own poll loop.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{ApiResponse, Command, ControlError, DeadlineStream, http, route, sentence};
+
+/// Budget for reading one request, and separately for writing its response.
+/// Bounds how long a slow or silent client can stall the VM's loop.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A listening control socket. The socket file is removed on drop.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Identity of the socket file we created, so drop never deletes a
+    /// socket that another process has since put at the same path.
+    inode: Option<(u64, u64)>,
+}
+
+impl ControlServer {
+    /// Binds a non-blocking listener at `path`.
+    ///
+    /// Fails with [`ControlError::InUse`] if a live process accepts
+    /// connections there. A stale socket left by a crashed VM is replaced;
+    /// anything that is not a socket is left alone.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(ControlError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                let meta = fs::symlink_metadata(path).map_err(|e| ControlError::io(path, e))?;
+                if !meta.file_type().is_socket() {
+                    return Err(ControlError::NotASocket {
+                        path: path.to_path_buf(),
+                    });
+                }
+                // Two VMs racing for one stale path can still collide here;
+                // the loser then fails in bind() below, which is acceptable.
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ControlError::io(path, e)),
+                }
+            }
+            // E.g. EACCES: we cannot tell whether it is live, so do not touch it.
+            Err(e) => return Err(ControlError::io(path, e)),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| ControlError::io(path, e))?;
+        let inode = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let server = ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            inode,
+        };
+        server
+            .listener
+            .set_nonblocking(true)
+            .map_err(|e| ControlError::io(path, e))?;
+        Ok(server)
+    }
+
+    /// The listening socket, to be polled for readability by the owner.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts and answers at most one pending connection; returns `Ok` at
+    /// once if none is pending.
+    ///
+    /// The handler runs only for a request that parsed and routed. Client
+    /// misbehaviour (garbage, timeouts, early disconnects) is answered if
+    /// possible and otherwise ignored; only a failure of the listening
+    /// socket itself is returned as an error.
+    ///
+    /// Writing to a client that already hung up relies on SIGPIPE being
+    /// ignored, which the Rust runtime arranges for every binary.
+    pub fn serve_one(
+        &self,
+        handler: &mut dyn FnMut(Command) -> ApiResponse,
+    ) -> Result<(), ControlError> {
+        let stream = match self.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(ControlError::io(&self.path, e)),
+        };
+        answer(&stream, handler);
+        Ok(())
+    }
+}
+
+/// Serves one exchange on an accepted connection, swallowing client errors.
+fn answer(stream: &UnixStream, handler: &mut dyn FnMut(Command) -> ApiResponse) {
+    // Linux does not propagate O_NONBLOCK through accept(), but the timeouts
+    // below only work on a blocking socket, so do not depend on that.
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let mut reader = DeadlineStream::new(stream, Some(IO_TIMEOUT));
+    let response = match http::read_request(&mut reader) {
+        Ok(request) => match route(&request) {
+            Ok(command) => handler(command),
+            Err(response) => response,
+        },
+        Err(e) => match e.status() {
+            Some(status) => ApiResponse::error(status, sentence(&e.to_string())),
+            None => return,
+        },
+    };
+    // A fresh budget: the handler may legitimately have taken long.
+    let mut writer = DeadlineStream::new(stream, Some(IO_TIMEOUT));
+    // The client may be gone; there is nobody left to tell.
+    let _ = http::write_response(&mut writer, response.status, &response.body);
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let still_ours = fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+            .is_some_and(|id| Some(id) == self.inode);
+        if still_ours {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::client;
+    use serde_json::json;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::thread;
+    use std::time::Instant;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "rewind-ctl-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        pub(crate) fn join(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Serves on a thread until the returned flag is set; the thread hands
+    /// back the server and every command the handler saw.
+    #[allow(clippy::type_complexity)]
+    fn serve_until(
+        server: ControlServer,
+    ) -> (
+        Arc<AtomicBool>,
+        thread::JoinHandle<(ControlServer, Vec<Command>)>,
+    ) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let t = thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut handler = |cmd: Command| {
+                seen.push(cmd.clone());
+                match cmd {
+                    Command::GetVm => ApiResponse::ok(json!({
+                        "name": "vm1", "state": "running", "vcpus": 1,
+                        "mem_mib": 256, "pid": 123, "uptime_ms": 5
+                    })),
+                    Command::Stop => ApiResponse::ok(json!({})),
+                    _ => ApiResponse::error(501, "Not implemented in this test."),
+                }
+            };
+            while !flag.load(Ordering::SeqCst) {
+                server.serve_one(&mut handler).unwrap();
+                thread::sleep(Duration::from_millis(2));
+            }
+            (server, seen)
+        });
+        (stop, t)
+    }
+
+    fn raw_exchange(path: &Path, request: &[u8], close_write: bool) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(request).unwrap();
+        if close_write {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn end_to_end_get_vm_and_stop() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        let (stop, t) = serve_until(server);
+        let timeout = Some(Duration::from_secs(5));
+        let vm = client::request(&path, "GET", "/vm", None, timeout).unwrap();
+        assert_eq!(vm.status, 200);
+        assert_eq!(vm.body["name"], "vm1");
+        assert_eq!(vm.body["state"], "running");
+        assert_eq!(vm.body["mem_mib"], 256);
+        let stopped = client::request(&path, "PUT", "/vm/stop", None, timeout).unwrap();
+        assert_eq!(stopped.status, 200);
+        stop.store(true, Ordering::SeqCst);
+        let (server, seen) = t.join().unwrap();
+        assert_eq!(seen, vec![Command::GetVm, Command::Stop]);
+        drop(server);
+        assert!(!path.exists(), "drop must remove the socket file");
+    }
+
+    #[test]
+    fn route_and_parse_errors_skip_the_handler() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        let (stop, t) = serve_until(server);
+        let timeout = Some(Duration::from_secs(5));
+
+        let r = client::request(&path, "GET", "/nope", None, timeout).unwrap();
+        assert_eq!(r.status, 404);
+        assert!(r.error_message().is_some());
+
+        let body = json!({"name": ".bad"});
+        let r = client::request(&path, "PUT", "/snapshots", Some(&body), timeout).unwrap();
+        assert_eq!(r.status, 400);
+
+        let out = raw_exchange(&path, b"this is not http\r\n\r\n", false);
+        assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+        assert!(out.contains("\"error\":\""), "{out}");
+
+        let out = raw_exchange(
+            &path,
+            b"PUT /snapshots HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            false,
+        );
+        assert!(out.starts_with("HTTP/1.1 411 Length Required\r\n"), "{out}");
+
+        // Half a request, then the client stops sending.
+        let out = raw_exchange(&path, b"PUT /vm/stop HTTP/1.1\r\nHost: x", true);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+
+        stop.store(true, Ordering::SeqCst);
+        let (_server, seen) = t.join().unwrap();
+        assert!(seen.is_empty(), "handler ran for {seen:?}");
+    }
+
+    #[test]
+    fn disconnecting_or_silent_clients_do_not_fail_serve_one() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        let mut calls = 0;
+        let mut handler = |_: Command| {
+            calls += 1;
+            ApiResponse::ok(json!({}))
+        };
+
+        // Nothing pending.
+        server.serve_one(&mut handler).unwrap();
+
+        // Connect and hang up at once.
+        drop(UnixStream::connect(&path).unwrap());
+        server.serve_one(&mut handler).unwrap();
+
+        // Send a full request, then vanish before the answer.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
+        drop(s);
+        server.serve_one(&mut handler).unwrap();
+
+        // Stay silent: the server gives up after IO_TIMEOUT and answers 408.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+        let start = Instant::now();
+        server.serve_one(&mut handler).unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= IO_TIMEOUT - Duration::from_millis(50),
+            "{waited:?}"
+        );
+        assert!(waited < IO_TIMEOUT + Duration::from_secs(2), "{waited:?}");
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+
+        assert_eq!(calls, 1, "only the complete request reaches the handler");
+    }
+
+    #[test]
+    fn stale_socket_is_replaced() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        // std does not unlink on drop, which mimics a crashed VM.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        assert!(matches!(
+            UnixStream::connect(&path).map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionRefused)
+        ));
+        let server = ControlServer::bind(&path).unwrap();
+        assert!(
+            UnixStream::connect(&path).is_ok(),
+            "new socket must be live"
+        );
+        drop(server);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn live_socket_is_in_use_and_left_intact() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        let first = ControlServer::bind(&path).unwrap();
+        let err = ControlServer::bind(&path).unwrap_err();
+        assert!(matches!(err, ControlError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("api.sock"));
+        assert!(
+            UnixStream::connect(&path).is_ok(),
+            "first owner must survive"
+        );
+        drop(first);
+    }
+
+    #[test]
+    fn non_socket_file_is_not_deleted() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        fs::write(&path, b"precious").unwrap();
+        let err = ControlServer::bind(&path).unwrap_err();
+        assert!(matches!(err, ControlError::NotASocket { .. }), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn drop_leaves_a_replacement_socket_alone() {
+        let dir = TempDir::new();
+        let path = dir.join("api.sock");
+        let old = ControlServer::bind(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        let new = UnixListener::bind(&path).unwrap();
+        drop(old);
+        assert!(path.exists(), "another owner's socket was deleted");
+        drop(new);
+    }
+
+    #[test]
+    fn bind_in_missing_directory_is_io_error() {
+        let dir = TempDir::new();
+        let err = ControlServer::bind(&dir.join("no/such/dir/api.sock")).unwrap_err();
+        assert!(matches!(err, ControlError::Io { .. }), "{err}");
+    }
+}

@@ -1,0 +1,55 @@
+//! Per-vCPU CPUID: what KVM supports, with the topology of this VM.
+
+use kvm_bindings::CpuId;
+
+/// Leaves that describe topology and the APIC ID of the calling CPU.
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// One package with `cpus` cores, one thread each; APIC ID = vCPU index.
+pub fn for_vcpu(supported: &CpuId, index: u32, cpus: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    let core_bits = 32 - (cpus.max(1) - 1).leading_zeros();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | ((cpus & 0xff) << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if cpus > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE => {
+                e.eax = (e.eax & 0x03ff_ffff) | ((cpus - 1) << 26);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                e.edx = index;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = 0x100;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = cpus;
+                        e.ecx = 0x201;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}

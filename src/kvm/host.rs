@@ -1,0 +1,43 @@
+//! Host detection. On a PVM host (`kvm_pvm`, software nested virtualisation)
+//! guest ring-0 code is emulated and some instructions cannot run there at
+//! all; rewind says so once and adapts, and never does so on hardware KVM.
+
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum HostKind {
+    /// VT-x or AMD-V.
+    Hardware,
+    /// kvm_pvm: ring 0 emulated, ring 3 native.
+    Pvm,
+}
+
+impl HostKind {
+    pub fn detect() -> HostKind {
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            HostKind::Pvm
+        } else {
+            HostKind::Hardware
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostKind::Hardware => "hardware KVM",
+            HostKind::Pvm => {
+                "PVM host (kvm_pvm): guest ring-0 code is emulated; rewind completes int3 and fwait for the guest"
+            }
+        }
+    }
+}
+
+/// Total host RAM in MiB, the ceiling for `--mem`.
+pub fn host_mem_mib() -> u64 {
+    // SAFETY: sysinfo fills a plain-data struct we own.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    (info.totalram as u64).saturating_mul(info.mem_unit as u64) >> 20
+}

@@ -1,0 +1,9 @@
+//! Everything that talks to `/dev/kvm`.
+
+pub mod assist;
+pub mod boot;
+pub mod cpuid;
+pub mod host;
+pub mod loader;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,82 @@
+//! The KVM VM: in-kernel irqchip and PIT, memory slots, the CPUID KVM offers.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use crate::memory::{self, GuestMemory};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub supported_cpuid: CpuId,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM with the devices every guest needs.
+    /// Order matters: the irqchip must exist before any vCPU is created.
+    pub fn new() -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        fd.set_tss_address(memory::KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("set the TSS address"))?;
+        fd.set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("set the identity map address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report its CPUID"))?;
+        Ok(Vm {
+            kvm,
+            fd,
+            supported_cpuid,
+        })
+    }
+
+    /// How many vCPUs KVM allows in one VM.
+    pub fn max_vcpus(&self) -> u32 {
+        self.kvm.check_extension_int(Cap::MaxVcpus).max(1) as u32
+    }
+
+    /// One slot per RAM region, dirty logging on from the start so a
+    /// snapshot can always tell what changed since the previous one.
+    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        for (slot, (guest, size, host)) in memory::regions(mem).into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the region maps memory owned by `mem`, which the VMM keeps
+            // alive (and at the same address) for as long as the VM exists.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(kvm_err("register guest memory"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! rewind: a small KVM hypervisor whose reason to exist is snapshots.
+//!
+//! The library is what the `rewind` binary, the tests and fuzz harnesses link
+//! against: build a VM from a [`config::VmConfig`], run it, and drive it with
+//! [`control::Command`] values.
+
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod devices;
+pub mod events;
+pub mod guest;
+pub mod kvm;
+pub mod memory;
+pub mod paths;
+pub mod snapshot;
+pub mod vmm;

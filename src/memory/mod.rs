@@ -1,0 +1,90 @@
+//! Guest-physical layout and guest memory.
+//!
+//! RAM is split around a 1 GiB MMIO gap below 4 GiB: `[0, 3 GiB)` and then
+//! `[4 GiB, 4 GiB + rest)`. Everything rewind emulates lives in the gap.
+//! Memory is `GuestMemoryMmap<AtomicBitmap>` from the start so that every
+//! write rewind itself makes into the guest is visible to dirty tracking.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The MMIO debug console and doorbell (one page), see devices/debug_console.rs.
+pub const DEBUG_CONSOLE_BASE: u64 = 0xD000_0000;
+pub const DEBUG_CONSOLE_SIZE: u64 = 0x1000;
+/// KVM needs three pages for the TSS and one for the identity map on VMX.
+pub const KVM_TSS_ADDR: u64 = 0xFFFB_D000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xFFFB_C000;
+
+/// Low memory used by the loader (all below the 640 KiB EBDA boundary).
+pub const BOOT_GDT: u64 = 0x500;
+pub const BOOT_IDT: u64 = 0x520;
+pub const ZERO_PAGE: u64 = 0x7000;
+pub const CMDLINE: u64 = 0x2_0000;
+pub const CMDLINE_MAX: usize = 0x1_0000;
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xA000;
+pub const PD_FIRST: u64 = 0xB000;
+pub const PD_LIMIT: u64 = 0x2_0000;
+pub const EBDA_START: u64 = 0x9_FC00;
+pub const HIMEM_START: u64 = 0x10_0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Allocate {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The RAM ranges for `mem_bytes` of guest memory.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
+    let low = mem_bytes.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if mem_bytes > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), (mem_bytes - low) as usize));
+    }
+    ranges
+}
+
+/// Highest guest-physical address plus one.
+pub fn ram_end(mem_bytes: u64) -> u64 {
+    ram_ranges(mem_bytes)
+        .last()
+        .map(|(a, s)| a.0 + *s as u64)
+        .unwrap_or(0)
+}
+
+/// Anonymous guest memory with a dirty bitmap per region.
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
+    GuestMemory::from_ranges(&ram_ranges(mem_bytes)).map_err(|source| MemoryError::Allocate {
+        mib: mem_bytes >> 20,
+        source,
+    })
+}
+
+/// (guest address, size, host address) of every region, in slot order.
+pub fn regions(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
+    mem.iter()
+        .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_around_the_gap() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), 3 << 30));
+        assert_eq!(r[1], (GuestAddress(4 << 30), 1 << 30));
+        assert_eq!(ram_end(4 << 30), 5 << 30);
+    }
+}
