@@ -32,7 +32,15 @@ fn boot_once(mem: u64, cpus: u32) -> Result<Duration, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find rewind itself: {e}"))?;
     let start = Instant::now();
     let mut child = Command::new(exe)
-        .args(["run", "--console", "stdio", "--timeout", "30", "--expect", "^REWIND-READY$"])
+        .args([
+            "run",
+            "--console",
+            "stdio",
+            "--timeout",
+            "30",
+            "--expect",
+            "^REWIND-READY$",
+        ])
         .args(["--mem", &mem.to_string(), "--cpus", &cpus.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -51,7 +59,9 @@ fn boot_once(mem: u64, cpus: u32) -> Result<Duration, String> {
     let status = child.wait().map_err(|e| e.to_string())?;
     match ready {
         Some(t) if status.success() => Ok(t),
-        _ => Err(format!("the test guest did not become ready (rewind exited with {status})")),
+        _ => Err(format!(
+            "the test guest did not become ready (rewind exited with {status})"
+        )),
     }
 }
 

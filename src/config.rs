@@ -24,7 +24,9 @@ pub enum ConfigError {
     NoCpus,
     #[error("--cpus {asked} is more than rewind supports here (at most {limit})")]
     TooManyCpus { asked: u32, limit: u32 },
-    #[error("invalid VM name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')")]
+    #[error(
+        "invalid VM name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
+    )]
     BadName(String),
 }
 

@@ -199,8 +199,12 @@ mod tests {
     #[test]
     fn expect_matches_whole_lines_once() {
         let (tx, rx) = vm_event_channel().unwrap();
-        let c = Console::new(&ConsoleTarget::None, Some(Regex::new("^tick 3 ok$").unwrap()), tx)
-            .unwrap();
+        let c = Console::new(
+            &ConsoleTarget::None,
+            Some(Regex::new("^tick 3 ok$").unwrap()),
+            tx,
+        )
+        .unwrap();
         c.write_bytes(b"tick 1 ok\ntick 3");
         assert!(rx.drain().is_empty());
         c.write_bytes(b" ok\r\ntick 3 ok\n");

@@ -19,7 +19,11 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 mod bench;
 
 #[derive(Parser)]
-#[command(name = "rewind", version, about = "A small KVM hypervisor whose reason to exist is snapshots")]
+#[command(
+    name = "rewind",
+    version,
+    about = "A small KVM hypervisor whose reason to exist is snapshots"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -141,13 +145,18 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
     let config = build_config(&args)?;
     let timeout = match args.timeout {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
-            return Err(Failure::Usage(format!("--timeout must be a positive number of seconds (got {t})")))
+            return Err(Failure::Usage(format!(
+                "--timeout must be a positive number of seconds (got {t})"
+            )))
         }
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
     let expect = match &args.expect {
-        Some(e) => Some(Regex::new(e).map_err(|err| Failure::Usage(format!("--expect is not a valid regex: {err}")))?),
+        Some(e) => Some(
+            Regex::new(e)
+                .map_err(|err| Failure::Usage(format!("--expect is not a valid regex: {err}")))?,
+        ),
         None => None,
     };
     let opts = RunOptions {
@@ -155,13 +164,13 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
         expect,
         timeout,
     };
-    let signals = SignalFd::new().map_err(|e| Failure::Runtime(format!("cannot watch signals: {e}")))?;
+    let signals =
+        SignalFd::new().map_err(|e| Failure::Runtime(format!("cannot watch signals: {e}")))?;
     let dir = paths::vm_dir(&config.name);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
-    let control = ControlServer::bind(&paths::api_socket(&config.name)).map_err(|e| {
-        Failure::Runtime(format!("VM {:?}: {e}", config.name))
-    })?;
+    let control = ControlServer::bind(&paths::api_socket(&config.name))
+        .map_err(|e| Failure::Runtime(format!("VM {:?}: {e}", config.name)))?;
     if args.name.is_none() {
         eprintln!("rewind: VM name {}", config.name);
     }
@@ -180,10 +189,19 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
 
 fn stop(vm: &str) -> Result<i32, Failure> {
     let socket = paths::api_socket(vm);
-    let resp = client::request(&socket, "PUT", "/vm/stop", None, Some(Duration::from_secs(30)))
-        .map_err(|e| Failure::Runtime(format!("cannot stop VM {vm:?}: {e}")))?;
+    let resp = client::request(
+        &socket,
+        "PUT",
+        "/vm/stop",
+        None,
+        Some(Duration::from_secs(30)),
+    )
+    .map_err(|e| Failure::Runtime(format!("cannot stop VM {vm:?}: {e}")))?;
     if resp.status != 200 {
-        return Err(Failure::Runtime(format!("VM {vm:?} refused to stop: {}", resp.body)));
+        return Err(Failure::Runtime(format!(
+            "VM {vm:?} refused to stop: {}",
+            resp.body
+        )));
     }
     Ok(0)
 }
@@ -198,12 +216,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(Failure::Usage(msg)) => {
-            eprintln!("rewind: {msg}");
+            eprintln!("rewind: {}", one_line(&msg));
             ExitCode::from(2)
         }
         Err(Failure::Runtime(msg)) => {
-            eprintln!("rewind: {msg}");
+            eprintln!("rewind: {}", one_line(&msg));
             ExitCode::from(1)
         }
     }
+}
+
+/// Errors from libraries (regex, io) may span lines; the user gets one.
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

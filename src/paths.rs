@@ -34,6 +34,7 @@ pub fn generate_name() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
         .unwrap_or(0);
-    let mixed = (nanos ^ (std::process::id() as u64).rotate_left(20)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mixed =
+        (nanos ^ (std::process::id() as u64).rotate_left(20)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     format!("vm-{:06x}", mixed >> 40)
 }

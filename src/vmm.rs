@@ -131,8 +131,16 @@ impl Vmm {
             .map_err(kvm_err("route the UART interrupt"))?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq, console.clone())));
         pio.insert(COM1_BASE, UART_LEN, serial.clone())?;
-        pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(events_tx.clone()))))?;
-        pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))))?;
+        pio.insert(
+            I8042_BASE,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+        )?;
+        pio.insert(
+            EXIT_PORT,
+            1,
+            Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))),
+        )?;
         mmio.insert(
             memory::DEBUG_CONSOLE_BASE,
             memory::DEBUG_CONSOLE_SIZE,
@@ -152,8 +160,12 @@ impl Vmm {
                 .fd
                 .create_vcpu(index as u64)
                 .map_err(kvm_err("create a vCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(&vm.supported_cpuid, index as u32, config.cpus))
-                .map_err(kvm_err("set CPUID"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(
+                &vm.supported_cpuid,
+                index as u32,
+                config.cpus,
+            ))
+            .map_err(kvm_err("set CPUID"))?;
             boot::set_boot_msrs(&fd)?;
             boot::set_lint(&fd)?;
             boot::set_fpu(&fd)?;
@@ -346,7 +358,7 @@ impl Vmm {
                 }
                 return Err(io_err("the event loop")(err));
             }
-            for event in self.events.drain() {
+            if let Some(event) = self.events.drain().into_iter().next() {
                 return Ok(match event {
                     VmEvent::GuestExit(s) => Outcome::GuestExit(s),
                     VmEvent::Reset => Outcome::Reset,

@@ -8,7 +8,7 @@
  *   mode=verify|exit|exitport|triple|insn   default verify
  *   region=MIB      verify: per-vCPU data region, default 16 (0: ticks only)
  *   period_ms=N     LAPIC timer period, default 100
- *   exit_after=N    verify: vCPU 0 exits with `status` after tick N
+ *   exit_after=N    verify: vCPU 0 exits with `status` once every vCPU did tick N
  *   status=N        exit status for exit, exitport and exit_after
  *   insn=int3|fwait|popcnt   insn: which ring-0 instruction to probe
  */
@@ -23,6 +23,8 @@
 #define LOW_RESERVED (16UL << 20) /* image, stacks, page tables live below */
 
 extern volatile uint64_t ticks[];
+/* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
+static volatile uint64_t progress[64];
 
 struct e820_entry {
 	uint64_t addr, size;
@@ -216,6 +218,14 @@ static void tick_line(struct line *l, uint64_t cpu, uint64_t ncpus, uint64_t seq
 	put_u64(l, seq);
 }
 
+static int all_reached(uint64_t ncpus, uint64_t tick)
+{
+	for (uint64_t c = 0; c < ncpus && c < 64; c++)
+		if (progress[c] < tick)
+			return 0;
+	return 1;
+}
+
 static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const struct options *o)
 {
 	uint64_t pages = o->region_mib * (1UL << 20) / PAGE;
@@ -245,7 +255,8 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 			put_str(&l, " ok");
 		}
 		emit(&l);
-		if (cpu == 0 && o->exit_after && seq >= o->exit_after)
+		progress[cpu] = seq;
+		if (cpu == 0 && o->exit_after && all_reached(ncpus, o->exit_after))
 			guest_exit((uint32_t)o->status);
 	}
 }

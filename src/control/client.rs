@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ApiResponse, ControlError, DeadlineStream, http};
+use super::{http, ApiResponse, ControlError, DeadlineStream};
 
 /// Sends one request to the VM listening at `socket` and returns its answer,
 /// whatever the status code.

@@ -249,10 +249,13 @@ pub fn reason(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
-        200..=299 => "Success",
-        300..=399 => "Redirection",
-        400..=499 => "Client Error",
-        _ => "Server Error",
+        _ => match status / 100 {
+            1 => "Informational",
+            2 => "Success",
+            3 => "Redirection",
+            4 => "Client Error",
+            _ => "Server Error",
+        },
     }
 }
 
@@ -731,6 +734,8 @@ mod tests {
         let mut out = Vec::new();
         write_response(&mut out, 204, &serde_json::json!({"ignored": true})).unwrap();
         assert_eq!(out, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        assert_eq!(reason(299), "Success");
+        assert_eq!(reason(418), "Client Error");
         for bogus in [0, 42, 101, 600, u16::MAX] {
             let mut out = Vec::new();
             write_response(&mut out, bogus, &serde_json::Value::Null).unwrap();

@@ -15,7 +15,7 @@ pub use error::ControlError;
 pub use server::ControlServer;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -420,10 +420,9 @@ mod tests {
             assert_eq!(route_status("PUT", "/snapshots", body), 400, "{body}");
         }
         let e = route(&req("PUT", "/snapshots", "{")).unwrap_err();
-        assert!(
-            e.error_message()
-                .is_some_and(|m| m.contains("not valid JSON"))
-        );
+        assert!(e
+            .error_message()
+            .is_some_and(|m| m.contains("not valid JSON")));
     }
 
     #[test]

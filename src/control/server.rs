@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ApiResponse, Command, ControlError, DeadlineStream, http, route, sentence};
+use super::{http, route, sentence, ApiResponse, Command, ControlError, DeadlineStream};
 
 /// Budget for reading one request, and separately for writing its response.
 /// Bounds how long a slow or silent client can stall the VM's loop.
@@ -155,8 +155,8 @@ mod tests {
     use crate::control::client;
     use serde_json::json;
     use std::io::{Read, Write};
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::thread;
     use std::time::Instant;
 

@@ -60,9 +60,9 @@ pub fn handle_internal_error(
     cpu: usize,
 ) -> Result<Assisted, String> {
     let suberror = vcpu.get_kvm_run_internal_suberror();
-    let mut regs = vcpu
-        .get_regs()
-        .map_err(|e| format!("vCPU {cpu}: KVM internal error {suberror} and registers unreadable: {e}"))?;
+    let mut regs = vcpu.get_regs().map_err(|e| {
+        format!("vCPU {cpu}: KVM internal error {suberror} and registers unreadable: {e}")
+    })?;
     let bytes = fetch(vcpu, mem, regs.rip);
     if suberror != KVM_INTERNAL_ERROR_EMULATION {
         return Err(format!(

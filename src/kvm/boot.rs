@@ -63,14 +63,15 @@ pub fn write_boot_tables(mem: &GuestMemory, mem_bytes: u64) -> Result<(), BootEr
     let gib = map_end.div_ceil(1 << 30);
     let max_gib = (memory::PD_LIMIT - memory::PD_FIRST) / 4096;
     let gib = gib.min(max_gib);
-    mem.write_obj(memory::PDPT | PTE_PRESENT_RW_USER, GuestAddress(memory::PML4))?;
+    mem.write_obj(
+        memory::PDPT | PTE_PRESENT_RW_USER,
+        GuestAddress(memory::PML4),
+    )?;
     for g in 0..gib {
         let pd = memory::PD_FIRST + g * 4096;
         mem.write_obj(pd | PTE_PRESENT_RW_USER, GuestAddress(memory::PDPT + g * 8))?;
         let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| {
-                (((g << 30) + (i << 21)) | PTE_PRESENT_RW_USER | PDE_HUGE).to_le_bytes()
-            })
+            .flat_map(|i| (((g << 30) + (i << 21)) | PTE_PRESENT_RW_USER | PDE_HUGE).to_le_bytes())
             .collect();
         mem.write_slice(&entries, GuestAddress(pd))?;
     }
@@ -125,12 +126,7 @@ pub fn set_long_mode_sregs(vcpu: &VcpuFd) -> Result<(), BootError> {
 
 /// `rdi`/`rdx` carry the vCPU index and count for the test guest; Linux
 /// ignores them and reads the zero page from `rsi`.
-pub fn set_entry_regs(
-    vcpu: &VcpuFd,
-    entry: u64,
-    index: u64,
-    cpus: u64,
-) -> Result<(), BootError> {
+pub fn set_entry_regs(vcpu: &VcpuFd, entry: u64, index: u64, cpus: u64) -> Result<(), BootError> {
     let regs = kvm_regs {
         rflags: 0x2,
         rip: entry,

@@ -64,7 +64,10 @@ const LOADFLAGS_CAN_USE_HEAP: u8 = 0x80;
 /// Linux's default `initrd_addr_max` for old headers.
 const INITRD_ADDR_MAX_DEFAULT: u64 = 0x37ff_ffff;
 
-fn load_image<F>(mem: &GuestMemory, image: &mut F) -> Result<KernelLoaderResult, (linux_loader::loader::Error, linux_loader::loader::Error)>
+fn load_image<F>(
+    mem: &GuestMemory,
+    image: &mut F,
+) -> Result<KernelLoaderResult, (linux_loader::loader::Error, linux_loader::loader::Error)>
 where
     F: Read + ReadVolatile + Seek,
 {
@@ -79,8 +82,13 @@ pub fn load_kernel(mem: &GuestMemory, config: &VmConfig) -> Result<Loaded, LoadE
     let result = match &config.kernel {
         KernelSource::EmbeddedTestGuest => {
             let mut image = Cursor::new(TEST_GUEST_ELF);
-            Elf::load(mem, None, &mut image, Some(GuestAddress(memory::HIMEM_START)))
-                .map_err(LoadError::TestGuest)?
+            Elf::load(
+                mem,
+                None,
+                &mut image,
+                Some(GuestAddress(memory::HIMEM_START)),
+            )
+            .map_err(LoadError::TestGuest)?
         }
         KernelSource::File(path) => {
             let mut file = File::open(path).map_err(|source| LoadError::KernelOpen {
@@ -124,7 +132,9 @@ fn load_initrd(
         .mem_bytes()
         .min(memory::MMIO_GAP_START)
         .min(INITRD_ADDR_MAX_DEFAULT + 1);
-    let addr = limit.checked_sub(size).map(|a| a & !(memory::PAGE_SIZE - 1));
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !(memory::PAGE_SIZE - 1));
     let addr = match addr {
         Some(a) if a >= kernel_end => a,
         _ => {
@@ -150,7 +160,9 @@ fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<(), LoadError> {
     };
     let mut cmdline = Cmdline::new(memory::CMDLINE_MAX).map_err(|e| bad(e.to_string()))?;
     if !text.trim().is_empty() {
-        cmdline.insert_str(text.trim()).map_err(|e| bad(e.to_string()))?;
+        cmdline
+            .insert_str(text.trim())
+            .map_err(|e| bad(e.to_string()))?;
     }
     load_cmdline(mem, GuestAddress(memory::CMDLINE), &cmdline).map_err(|e| bad(e.to_string()))
 }

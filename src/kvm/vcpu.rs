@@ -11,7 +11,9 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -197,7 +199,12 @@ enum Flow {
 }
 
 impl VcpuThread {
-    fn new(vcpu: VcpuFd, ctx: VcpuContext, requests: Receiver<Request>, replies: Sender<Reply>) -> Self {
+    fn new(
+        vcpu: VcpuFd,
+        ctx: VcpuContext,
+        requests: Receiver<Request>,
+        replies: Sender<Reply>,
+    ) -> Self {
         VcpuThread {
             vcpu,
             ctx,

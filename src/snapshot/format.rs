@@ -23,8 +23,8 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use super::fsutil;
 
@@ -585,10 +585,9 @@ mod tests {
         bytes[mid] ^= 0x01;
         let e = decode_err(&bytes);
         assert!(matches!(e, FormatError::ChecksumMismatch { .. }), "{e}");
-        assert!(
-            e.to_string()
-                .starts_with("state data is corrupt: body checksum")
-        );
+        assert!(e
+            .to_string()
+            .starts_with("state data is corrupt: body checksum"));
     }
 
     #[test]
@@ -600,10 +599,9 @@ mod tests {
         refresh_header(&mut bytes);
         let e = decode_err(&bytes);
         assert!(matches!(e, FormatError::Decode { .. }), "{e}");
-        assert!(
-            e.to_string()
-                .starts_with("state data is corrupt: cannot decode body: ")
-        );
+        assert!(e
+            .to_string()
+            .starts_with("state data is corrupt: cannot decode body: "));
     }
 
     #[test]
