@@ -14,9 +14,11 @@ use rewind::control::{client, ControlServer};
 use rewind::guest::GuestKind;
 use rewind::kvm::host::HostKind;
 use rewind::paths;
+use rewind::snapshot::store;
 use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
+mod demo;
 
 #[derive(Parser)]
 #[command(
@@ -38,11 +40,90 @@ enum Cmd {
         #[arg(long)]
         vm: String,
     },
+    /// Pause every vCPU of a running VM.
+    Pause {
+        #[arg(long)]
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[arg(long)]
+        vm: String,
+    },
+    /// Create, revert to, list, inspect and delete snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        what: SnapshotCmd,
+    },
+    /// Resume a snapshot in a new process (a clone, if the original still runs).
+    Restore(RestoreArgs),
+    /// Show the main job on the embedded test guest: boot, snapshot, revert, restore.
+    Demo,
     /// Measure rewind (medians over several runs).
     Bench {
         #[command(subcommand)]
         what: bench::BenchCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Pause, capture the whole machine, resume; prints name, path, size and pause time.
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Put the running VM back to NAME in place.
+    Revert {
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// List snapshots (of one VM, or all).
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show a snapshot's manifest.
+    Info {
+        name: String,
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Delete a snapshot.
+    Delete {
+        name: String,
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// A snapshot NAME (of --vm, or unique across VMs) or a PATH to a snapshot directory.
+    snapshot: String,
+    #[arg(long)]
+    vm: Option<String>,
+    /// Name of the new VM (generated when absent).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    io: IoArgs,
+}
+
+/// Console and run-end options shared by run and restore.
+#[derive(clap::Args, Clone)]
+pub struct IoArgs {
+    /// stdio (interactive; Ctrl-A x quits), none, or a file path.
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleTarget,
+    /// End with status 124 after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// End with status 0 at the first console line matching this regex.
+    #[arg(long)]
+    expect: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -75,15 +156,8 @@ pub struct RunArgs {
     /// VM name (directory and control socket under $REWIND_HOME/vms/NAME).
     #[arg(long)]
     name: Option<String>,
-    /// stdio (interactive; Ctrl-A x quits), none, or a file path.
-    #[arg(long, default_value = "stdio")]
-    console: ConsoleTarget,
-    /// End with status 124 after this many seconds.
-    #[arg(long)]
-    timeout: Option<f64>,
-    /// End with status 0 at the first console line matching this regex.
-    #[arg(long)]
-    expect: Option<String>,
+    #[command(flatten)]
+    io: IoArgs,
 }
 
 const LINUX_DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux";
@@ -141,9 +215,8 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
     })
 }
 
-fn run(args: RunArgs) -> Result<i32, Failure> {
-    let config = build_config(&args)?;
-    let timeout = match args.timeout {
+fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
+    let timeout = match io.timeout {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
             return Err(Failure::Usage(format!(
                 "--timeout must be a positive number of seconds (got {t})"
@@ -152,39 +225,155 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
-    let expect = match &args.expect {
+    let expect = match &io.expect {
         Some(e) => Some(
             Regex::new(e)
                 .map_err(|err| Failure::Usage(format!("--expect is not a valid regex: {err}")))?,
         ),
         None => None,
     };
-    let opts = RunOptions {
-        console: args.console.clone(),
+    Ok(RunOptions {
+        console: io.console.clone(),
         expect,
         timeout,
-    };
+    })
+}
+
+/// Owns the VM directory and control socket for a run, builds the VM with
+/// `build` and runs it to its outcome.
+fn host_vm(
+    name: &str,
+    generated: bool,
+    opts: &RunOptions,
+    build: impl FnOnce() -> Result<Vmm, VmmError>,
+) -> Result<i32, Failure> {
     let signals =
         SignalFd::new().map_err(|e| Failure::Runtime(format!("cannot watch signals: {e}")))?;
-    let dir = paths::vm_dir(&config.name);
+    let dir = paths::vm_dir(name);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
-    let control = ControlServer::bind(&paths::api_socket(&config.name))
-        .map_err(|e| Failure::Runtime(format!("VM {:?}: {e}", config.name)))?;
-    if args.name.is_none() {
-        eprintln!("rewind: VM name {}", config.name);
+    let control = ControlServer::bind(&paths::api_socket(name))
+        .map_err(|e| Failure::Runtime(format!("VM {name:?}: {e}")))?;
+    if generated {
+        eprintln!("rewind: VM name {name}");
     }
     let host = HostKind::detect();
     if host == HostKind::Pvm {
         eprintln!("rewind: {}", host.describe());
     }
-    let mut vmm = Vmm::boot(config, &opts)?;
-    let outcome = vmm.run(&opts, Some(&control), Some(&signals))?;
+    let mut vmm = build()?;
+    let outcome = vmm.run(opts, Some(&control), Some(&signals))?;
     drop(vmm);
     if let Some(msg) = outcome.message() {
         eprintln!("rewind: {msg}");
     }
     Ok(outcome.exit_code())
+}
+
+fn run(args: RunArgs) -> Result<i32, Failure> {
+    let config = build_config(&args)?;
+    let opts = run_options(&args.io)?;
+    let name = config.name.clone();
+    host_vm(&name, args.name.is_none(), &opts, || {
+        Vmm::boot(config, &opts)
+    })
+}
+
+fn restore(args: RestoreArgs) -> Result<i32, Failure> {
+    let opts = run_options(&args.io)?;
+    let dir = store::resolve(&args.snapshot, args.vm.as_deref())
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let name = match &args.name {
+        Some(n) if !valid_name(n) => return Err(Failure::Usage(format!("invalid VM name {n:?}"))),
+        Some(n) => n.clone(),
+        None => paths::generate_name(),
+    };
+    host_vm(&name, args.name.is_none(), &opts, || {
+        Vmm::restore(&dir, &name, &opts)
+    })
+}
+
+/// Sends one API request to VM `vm`; non-2xx answers become errors.
+fn api(
+    vm: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, Failure> {
+    let socket = paths::api_socket(vm);
+    let resp = client::request(&socket, method, path, body.as_ref(), None)
+        .map_err(|e| Failure::Runtime(format!("VM {vm:?}: {e}")))?;
+    if !(200..300).contains(&resp.status) {
+        let msg = resp.body["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| resp.body.to_string());
+        return Err(Failure::Runtime(msg));
+    }
+    Ok(resp.body)
+}
+
+fn snapshot(cmd: SnapshotCmd) -> Result<i32, Failure> {
+    match cmd {
+        SnapshotCmd::Create { name, vm } => {
+            let body = name.map(|n| serde_json::json!({ "name": n }));
+            let r = api(&vm, "PUT", "/snapshots", body)?;
+            println!(
+                "snapshot {} at {} ({:.1} MiB, guest paused {:.2} ms, total {:.2} ms)",
+                r["name"].as_str().unwrap_or("?"),
+                r["path"].as_str().unwrap_or("?"),
+                r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                r["pause_ms"].as_f64().unwrap_or(0.0),
+                r["total_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        SnapshotCmd::Revert { name, vm } => {
+            let r = api(&vm, "PUT", &format!("/snapshots/{name}/revert"), None)?;
+            println!(
+                "reverted {vm} to {name} in {:.2} ms ({} pages copied{})",
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["pages_copied"],
+                if r["full"].as_bool().unwrap_or(false) {
+                    ", full copy"
+                } else {
+                    ""
+                }
+            );
+        }
+        SnapshotCmd::List { vm } => {
+            let list = store::list_json(vm.as_deref());
+            for s in list["snapshots"].as_array().into_iter().flatten() {
+                match s.get("error") {
+                    Some(e) => println!(
+                        "{}  BROKEN: {}",
+                        s["path"].as_str().unwrap_or("?"),
+                        e.as_str().unwrap_or("?")
+                    ),
+                    None => println!(
+                        "{:<20} vm {:<12} parent {:<12} {:>8.1} MiB  {}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["vm"].as_str().unwrap_or("?"),
+                        s["parent"].as_str().unwrap_or("-"),
+                        s["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        s["path"].as_str().unwrap_or("?")
+                    ),
+                }
+            }
+        }
+        SnapshotCmd::Info { name, vm } => {
+            let dir =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+        }
+        SnapshotCmd::Delete { name, vm } => {
+            let dir =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            store::delete(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("deleted {}", dir.display());
+        }
+    }
+    Ok(0)
 }
 
 fn stop(vm: &str) -> Result<i32, Failure> {
@@ -211,6 +400,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
+        Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
+            println!("paused {vm} in {} us", r["pause_us"]);
+            0
+        }),
+        Cmd::Resume { vm } => api(&vm, "PUT", "/vm/resume", None).map(|_| {
+            println!("resumed {vm}");
+            0
+        }),
+        Cmd::Snapshot { what } => snapshot(what),
+        Cmd::Restore(args) => restore(args),
+        Cmd::Demo => demo::run().map_err(Failure::Runtime),
         Cmd::Bench { what } => bench::run(what).map_err(Failure::Runtime),
     };
     match result {

@@ -40,3 +40,18 @@ impl BusDevice for I8042 {
         }
     }
 }
+
+/// Only the reset line matters to rewind; vm-superio keeps no other state
+/// worth carrying across a snapshot, so the state is empty by design.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {}
+
+impl crate::snapshot::Persist for I8042 {
+    type State = I8042State;
+    fn save(&self) -> I8042State {
+        I8042State {}
+    }
+    fn restore(&mut self, _: &I8042State) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -3,12 +3,14 @@
 use std::io;
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
 use crate::console::{Console, ConsoleWriter};
+use crate::snapshot::Persist;
 
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -28,12 +30,14 @@ impl Trigger for IrqTrigger {
 
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
+    console: Arc<Console>,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
         SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), ConsoleWriter(console)),
+            uart: Serial::new(IrqTrigger(irq), ConsoleWriter(console.clone())),
+            console,
         }
     }
 
@@ -59,5 +63,78 @@ impl BusDevice for SerialDevice {
         if let Some(&b) = data.first() {
             let _ = self.uart.write(offset as u8, b);
         }
+    }
+}
+
+/// vm-superio's `SerialState` has no serde derive; this mirrors it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// IIR bit 0 set means "no interrupt pending".
+const IIR_NONE_PENDING: u8 = 0x01;
+
+impl Persist for SerialDevice {
+    type State = UartState;
+
+    fn save(&self) -> UartState {
+        let s = self.uart.state();
+        UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(&mut self, s: &UartState) -> Result<(), String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("UART: cannot reuse its interrupt: {e}"))?;
+        self.uart = Serial::from_state(
+            &state,
+            IrqTrigger(irq),
+            NoEvents,
+            ConsoleWriter(self.console.clone()),
+        )
+        .map_err(|e| format!("UART state is invalid: {e:?}"))?;
+        // An interrupt pending at capture time (for example THRE after the
+        // last byte) was delivered to the old irqchip state; raise it again
+        // so the guest driver is not left waiting for it.
+        if s.interrupt_identification & IIR_NONE_PENDING == 0 {
+            let _ = self.uart.interrupt_evt().trigger();
+        }
+        Ok(())
     }
 }

@@ -6,4 +6,5 @@ pub mod cpuid;
 pub mod host;
 pub mod loader;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;

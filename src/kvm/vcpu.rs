@@ -228,6 +228,9 @@ impl VcpuThread {
             Request::Pause => {
                 if self.state == State::Running {
                     self.complete_in_flight_io();
+                    // Tell a kvmclock-aware guest it was paused, so its
+                    // soft-lockup watchdog does not fire after a long pause.
+                    let _ = self.vcpu.kvmclock_ctrl();
                     self.state = State::Paused;
                 }
                 let _ = self.replies.send(Reply::Paused);

@@ -80,3 +80,85 @@ impl Vm {
         Ok(())
     }
 }
+
+/// VM-wide KVM state: interrupt controllers, PIT and the KVM clock.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_bindings::kvm_irqchip,
+    pub pic_slave: kvm_bindings::kvm_irqchip,
+    pub ioapic: kvm_bindings::kvm_irqchip,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+}
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+impl Vm {
+    fn irqchip(&self, chip_id: u32) -> Result<kvm_bindings::kvm_irqchip, VmError> {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(kvm_err("read an interrupt controller"))?;
+        Ok(chip)
+    }
+
+    /// Read while every vCPU is paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        Ok(VmState {
+            pic_master: self.irqchip(IRQCHIP_PIC_MASTER)?,
+            pic_slave: self.irqchip(IRQCHIP_PIC_SLAVE)?,
+            ioapic: self.irqchip(IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("read the KVM clock"))?,
+        })
+    }
+
+    /// Applied before the vCPUs' state. The clock's flags are cleared:
+    /// passing KVM_CLOCK_REALTIME back would make guest time jump by the
+    /// snapshot's age; without it the guest's clock continues where it was.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("restore the PIT"))?;
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: state.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("restore the KVM clock"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("restore an interrupt controller"))?;
+        }
+        Ok(())
+    }
+
+    /// Indices of every MSR KVM lists as saveable.
+    pub fn msr_indices(&self) -> Result<Vec<u32>, VmError> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list MSRs"))?
+            .as_slice()
+            .to_vec())
+    }
+
+    pub fn has_xsave(&self) -> bool {
+        self.kvm.check_extension(Cap::Xsave)
+    }
+
+    /// Pages KVM saw written in `slot` since the last call (which clears them).
+    pub fn take_dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(kvm_err("read the dirty page log"))
+    }
+}

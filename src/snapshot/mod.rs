@@ -1,2 +1,11 @@
+//! Snapshots: what a capture contains, how it is written and read.
+
 pub mod format;
 pub mod fsutil;
+pub mod memory;
+pub mod ops;
+pub mod persist;
+pub mod state;
+pub mod store;
+
+pub use persist::Persist;

@@ -1,28 +1,31 @@
 //! The VMM: owns the VM, its memory, devices and vCPU threads, runs the
 //! event loop, and carries out [`crate::control::Command`]s.
 
+mod builder;
+mod snapshots;
+
+pub use snapshots::{RevertReport, SnapshotReport};
+
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use regex::Regex;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{KernelSource, VmConfig};
-use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
+use crate::console::{ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
 use crate::control::{ApiResponse, Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
-use crate::devices::exit_port::{ExitPort, EXIT_PORT};
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_LEN};
-use crate::devices::Bus;
-use crate::events::{vm_event_channel, VmEvent, VmEventReceiver};
-use crate::guest::GuestKind;
-use crate::kvm::host::{host_mem_mib, HostKind};
-use crate::kvm::vcpu::{register_kick_handler, VcpuContext, VcpuError, VcpuHandle};
-use crate::kvm::vm::{kvm_err, Vm, VmError};
-use crate::kvm::{boot, cpuid, loader};
+use crate::devices::exit_port::ExitPort;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialDevice;
+use crate::events::{VmEvent, VmEventReceiver};
+use crate::kvm::host::HostKind;
+use crate::kvm::vcpu::{VcpuError, VcpuHandle};
+use crate::kvm::vm::{Vm, VmError};
+use crate::kvm::{boot, loader};
 use crate::memory::{self, GuestMemory};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,10 @@ pub enum VmmError {
     },
     #[error("device layout: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    #[error("{0}")]
+    Snapshot(String),
+    #[error(transparent)]
+    Store(#[from] crate::snapshot::store::StoreError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -90,6 +97,19 @@ impl Outcome {
     }
 }
 
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Not found and bad names are the client's fault; the rest is ours.
+fn error_status(e: &VmmError) -> u16 {
+    match e {
+        VmmError::Store(crate::snapshot::store::StoreError::NotFound { .. }) => 404,
+        VmmError::Store(crate::snapshot::store::StoreError::Exists(_)) => 409,
+        _ => 500,
+    }
+}
+
 /// How the console and the run end are wired for one run.
 pub struct RunOptions {
     pub console: ConsoleTarget,
@@ -100,109 +120,32 @@ pub struct RunOptions {
 pub struct Vmm {
     pub config: VmConfig,
     pub host: HostKind,
-    vm: Vm,
-    mem: GuestMemory,
-    vcpus: Vec<VcpuHandle>,
-    serial: Arc<Mutex<SerialDevice>>,
-    events: VmEventReceiver,
-    paused: bool,
-    started: Instant,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemory,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) devices: Devices,
+    pub(crate) events: VmEventReceiver,
+    pub(crate) paused: bool,
+    pub(crate) started: Instant,
+    /// The snapshot guest memory was last made equal to, and since when the
+    /// dirty log counts: reverting to it copies back only dirtied pages.
+    pub(crate) baseline: Option<PathBuf>,
+    /// Pages that may be non-zero (one bit per page per slot): a snapshot
+    /// reads only these, so its cost follows what the guest touched.
+    pub(crate) populated: Vec<Vec<u64>>,
+    pub(crate) msr_indices: Vec<u32>,
+    pub(crate) has_xsave: bool,
+}
+
+/// The devices whose state a snapshot carries.
+pub(crate) struct Devices {
+    pub com1: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub exit_port: Arc<Mutex<ExitPort>>,
+    pub debug_console: Arc<Mutex<DebugConsole>>,
 }
 
 impl Vmm {
-    /// Builds the machine and loads the kernel; vCPUs are created paused.
-    pub fn boot(config: VmConfig, opts: &RunOptions) -> Result<Vmm, VmmError> {
-        let host = HostKind::detect();
-        let vm = Vm::new()?;
-        config.validate(host_mem_mib(), vm.max_vcpus())?;
-        register_kick_handler().map_err(io_err("the vCPU kick signal"))?;
-
-        let mem = memory::create_guest_memory(config.mem_bytes())?;
-        vm.register_memory(&mem)?;
-        let (events_tx, events) = vm_event_channel().map_err(io_err("the event channel"))?;
-        let console = Console::new(&opts.console, opts.expect.clone(), events_tx.clone())
-            .map_err(io_err("the console output"))?;
-
-        let mut pio = Bus::default();
-        let mut mmio = Bus::default();
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the UART interrupt"))?;
-        vm.fd
-            .register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm_err("route the UART interrupt"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, console.clone())));
-        pio.insert(COM1_BASE, UART_LEN, serial.clone())?;
-        pio.insert(
-            I8042_BASE,
-            I8042_LEN,
-            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-        )?;
-        pio.insert(
-            EXIT_PORT,
-            1,
-            Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))),
-        )?;
-        mmio.insert(
-            memory::DEBUG_CONSOLE_BASE,
-            memory::DEBUG_CONSOLE_SIZE,
-            Arc::new(Mutex::new(DebugConsole::new(
-                mem.clone(),
-                console.clone(),
-                events_tx.clone(),
-            ))),
-        )?;
-
-        let loaded = loader::load_kernel(&mem, &config)?;
-        boot::write_boot_tables(&mem, config.mem_bytes())?;
-
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for index in 0..config.cpus as usize {
-            let fd = vm
-                .fd
-                .create_vcpu(index as u64)
-                .map_err(kvm_err("create a vCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(
-                &vm.supported_cpuid,
-                index as u32,
-                config.cpus,
-            ))
-            .map_err(kvm_err("set CPUID"))?;
-            boot::set_boot_msrs(&fd)?;
-            boot::set_lint(&fd)?;
-            boot::set_fpu(&fd)?;
-            // Linux wakes its APs itself (INIT/SIPI); the test guest's APs
-            // start at its entry like the boot vCPU.
-            if index == 0 || config.guest == GuestKind::Test {
-                boot::set_long_mode_sregs(&fd)?;
-                boot::set_entry_regs(&fd, loaded.entry, index as u64, config.cpus as u64)?;
-                if index > 0 {
-                    fd.set_mp_state(kvm_bindings::kvm_mp_state {
-                        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                    })
-                    .map_err(kvm_err("make an AP runnable"))?;
-                }
-            }
-            let ctx = VcpuContext {
-                index,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                mem: mem.clone(),
-                events: events_tx.clone(),
-            };
-            vcpus.push(VcpuHandle::spawn(fd, ctx)?);
-        }
-        Ok(Vmm {
-            config,
-            host,
-            vm,
-            mem,
-            vcpus,
-            serial,
-            events,
-            paused: true,
-            started: Instant::now(),
-        })
-    }
-
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
@@ -280,13 +223,40 @@ impl Vmm {
                 Ok(()) => (ok(serde_json::json!({ "state": "running" })), false),
                 Err(e) => (fail(500, &e), false),
             },
-            other => (
-                fail(
-                    501,
-                    &format!("{other:?} is not available in this version of rewind"),
-                ),
+            Command::SnapshotCreate { name } => match self.snapshot_create(name) {
+                Ok(r) => (ok(json(&r)), false),
+                Err(e) => (fail(error_status(&e), &e), false),
+            },
+            Command::SnapshotRevert { name } => match self.revert(&name) {
+                Ok(r) => (ok(json(&r)), false),
+                Err(e) => (fail(error_status(&e), &e), false),
+            },
+            Command::SnapshotList => (
+                ok(crate::snapshot::store::list_json(Some(&self.config.name))),
                 false,
             ),
+            Command::SnapshotInfo { name } => {
+                match crate::snapshot::store::resolve(&name, Some(&self.config.name))
+                    .and_then(|d| crate::snapshot::store::read_manifest(&d))
+                {
+                    Ok(m) => (ok(json(&m)), false),
+                    Err(e) => (fail(404, &e), false),
+                }
+            }
+            Command::SnapshotDelete { name } => {
+                match crate::snapshot::store::resolve(&name, Some(&self.config.name)) {
+                    Ok(dir) => {
+                        if self.baseline.as_deref() == Some(dir.as_path()) {
+                            self.baseline = None;
+                        }
+                        match crate::snapshot::store::delete(&dir) {
+                            Ok(()) => (ok(serde_json::json!({ "deleted": name })), false),
+                            Err(e) => (fail(500, &e), false),
+                        }
+                    }
+                    Err(e) => (fail(404, &e), false),
+                }
+            }
         }
     }
 
@@ -396,7 +366,9 @@ impl Vmm {
                     }
                     for key in escape.feed(&buf[..got as usize]) {
                         match key {
-                            ConsoleKey::Guest(bytes) => lock(&self.serial).enqueue_input(&bytes),
+                            ConsoleKey::Guest(bytes) => {
+                                lock(&self.devices.com1).enqueue_input(&bytes)
+                            }
                             ConsoleKey::Quit => return Ok(Outcome::Stopped),
                         }
                     }

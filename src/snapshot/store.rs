@@ -1,0 +1,191 @@
+//! Where snapshots live: `$REWIND_HOME/vms/VM/snapshots/NAME/`, or any
+//! directory given by path (so a CI job can ship one). A snapshot directory
+//! is written under a temporary name and renamed whole, so it exists
+//! complete or not at all, whatever kills rewind in between.
+
+use std::path::{Path, PathBuf};
+
+use super::format::{read_json_file, FormatError};
+use super::fsutil;
+use super::state::{Manifest, MANIFEST_FILE};
+use crate::paths;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no snapshot named {name:?}{}", vm.as_ref().map(|v| format!(" for VM {v:?}")).unwrap_or_default())]
+    NotFound { name: String, vm: Option<String> },
+    #[error("snapshot name {0:?} is ambiguous: several VMs have it; add --vm")]
+    Ambiguous(String),
+    #[error("a snapshot named {0:?} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    #[error("snapshot store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn snapshots_dir(vm: &str) -> PathBuf {
+    paths::vm_dir(vm).join("snapshots")
+}
+
+/// A NAME, or a PATH (anything with a '/') to a snapshot directory.
+pub fn resolve(name_or_path: &str, vm: Option<&str>) -> Result<PathBuf, StoreError> {
+    if name_or_path.contains('/') {
+        let p = PathBuf::from(name_or_path);
+        return if p.join(MANIFEST_FILE).exists() || p.exists() {
+            Ok(p)
+        } else {
+            Err(StoreError::NotFound {
+                name: name_or_path.into(),
+                vm: None,
+            })
+        };
+    }
+    if let Some(vm) = vm {
+        let p = snapshots_dir(vm).join(name_or_path);
+        return if p.is_dir() {
+            Ok(p)
+        } else {
+            Err(StoreError::NotFound {
+                name: name_or_path.into(),
+                vm: Some(vm.into()),
+            })
+        };
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(paths::vms_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("snapshots").join(name_or_path))
+        .filter(|p| p.is_dir())
+        .collect();
+    match found.len() {
+        0 => Err(StoreError::NotFound {
+            name: name_or_path.into(),
+            vm: None,
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(StoreError::Ambiguous(name_or_path.into())),
+    }
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, StoreError> {
+    Ok(read_json_file(&dir.join(MANIFEST_FILE))?)
+}
+
+/// Every complete snapshot of `vm` (or of every VM), oldest first.
+pub fn list(vm: Option<&str>) -> Vec<(PathBuf, Result<Manifest, StoreError>)> {
+    let vms: Vec<String> = match vm {
+        Some(v) => vec![v.to_string()],
+        None => std::fs::read_dir(paths::vms_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+    };
+    let mut out: Vec<(PathBuf, Result<Manifest, StoreError>)> = vms
+        .iter()
+        .flat_map(|v| {
+            std::fs::read_dir(snapshots_dir(v))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        })
+        .map(|p| {
+            let m = read_manifest(&p);
+            (p, m)
+        })
+        .collect();
+    out.sort_by_key(|(p, m)| {
+        (
+            m.as_ref().map(|m| m.created_unix_ms).unwrap_or(0),
+            p.clone(),
+        )
+    });
+    out
+}
+
+/// A fresh temporary directory beside where `final_dir` will appear;
+/// leftovers of dead processes are cleaned first.
+pub fn begin(final_dir: &Path) -> Result<PathBuf, StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let parent = final_dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let _ = fsutil::remove_stale_temps(parent);
+    if final_dir.exists() {
+        return Err(StoreError::Exists(
+            final_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ));
+    }
+    let tmp = fsutil::temp_path_for(final_dir).map_err(io(final_dir))?;
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
+    fsutil::fsync_dir(tmp).map_err(|source| StoreError::Io {
+        path: tmp.to_path_buf(),
+        source,
+    })?;
+    fsutil::publish_dir(tmp, final_dir).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            StoreError::Exists(final_dir.display().to_string())
+        } else {
+            StoreError::Io {
+                path: final_dir.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+/// Deletes a snapshot: renamed away first (one atomic step, so a crash
+/// leaves either the whole snapshot or an unlisted temp), then removed.
+pub fn delete(dir: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let tmp = fsutil::temp_path_for(dir).map_err(io(dir))?;
+    std::fs::rename(dir, &tmp).map_err(io(dir))?;
+    if let Some(parent) = dir.parent() {
+        let _ = fsutil::fsync_dir(parent);
+    }
+    std::fs::remove_dir_all(&tmp).map_err(io(&tmp))
+}
+
+/// The listing as the API returns it.
+pub fn list_json(vm: Option<&str>) -> serde_json::Value {
+    let snapshots: Vec<serde_json::Value> = list(vm)
+        .into_iter()
+        .map(|(path, m)| match m {
+            Ok(m) => serde_json::json!({
+                "name": m.name,
+                "vm": m.vm,
+                "parent": m.parent,
+                "created_unix_ms": m.created_unix_ms,
+                "size_bytes": m.state_bytes + m.memory_bytes,
+                "path": path,
+            }),
+            Err(e) => serde_json::json!({
+                "name": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "path": path,
+                "error": e.to_string(),
+            }),
+        })
+        .collect();
+    serde_json::json!({ "snapshots": snapshots })
+}

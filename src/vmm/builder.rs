@@ -1,0 +1,212 @@
+//! Building a VM: one sequence of steps for a fresh boot and for a restore
+//! from a snapshot. A restore is "build from the stored config, then restore
+//! in place", the same in-place path a revert uses.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Devices, RunOptions, Vmm, VmmError};
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::devices::debug_console::DebugConsole;
+use crate::devices::exit_port::{ExitPort, EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_LEN};
+use crate::devices::Bus;
+use crate::events::vm_event_channel;
+use crate::guest::GuestKind;
+use crate::kvm::host::{host_mem_mib, HostKind};
+use crate::kvm::vcpu::{register_kick_handler, VcpuContext, VcpuHandle};
+use crate::kvm::vm::{kvm_err, Vm};
+use crate::kvm::{boot, cpuid, loader};
+use crate::memory::{self, GuestMemory};
+use crate::snapshot;
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+impl Vmm {
+    /// Boots `config` from its kernel; vCPUs are created paused.
+    pub fn boot(config: VmConfig, opts: &RunOptions) -> Result<Vmm, VmmError> {
+        let vm = Vm::new()?;
+        config.validate(host_mem_mib(), vm.max_vcpus())?;
+        let mem = memory::create_guest_memory(config.mem_bytes())?;
+        let loaded = loader::load_kernel(&mem, &config)?;
+        boot::write_boot_tables(&mem, config.mem_bytes())?;
+        let cpus = config.cpus;
+        let guest = config.guest;
+        Vmm::assemble(vm, config, mem, opts, None, |index, fd, supported| {
+            fd.set_cpuid2(&cpuid::for_vcpu(supported, index as u32, cpus))
+                .map_err(kvm_err("set CPUID"))?;
+            boot::set_boot_msrs(fd)?;
+            boot::set_lint(fd)?;
+            boot::set_fpu(fd)?;
+            // Linux wakes its APs itself (INIT/SIPI); the test guest's APs
+            // start at its entry like the boot vCPU.
+            if index == 0 || guest == GuestKind::Test {
+                boot::set_long_mode_sregs(fd)?;
+                boot::set_entry_regs(fd, loaded.entry, index as u64, cpus as u64)?;
+                if index > 0 {
+                    fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                    })
+                    .map_err(kvm_err("make an AP runnable"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Restores the snapshot in `dir` into a new VM named `name`: memory is
+    /// mapped copy-on-write from the snapshot, state applied in place.
+    pub fn restore(dir: &Path, name: &str, opts: &RunOptions) -> Result<Vmm, VmmError> {
+        let started = Instant::now();
+        let (manifest, state) = snapshot::ops::load(dir)?;
+        let mut config = state.config.clone();
+        config.name = name.to_string();
+        let vm = Vm::new()?;
+        config.validate(host_mem_mib(), vm.max_vcpus())?;
+        let missing =
+            snapshot::state::missing_cpu_features(&state.host_cpuid, vm.supported_cpuid.as_slice());
+        if !missing.is_empty() {
+            return Err(VmmError::Snapshot(format!(
+                "snapshot {} needs CPU features this host lacks ({}): restore it on a host like the one that took it ({})",
+                dir.display(),
+                missing.join(", "),
+                manifest.host.cpu_model
+            )));
+        }
+        let mem_path = dir.join(snapshot::state::MEMORY_FILE);
+        let mem = snapshot::memory::map_private(&mem_path, config.mem_bytes())
+            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+        let populated = std::fs::File::open(&mem_path)
+            .map(|f| snapshot::memory::data_bitmap(&f, &mem))
+            .map_err(|e| VmmError::Snapshot(format!("cannot read {}: {e}", mem_path.display())))?;
+        // VM-wide state first: the irqchips must exist in their saved state
+        // before vCPU LAPICs and pending events are applied on top.
+        vm.restore_state(&state.vm)?;
+        let vcpu_states = &state.vcpus;
+        if vcpu_states.len() != config.cpus as usize {
+            return Err(VmmError::Snapshot(format!(
+                "snapshot {} is corrupt: {} vCPU states for {} vCPUs",
+                dir.display(),
+                vcpu_states.len(),
+                config.cpus
+            )));
+        }
+        let mut vmm = Vmm::assemble(
+            vm,
+            config,
+            mem,
+            opts,
+            Some(dir.to_path_buf()),
+            |index, fd, _| {
+                let refused = crate::kvm::vcpu_state::apply(fd, &vcpu_states[index])
+                    .map_err(|e| VmmError::Snapshot(format!("vCPU {index}: {e}")))?;
+                report_refused_msrs(index, &refused);
+                Ok(())
+            },
+        )?;
+        vmm.restore_devices(&state.devices)?;
+        vmm.populated = populated;
+        vmm.started = started;
+        Ok(vmm)
+    }
+
+    /// Everything but the per-vCPU setup, which `configure_vcpu` does.
+    fn assemble<F>(
+        vm: Vm,
+        config: VmConfig,
+        mem: GuestMemory,
+        opts: &RunOptions,
+        baseline: Option<PathBuf>,
+        mut configure_vcpu: F,
+    ) -> Result<Vmm, VmmError>
+    where
+        F: FnMut(usize, &VcpuFd, &kvm_bindings::CpuId) -> Result<(), VmmError>,
+    {
+        let host = HostKind::detect();
+        register_kick_handler().map_err(io_err("the vCPU kick signal"))?;
+        vm.register_memory(&mem)?;
+        let (events_tx, events) = vm_event_channel().map_err(io_err("the event channel"))?;
+        let console = Console::new(&opts.console, opts.expect.clone(), events_tx.clone())
+            .map_err(io_err("the console output"))?;
+
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the UART interrupt"))?;
+        vm.fd
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("route the UART interrupt"))?;
+        let devices = Devices {
+            com1: Arc::new(Mutex::new(SerialDevice::new(irq, console.clone()))),
+            i8042: Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+            exit_port: Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))),
+            debug_console: Arc::new(Mutex::new(DebugConsole::new(
+                mem.clone(),
+                console,
+                events_tx.clone(),
+            ))),
+        };
+        pio.insert(COM1_BASE, UART_LEN, devices.com1.clone())?;
+        pio.insert(I8042_BASE, I8042_LEN, devices.i8042.clone())?;
+        pio.insert(EXIT_PORT, 1, devices.exit_port.clone())?;
+        mmio.insert(
+            memory::DEBUG_CONSOLE_BASE,
+            memory::DEBUG_CONSOLE_SIZE,
+            devices.debug_console.clone(),
+        )?;
+
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for index in 0..config.cpus as usize {
+            let fd = vm
+                .fd
+                .create_vcpu(index as u64)
+                .map_err(kvm_err("create a vCPU"))?;
+            configure_vcpu(index, &fd, &vm.supported_cpuid)?;
+            let ctx = VcpuContext {
+                index,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                events: events_tx.clone(),
+            };
+            vcpus.push(VcpuHandle::spawn(fd, ctx)?);
+        }
+        let msr_indices = vm.msr_indices()?;
+        // At boot only what the loader wrote (vm-memory's bitmap) is non-zero.
+        let populated = crate::snapshot::memory::take_vmm_dirty(&mem);
+        let has_xsave = vm.has_xsave();
+        Ok(Vmm {
+            config,
+            host,
+            vm,
+            mem,
+            vcpus,
+            devices,
+            events,
+            paused: true,
+            started: Instant::now(),
+            baseline,
+            populated,
+            msr_indices,
+            has_xsave,
+        })
+    }
+}
+
+/// KVM refusing an MSR it listed is unusual; say so rather than hide it.
+pub(crate) fn report_refused_msrs(index: usize, refused: &[u32]) {
+    if !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
+        eprintln!(
+            "rewind: vCPU {index}: KVM refused to restore MSRs {} (left at their reset values)",
+            list.join(", ")
+        );
+    }
+}

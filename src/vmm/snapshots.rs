@@ -1,0 +1,304 @@
+//! Snapshot create and in-place revert on a running VM.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::channel;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::{Vmm, VmmError};
+use crate::config::KernelSource;
+use crate::devices::bus::lock;
+use crate::kvm::vcpu_state::{self, VcpuState};
+use crate::snapshot::format::{crc64_xz, encode_state};
+use crate::snapshot::state::{
+    DevicesState, HostIdentity, MachineState, Manifest, MANIFEST_FILE, MANIFEST_VERSION,
+    MEMORY_FILE, STATE_FILE,
+};
+use crate::snapshot::{format, fsutil, memory as snapmem, ops, store, Persist};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub pause_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RevertReport {
+    pub name: String,
+    /// Pages copied back; with `full` every data page of the snapshot.
+    pub pages_copied: u64,
+    pub full: bool,
+    pub total_ms: f64,
+}
+
+fn snap_err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Snapshot(e.to_string())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+impl Vmm {
+    fn capture_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
+        let mut states = Vec::with_capacity(self.vcpus.len());
+        for handle in &self.vcpus {
+            let (tx, rx) = channel();
+            let msrs = self.msr_indices.clone();
+            let has_xsave = self.has_xsave;
+            let index = handle.index as u32;
+            handle.run_task(Box::new(move |fd| {
+                let state =
+                    vcpu_state::capture(fd, index, &msrs, has_xsave).map_err(|e| e.to_string())?;
+                tx.send(state)
+                    .map_err(|_| "capture receiver gone".to_string())
+            }))?;
+            states.push(
+                rx.recv()
+                    .map_err(|_| snap_err("vCPU state was not delivered"))?,
+            );
+        }
+        Ok(states)
+    }
+
+    fn capture_devices(&self) -> DevicesState {
+        DevicesState {
+            com1: lock(&self.devices.com1).save(),
+            i8042: lock(&self.devices.i8042).save(),
+            exit_port: lock(&self.devices.exit_port).save(),
+            debug_console: lock(&self.devices.debug_console).save(),
+        }
+    }
+
+    pub(crate) fn restore_devices(&mut self, d: &DevicesState) -> Result<(), VmmError> {
+        lock(&self.devices.com1)
+            .restore(&d.com1)
+            .map_err(snap_err)?;
+        lock(&self.devices.i8042)
+            .restore(&d.i8042)
+            .map_err(snap_err)?;
+        lock(&self.devices.exit_port)
+            .restore(&d.exit_port)
+            .map_err(snap_err)?;
+        lock(&self.devices.debug_console)
+            .restore(&d.debug_console)
+            .map_err(snap_err)?;
+        Ok(())
+    }
+
+    /// Per slot: pages written since tracking last started, by the guest
+    /// (KVM's log) or by rewind itself (vm-memory's bitmap). Reading clears.
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
+        let vmm_dirty = snapmem::take_vmm_dirty(&self.mem);
+        let mut out = Vec::new();
+        for (slot, (_, size, _)) in crate::memory::regions(&self.mem).into_iter().enumerate() {
+            let mut log = self.vm.take_dirty_log(slot as u32, size as usize)?;
+            if let Some(extra) = vmm_dirty.get(slot) {
+                for (w, e) in log.iter_mut().zip(extra) {
+                    *w |= e;
+                }
+            }
+            out.push(log);
+        }
+        snapmem::merge_bitmaps(&mut self.populated, &out);
+        Ok(out)
+    }
+
+    fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
+        if let Some(n) = name {
+            if !crate::control::valid_snapshot_name(&n) {
+                return Err(snap_err(format!(
+                    "invalid snapshot name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
+                )));
+            }
+            return Ok(n);
+        }
+        let dir = store::snapshots_dir(&self.config.name);
+        Ok((1..)
+            .map(|i| format!("snap-{i}"))
+            .find(|n| !dir.join(n).exists())
+            .unwrap_or_else(|| "snap".into()))
+    }
+
+    /// Pauses every vCPU, captures the whole machine, resumes. The snapshot
+    /// directory appears whole (renamed from a temp dir) or not at all.
+    pub fn snapshot_create(&mut self, name: Option<String>) -> Result<SnapshotReport, VmmError> {
+        let t0 = Instant::now();
+        let name = self.snapshot_name(name)?;
+        let final_dir = store::snapshots_dir(&self.config.name).join(&name);
+        let tmp = store::begin(&final_dir)?;
+        let result = self.write_snapshot(&tmp, &final_dir, &name, t0);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn write_snapshot(
+        &mut self,
+        tmp: &Path,
+        final_dir: &Path,
+        name: &str,
+        t0: Instant,
+    ) -> Result<SnapshotReport, VmmError> {
+        let was_running = !self.paused;
+        let pause_start = Instant::now();
+        self.pause()?;
+        // Taking the dirty log folds it into `populated` (nothing is lost),
+        // and the baseline it counted from is dropped until the new
+        // snapshot is safely written.
+        let parent = self.baseline.take();
+        let captured = self.take_dirty().and_then(|_| {
+            let state = MachineState {
+                config: self.config.clone(),
+                host_cpuid: self.vm.supported_cpuid.as_slice().to_vec(),
+                vm: self.vm.save_state()?,
+                vcpus: self.capture_vcpus()?,
+                devices: self.capture_devices(),
+            };
+            let body = encode_state(&state).map_err(snap_err)?;
+            let mem_bytes = snapmem::write_full(
+                &self.mem,
+                self.config.mem_bytes(),
+                &self.populated,
+                &tmp.join(MEMORY_FILE),
+            )
+            .map_err(snap_err)?;
+            Ok::<_, VmmError>((body, mem_bytes))
+        });
+        if was_running {
+            self.resume()?;
+        }
+        let pause_ms = ms(pause_start);
+        let (body, mem_bytes) = captured?;
+        let mem_path = tmp.join(MEMORY_FILE);
+        std::fs::File::open(&mem_path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| snap_err(format!("cannot flush {}: {e}", mem_path.display())))?;
+        let state_path = tmp.join(STATE_FILE);
+        fsutil::atomic_write(&state_path, &body)
+            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))?;
+        let state_bytes = body.len() as u64;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            name: name.to_string(),
+            vm: self.config.name.clone(),
+            parent: parent.as_ref().map(|p| parent_label(p, &self.config.name)),
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            config: self.config.clone(),
+            kernel: kernel_identity(&self.config.kernel),
+            host: HostIdentity::current(self.host),
+            state_bytes,
+            memory_bytes: mem_bytes,
+            memory_file_len: crate::memory::ram_end(self.config.mem_bytes()),
+            state_crc64: crc64_xz(&body),
+            pause_ms,
+            total_ms: ms(t0),
+        };
+        format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
+        store::publish(tmp, final_dir)?;
+        self.baseline = Some(final_dir.to_path_buf());
+        Ok(SnapshotReport {
+            name: name.to_string(),
+            path: final_dir.to_path_buf(),
+            size_bytes: state_bytes + mem_bytes,
+            pause_ms,
+            total_ms: ms(t0),
+        })
+    }
+
+    /// Puts the running VM back to snapshot `name` in place.
+    pub fn revert(&mut self, name: &str) -> Result<RevertReport, VmmError> {
+        let t0 = Instant::now();
+        let dir = store::resolve(name, Some(&self.config.name))?;
+        let (_, state) = ops::load(&dir)?;
+        if state.config.mem_mib != self.config.mem_mib || state.config.cpus != self.config.cpus {
+            return Err(snap_err(format!(
+                "snapshot {name} is of a VM with {} MiB and {} vCPUs, this one has {} MiB and {} vCPUs: use rewind restore",
+                state.config.mem_mib, state.config.cpus, self.config.mem_mib, self.config.cpus
+            )));
+        }
+        let mem_path = dir.join(MEMORY_FILE);
+        let file = std::fs::File::open(&mem_path)
+            .map_err(|e| snap_err(format!("cannot open {}: {e}", mem_path.display())))?;
+        let was_running = !self.paused;
+        self.pause()?;
+        let fast = self.baseline.as_deref().is_some_and(|b| same_dir(b, &dir));
+        let dirty = self.take_dirty()?;
+        // From here guest memory is being rewritten: if anything fails, no
+        // baseline is trustworthy any more.
+        self.baseline = None;
+        let pages_copied = if fast {
+            snapmem::revert_dirty(&self.mem, &file, &mem_path, &dirty).map_err(snap_err)?
+        } else {
+            snapmem::revert_full(&self.mem, &file, &mem_path).map_err(snap_err)?;
+            let data = snapmem::data_bitmap(&file, &self.mem);
+            snapmem::merge_bitmaps(&mut self.populated, &data);
+            data.iter().flatten().map(|w| w.count_ones() as u64).sum()
+        };
+        // VM-wide state before the vCPUs' (see vcpu_state.rs for the order
+        // within a vCPU), devices last.
+        self.vm.restore_state(&state.vm)?;
+        for (handle, vstate) in self.vcpus.iter().zip(state.vcpus) {
+            let index = handle.index;
+            handle.run_task(Box::new(move |fd| {
+                let refused = vcpu_state::apply(fd, &vstate).map_err(|e| e.to_string())?;
+                super::builder::report_refused_msrs(index, &refused);
+                Ok(())
+            }))?;
+        }
+        self.restore_devices(&state.devices)?;
+        self.baseline = Some(dir);
+        if was_running {
+            self.resume()?;
+        }
+        Ok(RevertReport {
+            name: name.to_string(),
+            pages_copied,
+            full: !fast,
+            total_ms: ms(t0),
+        })
+    }
+}
+
+fn parent_label(parent: &Path, vm: &str) -> String {
+    if parent.parent() == Some(store::snapshots_dir(vm).as_path()) {
+        parent
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        parent.display().to_string()
+    }
+}
+
+fn kernel_identity(kernel: &KernelSource) -> String {
+    match kernel {
+        KernelSource::EmbeddedTestGuest => format!(
+            "embedded test guest crc64 {:016x}",
+            crc64_xz(crate::guest::TEST_GUEST_ELF)
+        ),
+        KernelSource::File(p) => {
+            let meta = std::fs::metadata(p).ok();
+            format!(
+                "{} ({} bytes)",
+                p.display(),
+                meta.map(|m| m.len()).unwrap_or(0)
+            )
+        }
+    }
+}
