@@ -101,3 +101,125 @@ pub fn wait_for_path(path: &Path, what: &str) {
 pub fn is_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
+
+/// A running `rewind` process whose console (stdout) is collected line by
+/// line, so a test can wait for what the guest says.
+pub struct VmProcess {
+    pub name: String,
+    child: Child,
+    lines: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
+    socket: PathBuf,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VmProcess {
+    pub fn start(home: &Home, name: &str, args: &[&str]) -> VmProcess {
+        let mut child = home
+            .cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("rewind starts");
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let (m, cv) = &*sink;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        VmProcess {
+            name: name.to_string(),
+            child,
+            lines,
+            socket: home.socket(name),
+            reader: Some(reader),
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.0.lock().unwrap().clone()
+    }
+
+    /// Waits until some line at index >= `from` satisfies `pred`; returns its index.
+    pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        let (m, cv) = &*self.lines;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut lines = m.lock().unwrap();
+        loop {
+            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            let now = std::time::Instant::now();
+            assert!(now < deadline, "{}: never saw {what}; console:\n{}", self.name, lines.join("\n"));
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> rewind::control::ApiResponse {
+        rewind::control::client::request(&self.socket, method, path, body.as_ref(), Some(std::time::Duration::from_secs(120)))
+            .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name))
+    }
+
+    pub fn api_ok(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let r = self.api(method, path, body);
+        assert_eq!(r.status, 200, "{}: {method} {path}: {}", self.name, r.body);
+        r.body
+    }
+
+    pub fn socket_ready(&self) {
+        wait_for_path(&self.socket, "api.sock");
+    }
+
+    /// Stops the VM through the API and returns its exit status.
+    pub fn stop(mut self) -> Option<i32> {
+        let _ = self.api("PUT", "/vm/stop", None);
+        let status = self.child.wait().ok().and_then(|s| s.code());
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        status
+    }
+
+    pub fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
+        let status = self.child.wait().ok().and_then(|s| s.code());
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (status, self.lines())
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// "tick N ok" is vCPU 0's line on a 1-vCPU guest; "cpuK tick N ok" otherwise.
+pub fn parse_tick(line: &str) -> Option<(usize, u64)> {
+    let (cpu, rest) = match line.strip_prefix("cpu") {
+        Some(r) => {
+            let (c, rest) = r.split_once(' ')?;
+            (c.parse().ok()?, rest)
+        }
+        None => (0, line),
+    };
+    let n = rest.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok()?;
+    Some((cpu, n))
+}
+
+/// Tick numbers of `cpu` in `lines`, in order.
+pub fn ticks_of(lines: &[String], cpu: usize) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| parse_tick(l))
+        .filter(|(c, _)| *c == cpu)
+        .map(|(_, n)| n)
+        .collect()
+}
