@@ -1,10 +1,11 @@
-//! `rewind bench`: end-to-end figures measured the way a user sees them.
+//! `rewind bench`: end-to-end figures measured the way a user meets rewind
+//! (child processes, the control socket), reported as medians.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
+
+use crate::child_vm::{args, tick_of, ChildVm};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -17,71 +18,268 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         cpus: u32,
     },
+    /// Pause of every vCPU, as measured inside the VMM.
+    Pause {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
+    /// Full snapshot create (pause and total) with the guest touching `region` MiB.
+    Snapshot {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        #[arg(long, default_value_t = 16)]
+        region: u64,
+    },
+    /// In-place revert to the latest snapshot after the guest dirtied `region` MiB.
+    Revert {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        #[arg(long, default_value_t = 1)]
+        region: u64,
+    },
+    /// Restore in a new process until the guest answers (its first timer tick, 1 ms period).
+    Restore {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// MiB the guest verifies and rewrites before its first answer.
+        #[arg(long, default_value_t = 0)]
+        region: u64,
+    },
+    /// Everything above with default sizes, plus 1 GiB variants.
+    All,
 }
 
-pub fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
     match samples.len() {
-        0 => Duration::ZERO,
+        0 => 0.0,
         n if n % 2 == 1 => samples[n / 2],
-        n => (samples[n / 2 - 1] + samples[n / 2]) / 2,
+        n => (samples[n / 2 - 1] + samples[n / 2]) / 2.0,
     }
 }
 
-fn boot_once(mem: u64, cpus: u32) -> Result<Duration, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find rewind itself: {e}"))?;
-    let start = Instant::now();
-    let mut child = Command::new(exe)
-        .args([
+fn report(what: &str, samples: Vec<f64>) {
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(0.0, f64::max);
+    let n = samples.len();
+    println!(
+        "{what:<58} median {:>9.3} ms  (min {min:.3}, max {max:.3}, n={n})",
+        median(samples)
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A private $REWIND_HOME so benchmarks never touch the user's VMs.
+fn bench_home() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("rewind-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Set before any thread of ours exists, so nothing reads it concurrently.
+    std::env::set_var("REWIND_HOME", &dir);
+    Ok(dir)
+}
+
+fn start_guest(name: &str, mem: u64, append: &str) -> Result<ChildVm, String> {
+    let mem = mem.to_string();
+    let vm = ChildVm::spawn(
+        name,
+        &args(&[
             "run",
+            "--name",
+            name,
+            "--mem",
+            &mem,
             "--console",
             "stdio",
             "--timeout",
-            "30",
-            "--expect",
-            "^REWIND-READY$",
-        ])
-        .args(["--mem", &mem.to_string(), "--cpus", &cpus.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start rewind: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut ready = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        if line.trim_end() == "REWIND-READY" {
-            ready = Some(start.elapsed());
-            break;
-        }
+            "600",
+            "--append",
+            append,
+        ]),
+    )?;
+    vm.wait_line(|l| tick_of(l) == Some(2))?;
+    Ok(vm)
+}
+
+fn boot(runs: usize, mem: u64, cpus: u32) -> Result<(), String> {
+    let (m, c) = (mem.to_string(), cpus.to_string());
+    let mut samples = Vec::new();
+    for i in 0..runs.max(1) {
+        let name = format!("boot{i}");
+        let t = Instant::now();
+        let vm = ChildVm::spawn(
+            &name,
+            &args(&[
+                "run",
+                "--name",
+                &name,
+                "--mem",
+                &m,
+                "--cpus",
+                &c,
+                "--console",
+                "stdio",
+                "--timeout",
+                "30",
+                "--expect",
+                "^REWIND-READY$",
+            ]),
+        )?;
+        vm.wait_line(|l| l == "REWIND-READY")?;
+        samples.push(ms(t.elapsed()));
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    match ready {
-        Some(t) if status.success() => Ok(t),
-        _ => Err(format!(
-            "the test guest did not become ready (rewind exited with {status})"
-        )),
+    report(
+        &format!("boot: process start to REWIND-READY ({mem} MiB, {cpus} vCPU)"),
+        samples,
+    );
+    Ok(())
+}
+
+fn pause(runs: usize) -> Result<(), String> {
+    let vm = start_guest("pause", 256, "period_ms=10 region=1")?;
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let r = vm.api("PUT", "/vm/pause", None)?;
+        samples.push(r["pause_us"].as_f64().unwrap_or(0.0) / 1e3);
+        vm.api("PUT", "/vm/resume", None)?;
     }
+    vm.stop();
+    report(
+        "pause: all vCPUs out of KVM_RUN, in-flight I/O done",
+        samples,
+    );
+    Ok(())
+}
+
+fn snapshot(runs: usize, mem: u64, region: u64) -> Result<(), String> {
+    let vm = start_guest(
+        &format!("snap-{mem}-{region}"),
+        mem,
+        &format!("period_ms=50 region={region}"),
+    )?;
+    let (mut pause, mut total, mut size) = (Vec::new(), Vec::new(), 0.0);
+    for i in 0..runs {
+        let r = vm.api(
+            "PUT",
+            "/snapshots",
+            Some(serde_json::json!({ "name": format!("s{i}") })),
+        )?;
+        pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
+        total.push(r["total_ms"].as_f64().unwrap_or(0.0));
+        size = r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+        vm.api("DELETE", &format!("/snapshots/s{i}"), None)?;
+    }
+    vm.stop();
+    report(
+        &format!("snapshot create, {mem} MiB guest, {region} MiB touched: pause"),
+        pause,
+    );
+    report(
+        &format!(
+            "snapshot create, {mem} MiB guest, {region} MiB touched: total ({size:.1} MiB file)"
+        ),
+        total,
+    );
+    Ok(())
+}
+
+fn revert(runs: usize, region: u64) -> Result<(), String> {
+    let vm = start_guest(
+        &format!("revert-{region}"),
+        256,
+        &format!("period_ms=5 region={region}"),
+    )?;
+    vm.api(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "base" })),
+    )?;
+    let (mut inside, mut client) = (Vec::new(), Vec::new());
+    let mut pages = 0.0;
+    for _ in 0..runs {
+        // Let the guest run a few ticks so it dirties its region again.
+        vm.wait_line(|l| tick_of(l).is_some_and(|n| n >= 5))?;
+        let t = Instant::now();
+        let r = vm.api("PUT", "/snapshots/base/revert", None)?;
+        client.push(ms(t.elapsed()));
+        inside.push(r["total_ms"].as_f64().unwrap_or(0.0));
+        pages = r["pages_copied"].as_f64().unwrap_or(0.0);
+    }
+    vm.stop();
+    report(
+        &format!("revert in place, {region} MiB dirtied (~{pages} pages): in VMM"),
+        inside,
+    );
+    report("revert in place: API round trip", client);
+    Ok(())
+}
+
+fn restore(runs: usize, mem: u64, region: u64) -> Result<(), String> {
+    let orig = format!("orig-{mem}-{region}");
+    let vm = start_guest(&orig, mem, &format!("period_ms=1 region={region}"))?;
+    vm.api(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "r" })),
+    )?;
+    vm.stop();
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        let name = format!("restored-{mem}-{region}-{i}");
+        let t = Instant::now();
+        let c = ChildVm::spawn(
+            &name,
+            &args(&[
+                "restore",
+                "r",
+                "--vm",
+                &orig,
+                "--name",
+                &name,
+                "--console",
+                "stdio",
+                "--timeout",
+                "30",
+                "--expect",
+                "tick",
+            ]),
+        )?;
+        c.wait_line(|l| tick_of(l).is_some())?;
+        samples.push(ms(t.elapsed()));
+    }
+    report(
+        &format!("restore, new process to first tick ({mem} MiB, {region} MiB re-verified)"),
+        samples,
+    );
+    Ok(())
 }
 
 pub fn run(cmd: BenchCmd) -> Result<i32, String> {
-    match cmd {
-        BenchCmd::Boot { runs, mem, cpus } => {
-            let mut samples = Vec::with_capacity(runs);
-            for _ in 0..runs.max(1) {
-                samples.push(boot_once(mem, cpus)?);
-            }
-            let min = samples.iter().min().copied().unwrap_or_default();
-            let max = samples.iter().max().copied().unwrap_or_default();
-            println!(
-                "boot (process start to REWIND-READY), test guest, {mem} MiB, {cpus} vCPU, {} runs: median {:.2} ms (min {:.2}, max {:.2})",
-                samples.len(),
-                median(samples).as_secs_f64() * 1e3,
-                min.as_secs_f64() * 1e3,
-                max.as_secs_f64() * 1e3
-            );
-            Ok(0)
-        }
-    }
+    let home = bench_home()?;
+    let result = match cmd {
+        BenchCmd::Boot { runs, mem, cpus } => boot(runs, mem, cpus),
+        BenchCmd::Pause { runs } => pause(runs),
+        BenchCmd::Snapshot { runs, mem, region } => snapshot(runs, mem, region),
+        BenchCmd::Revert { runs, region } => revert(runs, region),
+        BenchCmd::Restore { runs, mem, region } => restore(runs, mem, region),
+        BenchCmd::All => boot(20, 256, 1)
+            .and_then(|_| pause(50))
+            .and_then(|_| snapshot(10, 256, 16))
+            .and_then(|_| snapshot(5, 256, 200))
+            .and_then(|_| snapshot(5, 1024, 16))
+            .and_then(|_| snapshot(5, 1024, 900))
+            .and_then(|_| revert(50, 1))
+            .and_then(|_| revert(20, 16))
+            .and_then(|_| restore(20, 256, 0))
+            .and_then(|_| restore(20, 1024, 0))
+            .and_then(|_| restore(20, 256, 16)),
+    };
+    let _ = std::fs::remove_dir_all(&home);
+    result.map(|_| 0)
 }

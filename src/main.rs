@@ -18,6 +18,7 @@ use rewind::snapshot::store;
 use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
+mod child_vm;
 mod demo;
 
 #[derive(Parser)]
@@ -254,14 +255,13 @@ fn host_vm(
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     let control = ControlServer::bind(&paths::api_socket(name))
         .map_err(|e| Failure::Runtime(format!("VM {name:?}: {e}")))?;
+    let mut vmm = build()?;
     if generated {
         eprintln!("rewind: VM name {name}");
     }
-    let host = HostKind::detect();
-    if host == HostKind::Pvm {
-        eprintln!("rewind: {}", host.describe());
+    if vmm.host == HostKind::Pvm {
+        eprintln!("rewind: {}", vmm.host.describe());
     }
-    let mut vmm = build()?;
     let outcome = vmm.run(opts, Some(&control), Some(&signals))?;
     drop(vmm);
     if let Some(msg) = outcome.message() {

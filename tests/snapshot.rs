@@ -17,7 +17,9 @@ fn first_after_drop(ticks: &[u64]) -> Option<u64> {
 fn wait_all_cpus(vm: &VmProcess, cpus: usize, from: usize, tick: u64) -> usize {
     let mut last = from;
     for cpu in 0..cpus {
-        last = last.max(vm.wait_for(from, &format!("cpu{cpu} tick {tick}"), |l| parse_tick(l) == Some((cpu, tick))));
+        last = last.max(vm.wait_for(from, &format!("cpu{cpu} tick {tick}"), |l| {
+            parse_tick(l) == Some((cpu, tick))
+        }));
     }
     last
 }
@@ -39,48 +41,115 @@ fn cycle(cpus: usize, mem_mib: u64) {
     let vm = VmProcess::start(
         &home,
         "orig",
-        &["run", "--name", "orig", "--console", "stdio", "--mem", &mem, "--cpus", &ncpu, "--timeout", "600", "--append", &append],
+        &[
+            "run",
+            "--name",
+            "orig",
+            "--console",
+            "stdio",
+            "--mem",
+            &mem,
+            "--cpus",
+            &ncpu,
+            "--timeout",
+            "600",
+            "--append",
+            &append,
+        ],
     );
     vm.socket_ready();
     let k = 2;
     let seen = wait_all_cpus(&vm, cpus, 0, k);
-    let snap = vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "s1" })));
+    let snap = vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s1" })),
+    );
     assert_eq!(snap["name"], "s1");
-    assert!(snap["size_bytes"].as_u64().unwrap() >= cpus as u64 * (16 << 20), "{snap}");
+    assert!(
+        snap["size_bytes"].as_u64().unwrap() >= cpus as u64 * (16 << 20),
+        "{snap}"
+    );
     let listed = vm.api_ok("GET", "/snapshots", None);
     assert_eq!(listed["snapshots"][0]["name"], "s1", "{listed}");
 
     let later = wait_all_cpus(&vm, cpus, seen, k + 3);
     let rev = vm.api_ok("PUT", "/snapshots/s1/revert", None);
-    assert_eq!(rev["full"], false, "revert to the latest snapshot copies only dirty pages: {rev}");
+    assert_eq!(
+        rev["full"], false,
+        "revert to the latest snapshot copies only dirty pages: {rev}"
+    );
     for cpu in 0..cpus {
-        vm.wait_for(later, &format!("cpu{cpu} back at tick {}", k + 1), |l| parse_tick(l) == Some((cpu, k + 1)));
-        assert_eq!(first_after_drop(&ticks_of(&vm.lines(), cpu)), Some(k + 1), "cpu{cpu}: {:?}", vm.lines());
+        vm.wait_for(later, &format!("cpu{cpu} back at tick {}", k + 1), |l| {
+            parse_tick(l) == Some((cpu, k + 1))
+        });
+        assert_eq!(
+            first_after_drop(&ticks_of(&vm.lines(), cpu)),
+            Some(k + 1),
+            "cpu{cpu}: {:?}",
+            vm.lines()
+        );
     }
 
     // Restore in a fresh process: the order of state restore is tested for real here.
     let clone = VmProcess::start(
         &home,
         "clone1",
-        &["restore", "s1", "--vm", "orig", "--name", "clone1", "--console", "stdio", "--timeout", "600"],
+        &[
+            "restore",
+            "s1",
+            "--vm",
+            "orig",
+            "--name",
+            "clone1",
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+        ],
     );
     clone.socket_ready();
     let at = wait_all_cpus(&clone, cpus, 0, k + 3);
     for cpu in 0..cpus {
-        assert_eq!(ticks_of(&clone.lines(), cpu).first(), Some(&(k + 1)), "clone cpu{cpu}: {:?}", clone.lines());
+        assert_eq!(
+            ticks_of(&clone.lines(), cpu).first(),
+            Some(&(k + 1)),
+            "clone cpu{cpu}: {:?}",
+            clone.lines()
+        );
     }
     // A snapshot of the restored guest restores too.
-    clone.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "s2" })));
+    clone.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s2" })),
+    );
     let k2 = k + 3;
     let _ = at;
     let grandchild = VmProcess::start(
         &home,
         "clone2",
-        &["restore", "s2", "--vm", "clone1", "--name", "clone2", "--console", "stdio", "--timeout", "600"],
+        &[
+            "restore",
+            "s2",
+            "--vm",
+            "clone1",
+            "--name",
+            "clone2",
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+        ],
     );
     wait_all_cpus(&grandchild, cpus, 0, k2 + 2);
     for cpu in 0..cpus {
-        assert_eq!(ticks_of(&grandchild.lines(), cpu).first(), Some(&(k2 + 1)), "clone2 cpu{cpu}: {:?}", grandchild.lines());
+        assert_eq!(
+            ticks_of(&grandchild.lines(), cpu).first(),
+            Some(&(k2 + 1)),
+            "clone2 cpu{cpu}: {:?}",
+            grandchild.lines()
+        );
     }
     let orig_lines = vm.lines();
     assert_eq!(vm.stop(), Some(0));
@@ -113,20 +182,46 @@ fn revert_between_two_snapshots_uses_full_copy_and_stays_exact() {
         return;
     }
     let home = Home::new("two");
-    let vm = VmProcess::start(&home, "v", &["run", "--name", "v", "--console", "stdio", "--timeout", "600", "--append", &format!("period_ms={PERIOD_MS}")]);
+    let vm = VmProcess::start(
+        &home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+            "--append",
+            &format!("period_ms={PERIOD_MS}"),
+        ],
+    );
     vm.socket_ready();
     let i = vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
-    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "a" })));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "a" })),
+    );
     let i = vm.wait_for(i, "tick 4", |l| l == "tick 4 ok");
-    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "b" })));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "b" })),
+    );
     let i = vm.wait_for(i, "tick 6", |l| l == "tick 6 ok");
     let r = vm.api_ok("PUT", "/snapshots/a/revert", None);
     assert_eq!(r["full"], true, "a is not the baseline any more: {r}");
-    let i = vm.wait_for(i + 1, "tick 3 after revert to a", |l| parse_tick(l).is_some_and(|(_, n)| n <= 3));
+    let i = vm.wait_for(i + 1, "tick 3 after revert to a", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n <= 3)
+    });
     assert_eq!(vm.lines()[i], "tick 3 ok");
     let r = vm.api_ok("PUT", "/snapshots/b/revert", None);
     assert_eq!(r["full"], true);
-    let i = vm.wait_for(i + 1, "tick 5 after revert to b", |l| parse_tick(l).is_some_and(|(_, n)| n <= 5));
+    let i = vm.wait_for(i + 1, "tick 5 after revert to b", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n <= 5)
+    });
     assert_eq!(vm.lines()[i], "tick 5 ok");
     let r = vm.api_ok("PUT", "/snapshots/b/revert", None);
     assert_eq!(r["full"], false, "b is the baseline now: {r}");
@@ -143,17 +238,37 @@ fn two_hundred_reverts_in_a_row_keep_the_timer_alive() {
         return;
     }
     let home = Home::new("r200");
-    let vm = VmProcess::start(&home, "v", &["run", "--name", "v", "--console", "stdio", "--timeout", "600", "--append", "period_ms=20 region=4"]);
+    let vm = VmProcess::start(
+        &home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+            "--append",
+            "period_ms=20 region=4",
+        ],
+    );
     vm.socket_ready();
     vm.wait_for(0, "tick 3", |l| l == "tick 3 ok");
-    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "s" })));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+    );
     for n in 0..200 {
         let r = vm.api("PUT", "/snapshots/s/revert", None);
         assert_eq!(r.status, 200, "revert {n}: {}", r.body);
     }
     let end = vm.lines().len();
     // The guest goes on ticking after the last revert: no hang, no lost timer.
-    let i = vm.wait_for(end, "ticks after 200 reverts", |l| parse_tick(l).is_some_and(|(_, n)| n >= 6));
+    let i = vm.wait_for(end, "ticks after 200 reverts", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n >= 6)
+    });
     let lines = vm.lines();
     assert!(i >= end);
     assert_eq!(vm.stop(), Some(0));
@@ -166,15 +281,50 @@ fn ten_clones_at_once_all_continue() {
         return;
     }
     let home = Home::new("clones");
-    let vm = VmProcess::start(&home, "v", &["run", "--name", "v", "--console", "stdio", "--timeout", "600", "--append", "period_ms=50 region=8"]);
+    let vm = VmProcess::start(
+        &home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+            "--append",
+            "period_ms=50 region=8",
+        ],
+    );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
-    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({ "name": "s" })));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+    );
     assert_eq!(vm.stop(), Some(0));
     let clones: Vec<VmProcess> = (0..10)
         .map(|i| {
             let name = format!("c{i}");
-            VmProcess::start(&home, &name, &["restore", "s", "--vm", "v", "--name", &name, "--console", "stdio", "--timeout", "120", "--expect", "^tick 8 ok$"])
+            VmProcess::start(
+                &home,
+                &name,
+                &[
+                    "restore",
+                    "s",
+                    "--vm",
+                    "v",
+                    "--name",
+                    &name,
+                    "--console",
+                    "stdio",
+                    "--timeout",
+                    "120",
+                    "--expect",
+                    "^tick 8 ok$",
+                ],
+            )
         })
         .collect();
     for c in clones {

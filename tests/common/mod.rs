@@ -122,7 +122,8 @@ impl VmProcess {
             .spawn()
             .expect("rewind starts");
         let out = child.stdout.take().unwrap();
-        let lines = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let lines =
+            std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
         let sink = lines.clone();
         let reader = std::thread::spawn(move || {
             use std::io::BufRead;
@@ -145,6 +146,10 @@ impl VmProcess {
         self.lines.0.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until some line at index >= `from` satisfies `pred`; returns its index.
     pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
         let (m, cv) = &*self.lines;
@@ -155,17 +160,38 @@ impl VmProcess {
                 return from + i;
             }
             let now = std::time::Instant::now();
-            assert!(now < deadline, "{}: never saw {what}; console:\n{}", self.name, lines.join("\n"));
+            assert!(
+                now < deadline,
+                "{}: never saw {what}; console:\n{}",
+                self.name,
+                lines.join("\n")
+            );
             lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
         }
     }
 
-    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> rewind::control::ApiResponse {
-        rewind::control::client::request(&self.socket, method, path, body.as_ref(), Some(std::time::Duration::from_secs(120)))
-            .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name))
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> rewind::control::ApiResponse {
+        rewind::control::client::request(
+            &self.socket,
+            method,
+            path,
+            body.as_ref(),
+            Some(std::time::Duration::from_secs(120)),
+        )
+        .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name))
     }
 
-    pub fn api_ok(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    pub fn api_ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
         let r = self.api(method, path, body);
         assert_eq!(r.status, 200, "{}: {method} {path}: {}", self.name, r.body);
         r.body
@@ -210,7 +236,11 @@ pub fn parse_tick(line: &str) -> Option<(usize, u64)> {
         }
         None => (0, line),
     };
-    let n = rest.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok()?;
+    let n = rest
+        .strip_prefix("tick ")?
+        .strip_suffix(" ok")?
+        .parse()
+        .ok()?;
     Some((cpu, n))
 }
 

@@ -1,0 +1,410 @@
+//! Broken snapshot bundles: one clear line, no panic, and the original
+//! snapshot stays usable.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn take_snapshot(home: &Home) -> PathBuf {
+    let vm = VmProcess::start(
+        home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "120",
+            "--append",
+            "period_ms=20 region=2",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
+    let r = vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "good" })),
+    );
+    assert_eq!(vm.stop(), Some(0));
+    PathBuf::from(r["path"].as_str().unwrap())
+}
+
+fn restore_fails(home: &Home, dir: &Path, needle: &str) {
+    let o = home.run(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--name",
+        "r",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        matches!(o.status.code(), Some(1) | Some(2)),
+        "status {:?}: {err}",
+        o.status
+    );
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("PVM host") && !l.contains("VM name"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    f(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn broken_bundles_are_refused_with_one_clear_line() {
+    if !kvm_available("broken_bundles") {
+        return;
+    }
+    let home = Home::new("badsnap");
+    let good = take_snapshot(&home);
+    let variant = |name: &str| {
+        let d = home.path.join("variants").join(name);
+        copy_dir(&good, &d);
+        d
+    };
+
+    let d = variant("magic");
+    mutate(&d.join("state.bin"), |b| b[0] ^= 0xff);
+    restore_fails(&home, &d, "not a rewind state file");
+
+    let d = variant("version");
+    mutate(&d.join("state.bin"), |b| b[8] = 99);
+    restore_fails(&home, &d, "version");
+
+    let d = variant("checksum");
+    mutate(&d.join("state.bin"), |b| {
+        let n = b.len();
+        b[n - 10] ^= 0x55
+    });
+    restore_fails(&home, &d, "checksum");
+
+    let d = variant("truncated-state");
+    mutate(&d.join("state.bin"), |b| b.truncate(b.len() / 2));
+    restore_fails(&home, &d, "truncated");
+
+    let d = variant("no-memory");
+    std::fs::remove_file(d.join("memory.bin")).unwrap();
+    restore_fails(&home, &d, "memory.bin is missing");
+
+    let d = variant("short-memory");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("memory.bin"))
+        .unwrap();
+    f.set_len(4096).unwrap();
+    restore_fails(&home, &d, "expected");
+
+    let d = variant("manifest");
+    std::fs::write(d.join("manifest.json"), b"{ not json").unwrap();
+    restore_fails(&home, &d, "corrupt");
+
+    let d = variant("no-manifest");
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    restore_fails(&home, &d, "missing");
+
+    restore_fails(&home, &home.path.join("does/not/exist"), "no snapshot");
+    let o = home.run(&["restore", "nosuchsnap", "--vm", "v", "--console", "none"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no snapshot named \"nosuchsnap\""),
+        "{}",
+        stderr(&o)
+    );
+
+    // The original is untouched by all of this and still restores.
+    let o = home.run(&[
+        "restore",
+        good.to_str().unwrap(),
+        "--name",
+        "ok",
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--expect",
+        "^tick 4 ok$",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("tick 3 ok\n"), "{}", stdout(&o));
+}
+
+#[test]
+fn snapshot_errors_from_a_running_vm() {
+    if !kvm_available("snapshot_errors") {
+        return;
+    }
+    let home = Home::new("snaperr");
+    let vm = VmProcess::start(
+        &home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "120",
+            "--append",
+            "period_ms=20 region=2",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "x" })),
+    );
+    let dup = vm.api(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "x" })),
+    );
+    assert_eq!(dup.status, 409, "{}", dup.body);
+    let bad = vm.api(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "../x" })),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let missing = vm.api("PUT", "/snapshots/nope/revert", None);
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    // The VM is still fine after refused requests.
+    let n = vm.lines().len();
+    vm.wait_for(n, "more ticks", |l| parse_tick(l).is_some());
+    // CLI round trip: create (auto-named), list, info, delete.
+    let o = home.run(&["snapshot", "create", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("snapshot snap-1 at"), "{}", stdout(&o));
+    let o = home.run(&["snapshot", "list", "--vm", "v"]);
+    assert!(
+        stdout(&o).contains("snap-1") && stdout(&o).contains("x "),
+        "{}",
+        stdout(&o)
+    );
+    let o = home.run(&["snapshot", "info", "snap-1", "--vm", "v"]);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(info["parent"], "x");
+    assert_eq!(info["config"]["mem_mib"], 256);
+    let o = home.run(&["snapshot", "delete", "x", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!home.path.join("vms/v/snapshots/x").exists());
+    let o = home.run(&["pause", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(vm.api_ok("GET", "/vm", None)["state"], "paused");
+    let o = home.run(&["resume", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(vm.api_ok("GET", "/vm", None)["state"], "running");
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")));
+}
+
+#[test]
+fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
+    if !kvm_available("kill_during_snapshot") {
+        return;
+    }
+    let home = Home::new("kill9");
+    // A big region makes each snapshot take long enough to be killed inside.
+    let args = [
+        "--console",
+        "stdio",
+        "--timeout",
+        "300",
+        "--mem",
+        "1024",
+        "--append",
+        "period_ms=50 region=384",
+    ];
+    let mut killed_inside = 0;
+    for round in 0..6u64 {
+        let name = format!("v{round}");
+        let mut full = vec!["run", "--name", name.as_str()];
+        full.extend_from_slice(&args);
+        let vm = VmProcess::start(&home, &name, &full);
+        vm.socket_ready();
+        vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
+        vm.api_ok(
+            "PUT",
+            "/snapshots",
+            Some(serde_json::json!({ "name": "before" })),
+        );
+        let socket = home.socket(&name);
+        let snapper = std::thread::spawn(move || {
+            rewind::control::client::request(
+                &socket,
+                "PUT",
+                "/snapshots",
+                Some(&serde_json::json!({ "name": "victim" })),
+                None,
+            )
+        });
+        // Kill at a different moment of the capture each round.
+        std::thread::sleep(std::time::Duration::from_millis(3 + round * 40));
+        let pid = vm.pid();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let (_, _) = vm.wait_exit();
+        let finished = matches!(snapper.join().unwrap(), Ok(r) if r.status == 200);
+        if !finished {
+            killed_inside += 1;
+        }
+        let snaps = home.path.join("vms").join(&name).join("snapshots");
+        // Only whole snapshots are listed: "victim" exists completely or not at all.
+        let o = home.run(&["snapshot", "list", "--vm", &name]);
+        assert!(!stdout(&o).contains("BROKEN"), "{}", stdout(&o));
+        if snaps.join("victim").exists() {
+            let o = home.run(&[
+                "restore",
+                "victim",
+                "--vm",
+                &name,
+                "--name",
+                &format!("{name}-victim"),
+                "--console",
+                "stdio",
+                "--timeout",
+                "60",
+                "--expect",
+                "tick [0-9]+ ok",
+            ]);
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "victim of round {round}: {}",
+                stderr(&o)
+            );
+        }
+        let o = home.run(&[
+            "restore",
+            "before",
+            "--vm",
+            &name,
+            "--name",
+            &format!("{name}-r"),
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "^tick 4 ok$",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "round {round}: {}", stderr(&o));
+        assert!(
+            stdout(&o).starts_with("tick 3 ok\n"),
+            "round {round}: {}",
+            stdout(&o)
+        );
+        assert!(!stdout(&o).contains("CORRUPT"));
+    }
+    eprintln!("kill -9 landed inside the snapshot in {killed_inside} of 6 rounds");
+}
+
+#[test]
+fn full_disk_fails_the_snapshot_cleanly() {
+    if !kvm_available("full_disk") {
+        return;
+    }
+    let home = Home::new("fulldisk");
+    let small = home.path.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED full_disk: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let small_home = Home {
+        path: small.clone(),
+    };
+    let vm = VmProcess::start(
+        &small_home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "120",
+            "--append",
+            "period_ms=20 region=1",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "fits" })),
+    );
+    // Now fill the disk, so the next snapshot cannot be written.
+    let filler = small.join("filler");
+    let _ = std::fs::write(&filler, vec![1u8; 12 << 20]);
+    let r = vm.api(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "nospace" })),
+    );
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("No space left"),
+        "{}",
+        r.body
+    );
+    assert!(!small.join("vms/v/snapshots/nospace").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(small.join("vms/v/snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![std::ffi::OsString::from("fits")],
+        "temp files left behind"
+    );
+    // The guest runs on, and the earlier snapshot still reverts.
+    let n = vm.lines().len();
+    vm.wait_for(n, "more ticks", |l| parse_tick(l).is_some());
+    std::fs::remove_file(&filler).unwrap();
+    vm.api_ok("PUT", "/snapshots/fits/revert", None);
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")));
+    std::mem::forget(small_home);
+}
