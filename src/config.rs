@@ -48,6 +48,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub mem_mib: u64,
     pub cpus: u32,
+    /// Linux guests: describe the machine with ACPI tables (an MP table is
+    /// always written for kernels without ACPI).
+    pub acpi: bool,
 }
 
 /// Names become directory and socket names, so they are kept boring.
@@ -111,6 +114,7 @@ mod tests {
             cmdline: String::new(),
             mem_mib: 256,
             cpus: 1,
+            acpi: false,
         }
     }
 

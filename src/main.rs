@@ -154,6 +154,10 @@ pub struct RunArgs {
     mem: u64,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// Linux guests: no ACPI tables (the MP table and command-line virtio
+    /// devices describe the machine).
+    #[arg(long)]
+    no_acpi: bool,
     /// VM name (directory and control socket under $REWIND_HOME/vms/NAME).
     #[arg(long)]
     name: Option<String>,
@@ -161,7 +165,10 @@ pub struct RunArgs {
     io: IoArgs,
 }
 
-const LINUX_DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux";
+/// ttyS0 is the console; two UARTs only, so boot does not probe four;
+/// reboot through the i8042 (which ends the VM); never hang on panic.
+const LINUX_DEFAULT_CMDLINE: &str =
+    "console=ttyS0 8250.nr_uarts=2 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp";
 
 /// A usage error (exit 2) or a runtime error (exit 1), printed as one line.
 enum Failure {
@@ -213,6 +220,7 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
         cmdline,
         mem_mib: args.mem,
         cpus: args.cpus,
+        acpi: guest == GuestKind::Linux && !args.no_acpi,
     })
 }
 

@@ -2,6 +2,7 @@
 //! from the bus, raise interrupts through an EventFd and report VM-level
 //! events through a [`crate::events::VmEventSender`].
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod debug_console;
 pub mod exit_port;

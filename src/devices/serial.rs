@@ -28,16 +28,36 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Where a UART's output goes: the console (COM1), or nowhere until the
+/// guest agent's host side claims COM2.
+#[derive(Clone)]
+pub enum SerialOut {
+    Console(Arc<Console>),
+    Discard,
+}
+
+impl std::io::Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialOut::Console(c) => ConsoleWriter(c.clone()).write(buf),
+            SerialOut::Discard => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
-    console: Arc<Console>,
+    uart: Serial<IrqTrigger, NoEvents, SerialOut>,
+    out: SerialOut,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
         SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), ConsoleWriter(console.clone())),
-            console,
+            uart: Serial::new(IrqTrigger(irq), out.clone()),
+            out,
         }
     }
 
@@ -126,7 +146,7 @@ impl Persist for SerialDevice {
             &state,
             IrqTrigger(irq),
             NoEvents,
-            ConsoleWriter(self.console.clone()),
+            self.out.clone(),
         )
         .map_err(|e| format!("UART state is invalid: {e:?}"))?;
         // An interrupt pending at capture time (for example THRE after the

@@ -31,6 +31,22 @@ impl HostKind {
     }
 }
 
+/// Features whose instructions PVM's emulator cannot run in guest ring 0
+/// (design notes, section 1). `clearcpuid` takes /proc/cpuinfo names.
+const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2,ssse3,fsgsbase";
+
+impl HostKind {
+    /// What a Linux guest needs on its command line on this host, if anything.
+    pub fn linux_cmdline_quirks(self) -> Option<String> {
+        match self {
+            HostKind::Hardware => None,
+            HostKind::Pvm => Some(format!(
+                "noxsave clearcpuid={PVM_CLEARCPUID} mitigations=off"
+            )),
+        }
+    }
+}
+
 /// Total host RAM in MiB, the ceiling for `--mem`.
 pub fn host_mem_mib() -> u64 {
     // SAFETY: sysinfo fills a plain-data struct we own.

@@ -78,7 +78,8 @@ where
     }
 }
 
-pub fn load_kernel(mem: &GuestMemory, config: &VmConfig) -> Result<Loaded, LoadError> {
+/// `rsdp` is where ACPI tables were written, if they were.
+pub fn load_kernel(mem: &GuestMemory, config: &VmConfig, rsdp: Option<u64>) -> Result<Loaded, LoadError> {
     let result = match &config.kernel {
         KernelSource::EmbeddedTestGuest => {
             let mut image = Cursor::new(TEST_GUEST_ELF);
@@ -107,7 +108,7 @@ pub fn load_kernel(mem: &GuestMemory, config: &VmConfig) -> Result<Loaded, LoadE
         None => None,
     };
     write_cmdline(mem, &config.cmdline)?;
-    write_zero_page(mem, config, &result, initrd)?;
+    write_zero_page(mem, config, &result, initrd, rsdp)?;
     // A bzImage's 64-bit entry point is 0x200 past its protected-mode code.
     let entry = match result.setup_header {
         Some(_) => result.kernel_load.0 + 0x200,
@@ -200,8 +201,12 @@ fn write_zero_page(
     config: &VmConfig,
     kernel: &KernelLoaderResult,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), LoadError> {
     let mut params = boot_params::default();
+    if let Some(addr) = rsdp {
+        params.acpi_rsdp_addr = addr;
+    }
     if let Some(hdr) = kernel.setup_header {
         params.hdr = hdr;
     }

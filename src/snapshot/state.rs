@@ -20,6 +20,8 @@ pub const MANIFEST_VERSION: u32 = 1;
 #[derive(Clone, Serialize, Deserialize)]
 pub struct DevicesState {
     pub com1: UartState,
+    pub com2: UartState,
+    pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
     pub i8042: I8042State,
     pub exit_port: ExitPortState,
     pub debug_console: DebugConsoleState,

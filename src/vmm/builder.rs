@@ -15,7 +15,10 @@ use crate::console::Console;
 use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, UART_LEN};
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
+use crate::devices::serial::{
+    SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN,
+};
 use crate::devices::Bus;
 use crate::events::vm_event_channel;
 use crate::guest::GuestKind;
@@ -32,16 +35,41 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
 
 impl Vmm {
     /// Boots `config` from its kernel; vCPUs are created paused.
-    pub fn boot(config: VmConfig, opts: &RunOptions) -> Result<Vmm, VmmError> {
+    pub fn boot(mut config: VmConfig, opts: &RunOptions) -> Result<Vmm, VmmError> {
         let vm = Vm::new()?;
         config.validate(host_mem_mib(), vm.max_vcpus())?;
+        let host = HostKind::detect();
+        if config.guest == GuestKind::Linux {
+            if let Some(extra) = host.linux_cmdline_quirks() {
+                eprintln!("rewind: PVM host: adding to the kernel command line: {extra}");
+                config.cmdline = format!("{} {extra}", config.cmdline).trim().to_string();
+            }
+        }
         let mem = memory::create_guest_memory(config.mem_bytes())?;
-        let loaded = loader::load_kernel(&mem, &config)?;
+        let rsdp = if config.guest == GuestKind::Linux {
+            crate::kvm::mptable::write_mptable(&mem, config.cpus)
+                .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+            if config.acpi {
+                Some(
+                    crate::kvm::acpi::write_tables(&mem, config.cpus, &[])
+                        .map_err(|e| VmmError::Snapshot(e.to_string()))?,
+                )
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let loaded = loader::load_kernel(&mem, &config, rsdp)?;
         boot::write_boot_tables(&mem, config.mem_bytes())?;
         let cpus = config.cpus;
         let guest = config.guest;
         Vmm::assemble(vm, config, mem, opts, None, |index, fd, supported| {
-            fd.set_cpuid2(&cpuid::for_vcpu(supported, index as u32, cpus))
+            let mut cpuid = cpuid::for_vcpu(supported, index as u32, cpus);
+            if guest == GuestKind::Linux && host == HostKind::Pvm {
+                cpuid::hide_unemulated(&mut cpuid);
+            }
+            fd.set_cpuid2(&cpuid)
                 .map_err(kvm_err("set CPUID"))?;
             boot::set_boot_msrs(fd)?;
             boot::set_lint(fd)?;
@@ -139,12 +167,17 @@ impl Vmm {
 
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the UART interrupt"))?;
-        vm.fd
-            .register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm_err("route the UART interrupt"))?;
+        let uart = |irq_line: u32, out: SerialOut| -> Result<_, VmmError> {
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("a UART interrupt"))?;
+            vm.fd
+                .register_irqfd(&irq, irq_line)
+                .map_err(kvm_err("route a UART interrupt"))?;
+            Ok(Arc::new(Mutex::new(SerialDevice::new(irq, out))))
+        };
         let devices = Devices {
-            com1: Arc::new(Mutex::new(SerialDevice::new(irq, console.clone()))),
+            com1: uart(COM1_IRQ, SerialOut::Console(console.clone()))?,
+            com2: uart(COM2_IRQ, SerialOut::Discard)?,
+            acpi_pm: Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
             i8042: Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
             exit_port: Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))),
             debug_console: Arc::new(Mutex::new(DebugConsole::new(
@@ -154,6 +187,8 @@ impl Vmm {
             ))),
         };
         pio.insert(COM1_BASE, UART_LEN, devices.com1.clone())?;
+        pio.insert(COM2_BASE, UART_LEN, devices.com2.clone())?;
+        pio.insert(SLEEP_CONTROL_PORT, ACPI_PM_LEN, devices.acpi_pm.clone())?;
         pio.insert(I8042_BASE, I8042_LEN, devices.i8042.clone())?;
         pio.insert(EXIT_PORT, 1, devices.exit_port.clone())?;
         mmio.insert(

@@ -140,6 +140,8 @@ pub struct Vmm {
 /// The devices whose state a snapshot carries.
 pub(crate) struct Devices {
     pub com1: Arc<Mutex<SerialDevice>>,
+    pub com2: Arc<Mutex<SerialDevice>>,
+    pub acpi_pm: Arc<Mutex<crate::devices::acpi_pm::AcpiPm>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub exit_port: Arc<Mutex<ExitPort>>,
     pub debug_console: Arc<Mutex<DebugConsole>>,

@@ -75,6 +75,8 @@ impl Vmm {
     fn capture_devices(&self) -> DevicesState {
         DevicesState {
             com1: lock(&self.devices.com1).save(),
+            com2: lock(&self.devices.com2).save(),
+            acpi_pm: lock(&self.devices.acpi_pm).save(),
             i8042: lock(&self.devices.i8042).save(),
             exit_port: lock(&self.devices.exit_port).save(),
             debug_console: lock(&self.devices.debug_console).save(),
