@@ -189,8 +189,18 @@ gp_isr:
         fwait
         jmp 9f
 5:      cmp rax, 3
-        jne 9f
+        jne 6f
         popcnt rax, rax
+        jmp 9f
+6:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
+        jne 9f
+        sub rsp, 16
+        mov [rsp], ebx
+        ldmxcsr [rsp]
+        mov dword ptr [rsp + 4], 0
+        stmxcsr [rsp + 4]
+        mov eax, [rsp + 4]
+        add rsp, 16
 9:      add qword ptr [rsp + 8], 1
         add rsp, 8
         iretq

@@ -10,7 +10,7 @@
  *   period_ms=N     LAPIC timer period, default 100
  *   exit_after=N    verify: vCPU 0 exits with `status` once every vCPU did tick N
  *   status=N        exit status for exit, exitport and exit_after
- *   insn=int3|fwait|popcnt   insn: which ring-0 instruction to probe
+ *   insn=int3|fwait|popcnt|mxcsr   insn: which ring-0 instruction to probe
  */
 #include <stdint.h>
 
@@ -263,17 +263,33 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 
 static void probe_insn(const char *name)
 {
-	uint64_t code = word_is(name, "int3") ? 1 : word_is(name, "fwait") ? 2 : word_is(name, "popcnt") ? 3 : 0;
+	uint64_t code = word_is(name, "int3")	  ? 1 :
+			word_is(name, "fwait")	  ? 2 :
+			word_is(name, "popcnt")	  ? 3 :
+			word_is(name, "mxcsr") ? 4 :
+						   0;
 	if (!code) {
 		say("unknown insn= value");
 		guest_exit(2);
 	}
-	/* `cli` traps to ring 0, which runs the probed instruction there. */
-	__asm__ volatile("cli" : : "a"(code) : "memory");
+	/* `cli` traps to ring 0, which runs the probed instruction there.
+	 * For mxcsr, ring 0 loads rbx into MXCSR and returns what it reads back. */
+	uint64_t result = code;
+	const uint32_t want = 0x9f80; /* default | flush-to-zero */
+	__asm__ volatile("cli" : "+a"(result) : "b"((uint64_t)want) : "memory");
 	struct line l = { .len = 0 };
 	put_str(&l, "insn ");
 	put_u64(&l, code);
 	put_str(&l, " done");
+	if (code == 4) {
+		uint32_t native = 0;
+		/* Read MXCSR natively in ring 3: proves the state really changed. */
+		__asm__ volatile("stmxcsr %0" : "=m"(native));
+		put_str(&l, " mxcsr ");
+		put_u64(&l, result & 0xffffffff);
+		put_str(&l, " ring3 ");
+		put_u64(&l, native);
+	}
 	emit(&l);
 }
 

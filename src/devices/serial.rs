@@ -142,13 +142,8 @@ impl Persist for SerialDevice {
             .0
             .try_clone()
             .map_err(|e| format!("UART: cannot reuse its interrupt: {e}"))?;
-        self.uart = Serial::from_state(
-            &state,
-            IrqTrigger(irq),
-            NoEvents,
-            self.out.clone(),
-        )
-        .map_err(|e| format!("UART state is invalid: {e:?}"))?;
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, self.out.clone())
+            .map_err(|e| format!("UART state is invalid: {e:?}"))?;
         // An interrupt pending at capture time (for example THRE after the
         // last byte) was delivered to the old irqchip state; raise it again
         // so the guest driver is not left waiting for it.

@@ -6,7 +6,9 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -53,7 +55,10 @@ fn uart(name: &str, uid: u8, port: u16, irq: u32) -> Vec<u8> {
     let hid_name = aml::Name::new("_HID".into(), &hid);
     let uid_name = aml::Name::new("_UID".into(), &uid);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
-    bytes(&aml::Device::new(name.into(), vec![&hid_name, &uid_name, &crs_name]))
+    bytes(&aml::Device::new(
+        name.into(),
+        vec![&hid_name, &uid_name, &crs_name],
+    ))
 }
 
 fn virtio_device(index: usize, dev: &MmioDevice) -> Vec<u8> {
@@ -119,13 +124,34 @@ pub fn write_tables(mem: &GuestMemory, cpus: u32, virtio: &[MmioDevice]) -> Resu
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
         .dsdt_64(dsdt_addr);
-    fadt.sleep_control_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, SLEEP_CONTROL_PORT);
-    fadt.sleep_status_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, SLEEP_STATUS_PORT);
+    fadt.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        SLEEP_CONTROL_PORT,
+    );
+    fadt.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        SLEEP_STATUS_PORT,
+    );
     let fadt_addr = place(&bytes(&fadt.finalize()))?;
 
-    let mut madt = MADT::new(OEM_ID, *b"RWMADT  ", 1, LocalInterruptController::Address(LAPIC_ADDR));
+    let mut madt = MADT::new(
+        OEM_ID,
+        *b"RWMADT  ",
+        1,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
     for cpu in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(cpu as u8, cpu as u8, EnabledStatus::Enabled));
+        madt.add_structure(ProcessorLocalApic::new(
+            cpu as u8,
+            cpu as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     madt.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
     let madt_addr = place(&bytes(&madt))?;

@@ -58,7 +58,8 @@ pub fn for_vcpu(supported: &CpuId, index: u32, cpus: u32) -> CpuId {
 /// hosts the guest kernel must not pick instructions its emulated ring 0
 /// cannot run. KVM honours clearing what it reports as supported; the rest
 /// is hidden with `clearcpuid=` on the command line.
-const PVM_HIDDEN_LEAF1_ECX: u32 = (1 << 13) | (1 << 22) | (1 << 23) | (1 << 26) | (1 << 27) | (1 << 28);
+const PVM_HIDDEN_LEAF1_ECX: u32 =
+    (1 << 13) | (1 << 22) | (1 << 23) | (1 << 26) | (1 << 27) | (1 << 28);
 
 pub fn hide_unemulated(cpuid: &mut CpuId) {
     for e in cpuid.as_mut_slice() {

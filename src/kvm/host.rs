@@ -25,7 +25,7 @@ impl HostKind {
         match self {
             HostKind::Hardware => "hardware KVM",
             HostKind::Pvm => {
-                "PVM host (kvm_pvm): guest ring-0 code is emulated; rewind completes int3 and fwait for the guest"
+                "PVM host (kvm_pvm): guest ring-0 code is emulated; rewind completes int3, fwait, ldmxcsr and stmxcsr for the guest"
             }
         }
     }

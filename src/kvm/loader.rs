@@ -79,7 +79,11 @@ where
 }
 
 /// `rsdp` is where ACPI tables were written, if they were.
-pub fn load_kernel(mem: &GuestMemory, config: &VmConfig, rsdp: Option<u64>) -> Result<Loaded, LoadError> {
+pub fn load_kernel(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    rsdp: Option<u64>,
+) -> Result<Loaded, LoadError> {
     let result = match &config.kernel {
         KernelSource::EmbeddedTestGuest => {
             let mut image = Cursor::new(TEST_GUEST_ELF);

@@ -34,7 +34,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The configuration table's entries, without its header.
@@ -60,7 +63,16 @@ fn entries(cpus: u32) -> (Vec<u8>, u16) {
     count += 1;
     // ISA IRQ n arrives at IOAPIC pin n, as KVM routes it.
     for irq in 0..16u8 {
-        e.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        e.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // LINT0 is the PIC (ExtINT), LINT1 NMI, on every LAPIC (0xff).
@@ -121,13 +133,15 @@ mod tests {
         assert_eq!(fp.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let len = {
             let mut h = [0u8; 44];
-            mem.read_slice(&mut h, GuestAddress(EBDA_START + 16)).unwrap();
+            mem.read_slice(&mut h, GuestAddress(EBDA_START + 16))
+                .unwrap();
             assert_eq!(&h[..4], b"PCMP");
             assert_eq!(u16::from_le_bytes([h[34], h[35]]), 4 + 1 + 1 + 16 + 2);
             u16::from_le_bytes([h[4], h[5]]) as usize
         };
         let mut all = vec![0u8; len];
-        mem.read_slice(&mut all, GuestAddress(EBDA_START + 16)).unwrap();
+        mem.read_slice(&mut all, GuestAddress(EBDA_START + 16))
+            .unwrap();
         assert_eq!(all.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert!(EBDA_START + 16 + len as u64 <= 0xA_0000, "fits in the EBDA");
     }

@@ -340,7 +340,11 @@ impl VcpuThread {
             }
             VcpuExit::InternalError => {
                 match assist::handle_internal_error(&mut self.vcpu, &self.ctx.mem, cpu) {
-                    Ok(_) => {}
+                    Ok(done) => {
+                        if std::env::var_os("REWIND_TRACE_ASSIST").is_some() {
+                            eprintln!("rewind: vCPU {cpu}: assisted {done:?}");
+                        }
+                    }
                     Err(msg) => {
                         self.ctx.events.send(VmEvent::Fatal(msg));
                         return Flow::Halt;

@@ -12,10 +12,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{Devices, RunOptions, Vmm, VmmError};
 use crate::config::VmConfig;
 use crate::console::Console;
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
 use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
 use crate::devices::serial::{
     SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN,
 };
@@ -69,8 +69,7 @@ impl Vmm {
             if guest == GuestKind::Linux && host == HostKind::Pvm {
                 cpuid::hide_unemulated(&mut cpuid);
             }
-            fd.set_cpuid2(&cpuid)
-                .map_err(kvm_err("set CPUID"))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             boot::set_boot_msrs(fd)?;
             boot::set_lint(fd)?;
             boot::set_fpu(fd)?;
