@@ -4,6 +4,7 @@
 //! against: build a VM from a [`config::VmConfig`], run it, and drive it with
 //! [`control::Command`] values.
 
+pub mod agent;
 pub mod config;
 pub mod console;
 pub mod control;
