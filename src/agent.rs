@@ -59,12 +59,19 @@ pub fn parse_line(line: &str) -> Result<Message, AgentError> {
         "HELLO" => Message::Hello(arg.unwrap_or_default().to_string()),
         "OUT" | "ERR" => {
             let data = B64.decode(arg.unwrap_or_default()).map_err(|_| bad())?;
-            let stream = if verb == "OUT" { Stream::Stdout } else { Stream::Stderr };
+            let stream = if verb == "OUT" {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
             Message::Output(stream, num(id)?, data)
         }
         "EXIT" => Message::Exit(num(id)?, arg.and_then(|s| s.parse().ok()).ok_or_else(bad)?),
         "PONG" => Message::Pong(num(id)?),
-        "ERROR" => Message::Error(id.unwrap_or("-").to_string(), arg.unwrap_or_default().to_string()),
+        "ERROR" => Message::Error(
+            id.unwrap_or("-").to_string(),
+            arg.unwrap_or_default().to_string(),
+        ),
         _ => return Err(bad()),
     })
 }
@@ -80,7 +87,11 @@ const MAX_LINE: usize = 1 << 20;
 
 impl<S: Read + Write + AsRawFd> AgentClient<S> {
     pub fn new(stream: S) -> Self {
-        AgentClient { stream, pending: Vec::new(), next_id: 1 }
+        AgentClient {
+            stream,
+            pending: Vec::new(),
+            next_id: 1,
+        }
     }
 
     fn wait_readable(fd: RawFd, deadline: Instant, limit: Duration) -> Result<(), AgentError> {
@@ -88,7 +99,11 @@ impl<S: Read + Write + AsRawFd> AgentClient<S> {
         if left.is_zero() {
             return Err(AgentError::Timeout(limit));
         }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         match n {
@@ -176,11 +191,20 @@ mod tests {
     #[test]
     fn lines_round_trip() {
         assert_eq!(encode_run(3, "echo hi"), "RUN 3 ZWNobyBoaQ==\n");
-        assert_eq!(parse_line("OUT 3 NDIK").unwrap(), Message::Output(Stream::Stdout, 3, b"42\n".to_vec()));
-        assert_eq!(parse_line("ERR 3 eA==\r").unwrap(), Message::Output(Stream::Stderr, 3, b"x".to_vec()));
+        assert_eq!(
+            parse_line("OUT 3 NDIK").unwrap(),
+            Message::Output(Stream::Stdout, 3, b"42\n".to_vec())
+        );
+        assert_eq!(
+            parse_line("ERR 3 eA==\r").unwrap(),
+            Message::Output(Stream::Stderr, 3, b"x".to_vec())
+        );
         assert_eq!(parse_line("EXIT 3 7").unwrap(), Message::Exit(3, 7));
         assert_eq!(parse_line("PONG 9").unwrap(), Message::Pong(9));
-        assert!(matches!(parse_line("HELLO rewind-agent 1").unwrap(), Message::Hello(_)));
+        assert!(matches!(
+            parse_line("HELLO rewind-agent 1").unwrap(),
+            Message::Hello(_)
+        ));
         assert!(parse_line("OUT x NDIK").is_err());
         assert!(parse_line("OUT 3 !!!").is_err());
         assert!(parse_line("EXIT 3").is_err());

@@ -51,6 +51,8 @@ pub struct VmConfig {
     /// Linux guests: describe the machine with ACPI tables (an MP table is
     /// always written for kernels without ACPI).
     pub acpi: bool,
+    /// Base images, never written: the guest writes into qcow2 overlays.
+    pub disks: Vec<PathBuf>,
 }
 
 /// Names become directory and socket names, so they are kept boring.
@@ -115,6 +117,7 @@ mod tests {
             mem_mib: 256,
             cpus: 1,
             acpi: false,
+            disks: vec![],
         }
     }
 

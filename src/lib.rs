@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+pub mod disk;
 pub mod events;
 pub mod guest;
 pub mod kvm;

@@ -154,6 +154,13 @@ pub struct RunArgs {
     mem: u64,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// A disk image (raw or qcow2; repeatable). It is never written: the guest
+    /// writes into a qcow2 overlay in the VM's directory.
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// Linux guests: boot with the first disk as the root filesystem.
+    #[arg(long)]
+    root: bool,
     /// Linux guests: no ACPI tables (the MP table and command-line virtio
     /// devices describe the machine).
     #[arg(long)]
@@ -207,10 +214,18 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
     if guest == GuestKind::Test && args.initrd.is_some() {
         return Err(Failure::Usage("--initrd needs --kernel".into()));
     }
+    if args.root && (guest != GuestKind::Linux || args.disks.is_empty()) {
+        return Err(Failure::Usage("--root needs --kernel and a --disk".into()));
+    }
+    let root = if args.root {
+        " root=/dev/vda rw rootwait"
+    } else {
+        ""
+    };
     let cmdline = match (&args.cmdline, &args.append) {
         (Some(c), _) => c.clone(),
-        (None, Some(a)) => format!("{default_cmdline} {a}").trim().to_string(),
-        (None, None) => default_cmdline.to_string(),
+        (None, Some(a)) => format!("{default_cmdline}{root} {a}").trim().to_string(),
+        (None, None) => format!("{default_cmdline}{root}").trim().to_string(),
     };
     Ok(VmConfig {
         name,
@@ -221,6 +236,7 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
         mem_mib: args.mem,
         cpus: args.cpus,
         acpi: guest == GuestKind::Linux && !args.no_acpi,
+        disks: args.disks.clone(),
     })
 }
 

@@ -14,7 +14,10 @@ fn busybox() -> Option<String> {
     if let Ok(b) = std::env::var("REWIND_BUSYBOX") {
         return Some(b);
     }
-    let found = Command::new("sh").args(["-c", "command -v busybox"]).output().ok()?;
+    let found = Command::new("sh")
+        .args(["-c", "command -v busybox"])
+        .output()
+        .ok()?;
     let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
     (!path.is_empty()).then_some(path)
 }
@@ -25,9 +28,20 @@ fn busybox() -> Option<String> {
 fn openpty() -> (File, String, OwnedFd) {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: openpty fills two fds; name/termios/winsize may be null.
-    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
     assert_eq!(rc, 0, "openpty failed");
-    let name = std::fs::read_link(format!("/proc/self/fd/{slave}")).unwrap().display().to_string();
+    let name = std::fs::read_link(format!("/proc/self/fd/{slave}"))
+        .unwrap()
+        .display()
+        .to_string();
     // SAFETY: both fds were just returned by openpty and are owned here.
     let slave = unsafe { OwnedFd::from_raw_fd(slave) };
     // SAFETY: as above.
@@ -65,14 +79,26 @@ fn agent_runs_commands_over_a_pty() {
         Stream::Stderr => err.extend_from_slice(d),
     };
     assert_eq!(client.run("echo $((6*7))", t, &mut collect).unwrap(), 0);
-    assert_eq!(client.run("echo oops >&2; exit 7", t, &mut collect).unwrap(), 7);
-    assert_eq!(client.run("printf 'a\\nb'; true", t, &mut collect).unwrap(), 0);
+    assert_eq!(
+        client
+            .run("echo oops >&2; exit 7", t, &mut collect)
+            .unwrap(),
+        7
+    );
+    assert_eq!(
+        client.run("printf 'a\\nb'; true", t, &mut collect).unwrap(),
+        0
+    );
     assert_eq!(String::from_utf8_lossy(&out), "42\na\nb");
     assert_eq!(String::from_utf8_lossy(&err), "oops\n");
     // Output bigger than one chunk arrives whole and in order.
     let mut big = Vec::new();
     let status = client
-        .run("i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done", t, &mut |_, d| big.extend_from_slice(d))
+        .run(
+            "i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done",
+            t,
+            &mut |_, d| big.extend_from_slice(d),
+        )
         .unwrap();
     assert_eq!(status, 0);
     let text = String::from_utf8_lossy(&big);

@@ -8,5 +8,6 @@ pub mod debug_console;
 pub mod exit_port;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -33,7 +33,7 @@ impl HostKind {
 
 /// Features whose instructions PVM's emulator cannot run in guest ring 0
 /// (design notes, section 1). `clearcpuid` takes /proc/cpuinfo names.
-const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2,ssse3,fsgsbase";
+const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2";
 
 impl HostKind {
     /// What a Linux guest needs on its command line on this host, if anything.

@@ -25,6 +25,8 @@ pub struct DevicesState {
     pub i8042: I8042State,
     pub exit_port: ExitPortState,
     pub debug_console: DebugConsoleState,
+    /// One virtio-mmio transport per disk, in disk order.
+    pub virtio: Vec<crate::devices::virtio::MmioState>,
 }
 
 /// Everything but memory. Order of restore: VM (irqchips, PIT, clock), then
@@ -38,6 +40,8 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+    /// Each disk's frozen layer, in disk order.
+    pub disks: Vec<crate::vmm::disks::DiskSnapshot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

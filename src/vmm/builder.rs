@@ -9,6 +9,7 @@ use std::time::Instant;
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::disks::{self, DiskSetupError};
 use super::{Devices, RunOptions, Vmm, VmmError};
 use crate::config::VmConfig;
 use crate::console::Console;
@@ -45,13 +46,27 @@ impl Vmm {
                 config.cmdline = format!("{} {extra}", config.cmdline).trim().to_string();
             }
         }
+        let mut lowers = Vec::new();
+        for base in &config.disks {
+            let identity = crate::disk::BaseIdentity::capture(base)
+                .map_err(|e| VmmError::Disk(DiskSetupError::Disk(e)))?;
+            lowers.push((identity, base.clone()));
+        }
+        let mmio_devices: Vec<_> = (0..lowers.len()).map(disks::mmio_device).collect();
+        if config.guest == GuestKind::Linux && !mmio_devices.is_empty() {
+            config.cmdline = format!(
+                "{} {}",
+                config.cmdline,
+                disks::cmdline_devices(&mmio_devices)
+            );
+        }
         let mem = memory::create_guest_memory(config.mem_bytes())?;
         let rsdp = if config.guest == GuestKind::Linux {
             crate::kvm::mptable::write_mptable(&mem, config.cpus)
                 .map_err(|e| VmmError::Snapshot(e.to_string()))?;
             if config.acpi {
                 Some(
-                    crate::kvm::acpi::write_tables(&mem, config.cpus, &[])
+                    crate::kvm::acpi::write_tables(&mem, config.cpus, &mmio_devices)
                         .map_err(|e| VmmError::Snapshot(e.to_string()))?,
                 )
             } else {
@@ -64,29 +79,37 @@ impl Vmm {
         boot::write_boot_tables(&mem, config.mem_bytes())?;
         let cpus = config.cpus;
         let guest = config.guest;
-        Vmm::assemble(vm, config, mem, opts, None, |index, fd, supported| {
-            let mut cpuid = cpuid::for_vcpu(supported, index as u32, cpus);
-            if guest == GuestKind::Linux && host == HostKind::Pvm {
-                cpuid::hide_unemulated(&mut cpuid);
-            }
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-            boot::set_boot_msrs(fd)?;
-            boot::set_lint(fd)?;
-            boot::set_fpu(fd)?;
-            // Linux wakes its APs itself (INIT/SIPI); the test guest's APs
-            // start at its entry like the boot vCPU.
-            if index == 0 || guest == GuestKind::Test {
-                boot::set_long_mode_sregs(fd)?;
-                boot::set_entry_regs(fd, loaded.entry, index as u64, cpus as u64)?;
-                if index > 0 {
-                    fd.set_mp_state(kvm_bindings::kvm_mp_state {
-                        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                    })
-                    .map_err(kvm_err("make an AP runnable"))?;
+        Vmm::assemble(
+            vm,
+            config,
+            mem,
+            opts,
+            None,
+            lowers,
+            |index, fd, supported| {
+                let mut cpuid = cpuid::for_vcpu(supported, index as u32, cpus);
+                if guest == GuestKind::Linux && host == HostKind::Pvm {
+                    cpuid::hide_unemulated(&mut cpuid);
                 }
-            }
-            Ok(())
-        })
+                fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+                boot::set_boot_msrs(fd)?;
+                boot::set_lint(fd)?;
+                boot::set_fpu(fd)?;
+                // Linux wakes its APs itself (INIT/SIPI); the test guest's APs
+                // start at its entry like the boot vCPU.
+                if index == 0 || guest == GuestKind::Test {
+                    boot::set_long_mode_sregs(fd)?;
+                    boot::set_entry_regs(fd, loaded.entry, index as u64, cpus as u64)?;
+                    if index > 0 {
+                        fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                        })
+                        .map_err(kvm_err("make an AP runnable"))?;
+                    }
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Restores the snapshot in `dir` into a new VM named `name`: memory is
@@ -126,12 +149,26 @@ impl Vmm {
                 config.cpus
             )));
         }
+        if state.devices.virtio.len() != state.disks.len() {
+            return Err(VmmError::Snapshot(format!(
+                "snapshot {} is corrupt: {} virtio states for {} disks",
+                dir.display(),
+                state.devices.virtio.len(),
+                state.disks.len()
+            )));
+        }
+        let lowers = state
+            .disks
+            .iter()
+            .map(|d| (d.base.clone(), d.frozen.clone()))
+            .collect();
         let mut vmm = Vmm::assemble(
             vm,
             config,
             mem,
             opts,
             Some(dir.to_path_buf()),
+            lowers,
             |index, fd, _| {
                 let refused = crate::kvm::vcpu_state::apply(fd, &vcpu_states[index])
                     .map_err(|e| VmmError::Snapshot(format!("vCPU {index}: {e}")))?;
@@ -140,6 +177,7 @@ impl Vmm {
             },
         )?;
         vmm.restore_devices(&state.devices)?;
+        vmm.kick_disks();
         vmm.populated = populated;
         vmm.started = started;
         Ok(vmm)
@@ -152,6 +190,7 @@ impl Vmm {
         mem: GuestMemory,
         opts: &RunOptions,
         baseline: Option<PathBuf>,
+        lowers: Vec<(crate::disk::BaseIdentity, PathBuf)>,
         mut configure_vcpu: F,
     ) -> Result<Vmm, VmmError>
     where
@@ -173,7 +212,13 @@ impl Vmm {
                 .map_err(kvm_err("route a UART interrupt"))?;
             Ok(Arc::new(Mutex::new(SerialDevice::new(irq, out))))
         };
+        let vm_dir = crate::paths::vm_dir(&config.name);
+        let mut vm_disks = Vec::new();
+        for (index, (base, lower)) in lowers.into_iter().enumerate() {
+            vm_disks.push(disks::attach(&vm.fd, &mem, &vm_dir, index, base, &lower)?);
+        }
         let devices = Devices {
+            disks: vm_disks,
             com1: uart(COM1_IRQ, SerialOut::Console(console.clone()))?,
             com2: uart(COM2_IRQ, SerialOut::Discard)?,
             acpi_pm: Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
@@ -190,6 +235,10 @@ impl Vmm {
         pio.insert(SLEEP_CONTROL_PORT, ACPI_PM_LEN, devices.acpi_pm.clone())?;
         pio.insert(I8042_BASE, I8042_LEN, devices.i8042.clone())?;
         pio.insert(EXIT_PORT, 1, devices.exit_port.clone())?;
+        for d in &devices.disks {
+            let m = d.mmio();
+            mmio.insert(m.base, m.size, d.transport.clone())?;
+        }
         mmio.insert(
             memory::DEBUG_CONSOLE_BASE,
             memory::DEBUG_CONSOLE_SIZE,

@@ -2,6 +2,7 @@
 //! event loop, and carries out [`crate::control::Command`]s.
 
 mod builder;
+pub mod disks;
 mod snapshots;
 
 pub use snapshots::{RevertReport, SnapshotReport};
@@ -53,6 +54,8 @@ pub enum VmmError {
     Snapshot(String),
     #[error(transparent)]
     Store(#[from] crate::snapshot::store::StoreError),
+    #[error(transparent)]
+    Disk(#[from] disks::DiskSetupError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -145,6 +148,7 @@ pub(crate) struct Devices {
     pub i8042: Arc<Mutex<I8042>>,
     pub exit_port: Arc<Mutex<ExitPort>>,
     pub debug_console: Arc<Mutex<DebugConsole>>,
+    pub disks: Vec<disks::VmDisk>,
 }
 
 impl Vmm {
@@ -303,6 +307,18 @@ impl Vmm {
                 });
                 fds.len() - 1
             });
+            let queue_start = fds.len();
+            let mut queues = Vec::new();
+            for (d, disk) in self.devices.disks.iter().enumerate() {
+                for (q, evt) in lock(&disk.transport).queue_evts().iter().enumerate() {
+                    fds.push(libc::pollfd {
+                        fd: evt.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    queues.push((d, q));
+                }
+            }
             let stdin_idx = stdin_open.then(|| {
                 fds.push(libc::pollfd {
                     fd: stdin_fd,
@@ -329,6 +345,11 @@ impl Vmm {
                     continue;
                 }
                 return Err(io_err("the event loop")(err));
+            }
+            for (i, &(d, q)) in queues.iter().enumerate() {
+                if fds[queue_start + i].revents & libc::POLLIN != 0 {
+                    lock(&self.devices.disks[d].transport).process_queue(q);
+                }
             }
             if let Some(event) = self.events.drain().into_iter().next() {
                 return Ok(match event {

@@ -80,6 +80,12 @@ impl Vmm {
             i8042: lock(&self.devices.i8042).save(),
             exit_port: lock(&self.devices.exit_port).save(),
             debug_console: lock(&self.devices.debug_console).save(),
+            virtio: self
+                .devices
+                .disks
+                .iter()
+                .map(|d| lock(&d.transport).save())
+                .collect(),
         }
     }
 
@@ -96,7 +102,25 @@ impl Vmm {
         lock(&self.devices.debug_console)
             .restore(&d.debug_console)
             .map_err(snap_err)?;
+        if d.virtio.len() != self.devices.disks.len() {
+            return Err(snap_err(format!(
+                "snapshot has {} disks, this VM has {}",
+                d.virtio.len(),
+                self.devices.disks.len()
+            )));
+        }
+        for (disk, state) in self.devices.disks.iter().zip(&d.virtio) {
+            lock(&disk.transport).restore(state).map_err(snap_err)?;
+        }
         Ok(())
+    }
+
+    /// After a restore the guest may have queued requests whose notification
+    /// went to the old eventfd: process every queue once and re-signal.
+    pub(crate) fn kick_disks(&self) {
+        for d in &self.devices.disks {
+            lock(&d.transport).kick_after_restore();
+        }
     }
 
     /// Per slot: pages written since tracking last started, by the guest
@@ -154,6 +178,20 @@ impl Vmm {
         name: &str,
         t0: Instant,
     ) -> Result<SnapshotReport, VmmError> {
+        // New overlays are created before the pause (it costs an fsync);
+        // the switch inside the pause only re-points the open layer.
+        let vm_dir = crate::paths::vm_dir(&self.config.name);
+        let mut next = Vec::new();
+        for d in &self.devices.disks {
+            let (current, size) = {
+                let disk = lock(&d.disk);
+                (disk.path().to_path_buf(), disk.size())
+            };
+            let path = super::disks::overlay_path(&vm_dir, d.index);
+            crate::disk::create_overlay(&path, &current, crate::disk::ImageFormat::Qcow2, size)
+                .map_err(snap_err)?;
+            next.push((path, size));
+        }
         let was_running = !self.paused;
         let pause_start = Instant::now();
         self.pause()?;
@@ -162,13 +200,24 @@ impl Vmm {
         // snapshot is safely written.
         let parent = self.baseline.take();
         let captured = self.take_dirty().and_then(|_| {
+            let mut disks = Vec::new();
+            for (d, (path, size)) in self.devices.disks.iter().zip(&next) {
+                let frozen = lock(&d.disk).switch_overlay(path).map_err(snap_err)?;
+                disks.push(super::disks::DiskSnapshot {
+                    base: d.base.clone(),
+                    frozen,
+                    size: *size,
+                });
+            }
             let state = MachineState {
+                disks,
                 config: self.config.clone(),
                 host_cpuid: self.vm.supported_cpuid.as_slice().to_vec(),
                 vm: self.vm.save_state()?,
                 vcpus: self.capture_vcpus()?,
                 devices: self.capture_devices(),
             };
+            let frozen_paths: Vec<PathBuf> = state.disks.iter().map(|d| d.frozen.clone()).collect();
             let body = encode_state(&state).map_err(snap_err)?;
             let mem_bytes = snapmem::write_full(
                 &self.mem,
@@ -177,13 +226,35 @@ impl Vmm {
                 &tmp.join(MEMORY_FILE),
             )
             .map_err(snap_err)?;
-            Ok::<_, VmmError>((body, mem_bytes))
+            Ok::<_, VmmError>((body, mem_bytes, frozen_paths))
         });
         if was_running {
             self.resume()?;
         }
         let pause_ms = ms(pause_start);
-        let (body, mem_bytes) = captured?;
+        let (body, mem_bytes, frozen_paths) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                // Overlays not switched to are unused; one the VM now writes
+                // to stays (its lower layer is simply not in any snapshot).
+                for (path, _) in &next {
+                    if !self
+                        .devices
+                        .disks
+                        .iter()
+                        .any(|d| lock(&d.disk).path() == path)
+                    {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        // The layers just frozen must survive a crash before the snapshot
+        // that names them is published.
+        for path in &frozen_paths {
+            crate::disk::make_durable(path).map_err(snap_err)?;
+        }
         let mem_path = tmp.join(MEMORY_FILE);
         std::fs::File::open(&mem_path)
             .and_then(|f| f.sync_all())
@@ -237,8 +308,36 @@ impl Vmm {
         let mem_path = dir.join(MEMORY_FILE);
         let file = std::fs::File::open(&mem_path)
             .map_err(|e| snap_err(format!("cannot open {}: {e}", mem_path.display())))?;
+        if state.disks.len() != self.devices.disks.len() {
+            return Err(snap_err(format!(
+                "snapshot {name} has {} disks, this VM has {}: use rewind restore",
+                state.disks.len(),
+                self.devices.disks.len()
+            )));
+        }
+        // Fresh overlays on the snapshot's frozen layers, made before the pause.
+        let vm_dir = crate::paths::vm_dir(&self.config.name);
+        let mut fresh = Vec::new();
+        for (d, snap) in self.devices.disks.iter().zip(&state.disks) {
+            snap.base.verify().map_err(snap_err)?;
+            let path = super::disks::overlay_path(&vm_dir, d.index);
+            crate::disk::create_overlay(
+                &path,
+                &snap.frozen,
+                crate::disk::ImageFormat::Qcow2,
+                snap.size,
+            )
+            .map_err(snap_err)?;
+            let opened = crate::disk::Disk::open(&path).map_err(snap_err)?;
+            fresh.push(opened);
+        }
         let was_running = !self.paused;
         self.pause()?;
+        let mut replaced = Vec::new();
+        for (d, opened) in self.devices.disks.iter().zip(fresh) {
+            let old = std::mem::replace(&mut *lock(&d.disk), opened);
+            replaced.push(old.path().to_path_buf());
+        }
         let fast = self.baseline.as_deref().is_some_and(|b| same_dir(b, &dir));
         let dirty = self.take_dirty()?;
         // From here guest memory is being rewritten: if anything fails, no
@@ -264,9 +363,15 @@ impl Vmm {
             }))?;
         }
         self.restore_devices(&state.devices)?;
+        self.kick_disks();
         self.baseline = Some(dir);
         if was_running {
             self.resume()?;
+        }
+        // The replaced tops were live overlays, never part of a snapshot
+        // (a snapshot freezes its layer and moves the VM to a new one).
+        for path in replaced {
+            let _ = std::fs::remove_file(path);
         }
         Ok(RevertReport {
             name: name.to_string(),

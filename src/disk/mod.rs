@@ -1,0 +1,140 @@
+//! Disk layer of rewind: copy-on-write qcow2 overlays on top of a never-written base image.
+//!
+//! Layout on disk (every arrow is a qcow2 backing-file reference):
+//!
+//! ```text
+//! base.img (raw or qcow2, never written)
+//!   <- snapshot layer A (frozen qcow2, read-only)
+//!        <- snapshot layer B (frozen)
+//!             <- running overlay (the only writable file, owned by `Disk`)
+//! ```
+//!
+//! All qcow2 parsing and writing is delegated to `imago`; this module only decides which files
+//! exist, what they point to, and how they are replaced atomically (temp file, fsync, rename,
+//! fsync of the directory).
+//!
+//! Lifecycle, as the main crate is expected to drive it:
+//! - VM creation: `BaseIdentity::capture(base)`, `create_overlay(vm_dir/x.qcow2, base, ..)`,
+//!   `Disk::open`. Before every later open: `BaseIdentity::verify`.
+//! - `snapshot create`: before pausing, `create_overlay(next, current, Qcow2, size)`; in the
+//!   pause, `Disk::switch_overlay(next)` (~0.15 ms); after resuming, `make_durable(frozen)`.
+//! - revert/restore/clone: `create_overlay(fresh, snapshot_layer, Qcow2, size)` + `Disk::open`.
+//! - delete snapshot S (layer L): for each image directly on L, `stream(child)`, then delete L.
+//!   Alternatively, if L has exactly one dependent C, `commit(C, L)`, `rebase` C's dependents
+//!   onto L and delete C. Either way every step is atomic (see `merge`). A layer the running
+//!   VM's writable overlay sits directly on cannot be merged while the VM runs; keep it until
+//!   the VM's next snapshot or shutdown.
+//! - `disk export`: `export_flat(top, out, Raw)`.
+//! - on load of a VM directory: `cleanup_temps(dir)`.
+
+pub mod chain;
+mod fsutil;
+pub mod image;
+mod merge;
+pub mod overlay;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use chain::{backing_chain, export_flat};
+pub use fsutil::{cleanup_temps, make_durable};
+pub use image::{probe, BaseIdentity, ImageFormat};
+pub use merge::{commit, rebase, stream};
+pub use overlay::{create_overlay, Disk};
+
+/// Deepest backing chain we accept; deeper chains are almost certainly loops through symlinks or
+/// hand-edited headers, and walking them would open an unbounded number of files.
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+pub type Result<T> = std::result::Result<T, DiskError>;
+
+/// Every message is one line and names the file it is about, so it can be shown to a user as is.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("base image {} is missing", path.display())]
+    BaseMissing { path: PathBuf },
+
+    #[error(
+        "base image {} changed since the snapshot was taken (size or mtime differs)",
+        path.display()
+    )]
+    BaseChanged { path: PathBuf },
+
+    #[error("backing file {} of {} is missing", backing.display(), image.display())]
+    BackingMissing { image: PathBuf, backing: PathBuf },
+
+    #[error("{} has unsupported backing format {format:?}", image.display())]
+    UnsupportedFormat { image: PathBuf, format: String },
+
+    #[error("{} is not a qcow2 overlay", path.display())]
+    NotOverlay { path: PathBuf },
+
+    #[error("refusing to write {}: it has no backing file, so it is a base image", path.display())]
+    IsBase { path: PathBuf },
+
+    #[error("{} already exists", path.display())]
+    AlreadyExists { path: PathBuf },
+
+    #[error(
+        "backing chain of {} is deeper than {MAX_CHAIN_DEPTH} layers or loops",
+        path.display()
+    )]
+    ChainTooDeep { path: PathBuf },
+
+    #[error("{} is not the backing file of {}", parent.display(), child.display())]
+    NotBackingFile { child: PathBuf, parent: PathBuf },
+
+    #[error("{} has size {actual} bytes, expected {expected}", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of {} ({size} bytes)",
+        path.display()
+    )]
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+
+    #[error("cannot {op} {}: {io}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        io: io::Error,
+    },
+
+    /// Only produced by the failure-injection hooks the tests use to simulate `kill -9`.
+    #[error("operation on {} interrupted at step {step:?} (injected)", path.display())]
+    Interrupted { path: PathBuf, step: String },
+}
+
+impl DiskError {
+    pub(crate) fn io(op: &'static str, path: &Path, io: io::Error) -> Self {
+        DiskError::Io {
+            op,
+            path: path.to_path_buf(),
+            io,
+        }
+    }
+}
+
+/// Attaches the operation and file name to an `io::Error`, because imago's errors rarely say
+/// which file of a chain failed.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| DiskError::io(op, path, e))
+    }
+}

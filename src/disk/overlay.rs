@@ -1,0 +1,241 @@
+//! Creating overlays and the writable `Disk` a running VM uses.
+
+use super::chain::{self, create_qcow2, open_chain, resolve_backing, Layer};
+use super::fsutil::{self, file_id, parent_dir, temp_path};
+use super::image::ImageFormat;
+use super::{DiskError, IoContext, Result};
+use imago::file::File;
+use imago::format::drivers::FormatDriverInstance;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
+/// Creates an empty qcow2 overlay at `path` whose backing file is `backing`.
+///
+/// `backing` is stored exactly as given; a relative name is resolved against the directory of
+/// `path` (as qemu does), which keeps a VM directory relocatable. The format is stored too, so
+/// the base is never probed again (a guest could have written a qcow2 header into a raw base).
+/// The file appears atomically and never replaces an existing file.
+pub fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    backing_format: ImageFormat,
+    size: u64,
+) -> Result<()> {
+    let resolved = resolve_backing(path, backing);
+    match fs::metadata(&resolved) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(DiskError::BackingMissing {
+                image: path.to_path_buf(),
+                backing: resolved,
+            });
+        }
+        Err(e) => return Err(DiskError::io("stat", &resolved, e)),
+    }
+    if path.exists() {
+        return Err(DiskError::AlreadyExists {
+            path: path.to_path_buf(),
+        });
+    }
+    let name = backing.to_str().ok_or_else(|| {
+        DiskError::io(
+            "store backing name of",
+            path,
+            io::Error::other("backing path is not valid UTF-8"),
+        )
+    })?;
+    let tmp = temp_path(path)?;
+    create_qcow2(&tmp, size, Some((name, backing_format)), None)?;
+    fsutil::publish_new(&tmp, path)?;
+    fsutil::sync_dir(&parent_dir(path))
+}
+
+/// An open, writable overlay: the top of a chain, the only file of it that is ever written.
+///
+/// `Send` (and `Sync`) so the virtio-blk thread can own it. Reads and writes take `&self`
+/// (imago locks internally); `discard` and the overlay switch need `&mut self`, because imago
+/// requires exclusive access to invalidate cluster mappings.
+#[derive(Debug)]
+pub struct Disk {
+    /// Always `Some` between calls; only `switch_overlay` takes it out for an instant (imago
+    /// needs the old top by value to use it as the new top's backing layer).
+    top: Option<Layer>,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Disk {
+    /// Opens the overlay at `path` read-write with its whole backing chain (read-only).
+    /// Refuses anything that is not a qcow2 image with a backing file, so a base image can never
+    /// be opened for writing by mistake.
+    pub fn open(path: &Path) -> Result<Disk> {
+        require_overlay(path)?;
+        let top = open_chain(path, true)?;
+        Ok(Disk {
+            size: top.size(),
+            top: Some(top),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn top(&self) -> Result<&Layer> {
+        self.top.as_ref().ok_or_else(|| lost(&self.path))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(DiskError::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes; unallocated ranges come from the backing chain.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.top()?.read(buf, offset).ctx("read", &self.path)
+    }
+
+    /// Writes all of `buf` into the overlay; partial clusters are completed from the backing
+    /// chain by imago (copy-on-write), the backing files are never touched.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.top()?.write(buf, offset).ctx("write", &self.path)
+    }
+
+    /// Reads straight into guest memory (no bounce buffer), e.g. a virtio-blk descriptor chain.
+    pub fn read_volatile<'a, B: BitmapSlice>(
+        &self,
+        bufs: &'a [VolatileSlice<'a, B>],
+        offset: u64,
+    ) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        // The guard keeps the guest mappings alive (and marks them dirty) until the read is done.
+        let (vec, _guard) = IoVectorMut::from_volatile_slice(bufs);
+        self.top()?.readv(vec, offset).ctx("read", &self.path)
+    }
+
+    /// Writes straight from guest memory.
+    pub fn write_volatile<'a, B: BitmapSlice>(
+        &self,
+        bufs: &'a [VolatileSlice<'a, B>],
+        offset: u64,
+    ) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        let (vec, _guard) = IoVector::from_volatile_slice(bufs);
+        self.top()?.writev(vec, offset).ctx("write", &self.path)
+    }
+
+    /// Writes back imago's metadata caches and fsyncs the overlay: what virtio-blk FLUSH needs.
+    pub fn flush(&self) -> Result<()> {
+        let top = self.top()?;
+        top.flush().ctx("flush", &self.path)?;
+        top.sync().ctx("fsync", &self.path)
+    }
+
+    /// Makes the range read as zeroes. Cheap: whole clusters only get the qcow2 "zero" flag
+    /// (no data written, the backing data is hidden); only unaligned head/tail bytes are written.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.top()?
+            .write_zeroes(offset, len)
+            .ctx("write zeroes to", &self.path)
+    }
+
+    /// Guest discard: whole clusters in the range are freed in the overlay and then read as
+    /// zeroes (never as stale base data); partial clusters are left alone, which discard allows.
+    /// Needs `&mut self` because freeing clusters invalidates mappings imago might hold.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let Disk { top, path, .. } = self;
+        let top = top.as_mut().ok_or_else(|| lost(path))?;
+        match top.discard_to_any(offset, len) {
+            // Discard is advisory; qcow2 v2 images cannot discard safely, so do nothing there.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+            r => r.ctx("discard", path),
+        }
+    }
+
+    /// The disk-side half of `snapshot create`, run inside the VM pause.
+    ///
+    /// `next` must be an overlay already created (outside the pause, with `create_overlay`)
+    /// whose backing file is this disk's current file. The current file is flushed, made
+    /// read-only and becomes a backing layer; writes go to `next` from now on. The old layer is
+    /// reused as the backing layer without reopening it, which keeps the switch well below a
+    /// millisecond. Returns the frozen file's path; call `make_durable` on it after resuming.
+    pub fn switch_overlay(&mut self, next: &Path) -> Result<PathBuf> {
+        // Validate everything that can fail before touching the running layer.
+        let mut new_top = Qcow2::<File>::open_path(next, true).ctx("open qcow2 image", next)?;
+        let backs_onto_us = new_top.implicit_backing_file().is_some_and(|name| {
+            let resolved = resolve_backing(next, Path::new(name));
+            matches!((file_id(&resolved), file_id(&self.path)), (Ok(a), Ok(b)) if a == b)
+        }) && new_top.implicit_backing_format().map(String::as_str)
+            == Some("qcow2");
+        if !backs_onto_us {
+            return Err(DiskError::NotBackingFile {
+                child: next.to_path_buf(),
+                parent: self.path.clone(),
+            });
+        }
+        let new_size = FormatDriverInstance::size(&new_top);
+        if new_size != self.size {
+            return Err(DiskError::SizeMismatch {
+                path: next.to_path_buf(),
+                expected: self.size,
+                actual: new_size,
+            });
+        }
+        self.top()?.flush().ctx("flush", &self.path)?;
+
+        // Infallible from here on, so the disk can never be left without a top layer.
+        let old = self.top.take();
+        new_top.set_backing(old);
+        self.top = Some(Layer::new(new_top));
+        let frozen = std::mem::replace(&mut self.path, next.to_path_buf());
+        // Read-only marks the layer as part of a snapshot; failure is harmless (we never write
+        // it again through this Disk) so it must not fail the switch.
+        let _ = fs::set_permissions(&frozen, fs::Permissions::from_mode(0o444));
+        Ok(frozen)
+    }
+}
+
+/// `top` is only ever `None` inside `switch_overlay`, between two infallible statements.
+fn lost(path: &Path) -> DiskError {
+    DiskError::io("use", path, io::Error::other("disk has no open top layer"))
+}
+
+/// A writable top must be a qcow2 with a backing file: raw files and backing-less qcow2 files
+/// are bases, which rewind never writes.
+fn require_overlay(path: &Path) -> Result<()> {
+    if super::probe(path)? != ImageFormat::Qcow2 {
+        return Err(DiskError::NotOverlay {
+            path: path.to_path_buf(),
+        });
+    }
+    if chain::read_backing(path)?.is_none() {
+        return Err(DiskError::IsBase {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}

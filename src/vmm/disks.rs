@@ -1,0 +1,209 @@
+//! Disks of a running VM: each base image is read through a qcow2 overlay
+//! in the VM's directory (the base is never written) and offered to the
+//! guest as virtio-blk over virtio-mmio. A snapshot freezes the overlay
+//! and switches the VM to a fresh one on top of it; revert and restore put
+//! a fresh overlay on the snapshot's frozen layer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::bus::lock;
+use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::disk::{self, BaseIdentity, Disk, ImageFormat};
+use crate::kvm::acpi::MmioDevice;
+use crate::memory::GuestMemory;
+
+/// First virtio-mmio window; device i is one page further on.
+pub const VIRTIO_MMIO_BASE: u64 = 0xD000_1000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// IRQs 5.. (3 and 4 are the UARTs).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+pub const MAX_DISKS: usize = 8;
+const QUEUE_NOTIFY: u64 = 0x50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskSetupError {
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
+    #[error("at most {MAX_DISKS} disks")]
+    TooMany,
+    #[error("virtio device: {0}")]
+    Virtio(String),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// What a snapshot keeps of one disk: the frozen top layer (whose backing
+/// chain ends at `base`), and the base's identity, checked on restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSnapshot {
+    pub base: BaseIdentity,
+    pub frozen: PathBuf,
+    pub size: u64,
+}
+
+/// The guest's view of a disk: `BlockBackend` over the shared overlay.
+struct OverlayBackend {
+    disk: Arc<Mutex<Disk>>,
+    id: String,
+    size: u64,
+}
+
+fn io(e: disk::DiskError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl BlockBackend for OverlayBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        lock(&self.disk).read_at(buf, offset).map_err(io)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        lock(&self.disk).write_at(buf, offset).map_err(io)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.disk).flush().map_err(io)
+    }
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+pub struct VmDisk {
+    pub index: usize,
+    pub base: BaseIdentity,
+    pub disk: Arc<Mutex<Disk>>,
+    pub transport: Arc<Mutex<MmioTransport<Block>>>,
+}
+
+/// Where disk `index` sits: fixed by its position, so a restored VM's
+/// devices are where the snapshotted guest's drivers expect them.
+pub fn mmio_device(index: usize) -> MmioDevice {
+    MmioDevice {
+        base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_STRIDE,
+        size: MMIO_WINDOW_SIZE,
+        irq: VIRTIO_IRQ_BASE + index as u32,
+    }
+}
+
+impl VmDisk {
+    pub fn mmio(&self) -> MmioDevice {
+        mmio_device(self.index)
+    }
+}
+
+pub fn disks_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("disks")
+}
+
+/// A new, unique overlay name for disk `index`.
+pub fn overlay_path(vm_dir: &Path, index: usize) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    disks_dir(vm_dir).join(format!("disk{index}-{nanos:x}.qcow2"))
+}
+
+/// The Linux command-line form of the devices, for kernels without ACPI.
+pub fn cmdline_devices(devices: &[MmioDevice]) -> String {
+    devices
+        .iter()
+        .map(|d| format!("virtio_mmio.device={}@{:#x}:{}", d.size, d.base, d.irq))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Opens disk `index` with a fresh overlay on `lower` (the base, or a
+/// snapshot's frozen layer) and wires its virtio device into KVM.
+pub fn attach(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    vm_dir: &Path,
+    index: usize,
+    base: BaseIdentity,
+    lower: &Path,
+) -> Result<VmDisk, DiskSetupError> {
+    if index >= MAX_DISKS {
+        return Err(DiskSetupError::TooMany);
+    }
+    base.verify()?;
+    let lower_format = disk::probe(lower)?;
+    std::fs::create_dir_all(disks_dir(vm_dir)).map_err(|e| {
+        DiskSetupError::Disk(disk::DiskError::Io {
+            op: "create",
+            path: disks_dir(vm_dir),
+            io: e,
+        })
+    })?;
+    let overlay = overlay_path(vm_dir, index);
+    let virtual_size = virtual_size(lower, lower_format)?;
+    disk::create_overlay(&overlay, lower, lower_format, virtual_size)?;
+    let opened = Disk::open(&overlay)?;
+    let size = opened.size();
+    let disk = Arc::new(Mutex::new(opened));
+    let backend = OverlayBackend {
+        disk: disk.clone(),
+        id: format!("rewind-disk{index}"),
+        size,
+    };
+    let transport = MmioTransport::new(mem.clone(), Block::new(Box::new(backend)))
+        .map_err(|e| DiskSetupError::Virtio(e.to_string()))?;
+    let d = VmDisk {
+        index,
+        base,
+        disk,
+        transport: Arc::new(Mutex::new(transport)),
+    };
+    wire(vm, &d)?;
+    Ok(d)
+}
+
+/// A raw image's size is its length; a qcow2 image's is in its header
+/// (big-endian u64 at offset 24).
+fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64, DiskSetupError> {
+    use std::os::unix::fs::FileExt;
+    let err = |e| {
+        DiskSetupError::Disk(disk::DiskError::Io {
+            op: "read the size of",
+            path: path.to_path_buf(),
+            io: e,
+        })
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    match format {
+        ImageFormat::Raw => Ok(file.metadata().map_err(err)?.len()),
+        ImageFormat::Qcow2 => {
+            let mut b = [0u8; 8];
+            file.read_exact_at(&mut b, 24).map_err(err)?;
+            Ok(u64::from_be_bytes(b))
+        }
+    }
+}
+
+fn wire(vm: &VmFd, d: &VmDisk) -> Result<(), DiskSetupError> {
+    let m = d.mmio();
+    let t = lock(&d.transport);
+    vm.register_irqfd(t.irq_evt(), m.irq)
+        .map_err(|source| DiskSetupError::Kvm {
+            what: "route a virtio interrupt",
+            source,
+        })?;
+    for (q, evt) in t.queue_evts().iter().enumerate() {
+        vm.register_ioevent(evt, &IoEventAddress::Mmio(m.base + QUEUE_NOTIFY), q as u32)
+            .map_err(|source| DiskSetupError::Kvm {
+                what: "register a virtio queue notifier",
+                source,
+            })?;
+    }
+    Ok(())
+}
