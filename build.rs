@@ -5,7 +5,15 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["entry.S", "main.c", "link.ld"];
+const SOURCES: &[&str] = &[
+    "entry.S",
+    "main.c",
+    "virtio_blk.c",
+    "virtio_blk.h",
+    "link.ld",
+];
+/// Ring-3 C files, compiled with the same freestanding flags.
+const C_FILES: &[&str] = &["main.c", "virtio_blk.c"];
 
 fn run(cmd: &mut Command) {
     let status = cmd
@@ -21,36 +29,39 @@ fn main() {
         println!("cargo:rerun-if-changed={}", src.join(file).display());
     }
     let entry_o = out.join("entry.o");
-    let main_o = out.join("main.o");
     let elf = out.join("testguest.elf");
     run(Command::new("gcc")
         .args(["-c", "-o"])
         .arg(&entry_o)
         .arg(src.join("entry.S")));
-    run(Command::new("gcc")
-        .args([
-            "-c",
-            "-O2",
-            "-ffreestanding",
-            "-fno-pic",
-            "-fno-pie",
-            "-mgeneral-regs-only",
-            "-mno-red-zone",
-            "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables",
-            "-fno-builtin",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-        ])
-        .arg(&main_o)
-        .arg(src.join("main.c")));
+    let mut objects = vec![entry_o];
+    for file in C_FILES {
+        let obj = out.join(file.replace(".c", ".o"));
+        run(Command::new("gcc")
+            .args([
+                "-c",
+                "-O2",
+                "-ffreestanding",
+                "-fno-pic",
+                "-fno-pie",
+                "-mgeneral-regs-only",
+                "-mno-red-zone",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-fno-builtin",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-o",
+            ])
+            .arg(&obj)
+            .arg(src.join(file)));
+        objects.push(obj);
+    }
     run(Command::new("ld")
         .args(["-nostdlib", "-static", "--no-warn-rwx-segments", "-T"])
         .arg(src.join("link.ld"))
         .arg("-o")
         .arg(&elf)
-        .arg(&entry_o)
-        .arg(&main_o));
+        .args(&objects));
 }

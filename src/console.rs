@@ -34,7 +34,12 @@ struct Inner {
     line: Vec<u8>,
     expect: Option<Regex>,
     matched: bool,
+    /// The first Linux panic line seen, so a panic that ends in a reboot
+    /// is reported as a panic, not as a clean reset.
+    panic: Option<String>,
 }
+
+const PANIC_MARK: &str = "Kernel panic - not syncing";
 
 /// Shared by every device that prints (UART, debug console).
 pub struct Console {
@@ -63,9 +68,15 @@ impl Console {
                 line: Vec::new(),
                 expect,
                 matched: false,
+                panic: None,
             }),
             events,
         }))
+    }
+
+    /// The guest kernel's panic line, if it panicked.
+    pub fn panic_line(&self) -> Option<String> {
+        lock(&self.inner).panic.clone()
     }
 
     pub fn write_bytes(&self, bytes: &[u8]) {
@@ -74,17 +85,19 @@ impl Console {
             // The guest must not stall or die because the host's stdout is gone.
             let _ = out.write_all(bytes).and_then(|_| out.flush());
         }
-        if inner.expect.is_none() || inner.matched {
-            return;
-        }
         for &b in bytes {
             if b == b'\n' {
                 let text = String::from_utf8_lossy(&inner.line).trim_end().to_string();
                 inner.line.clear();
+                if inner.panic.is_none() && text.contains(PANIC_MARK) {
+                    inner.panic = Some(text.clone());
+                }
+                if inner.matched {
+                    continue;
+                }
                 if inner.expect.as_ref().is_some_and(|re| re.is_match(&text)) {
                     inner.matched = true;
                     self.events.send(VmEvent::ExpectMatched(text));
-                    return;
                 }
             } else if inner.line.len() < MAX_LINE {
                 inner.line.push(b);

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod disk;
 pub mod events;
 pub mod guest;
+pub mod images;
 pub mod kvm;
 pub mod memory;
 pub mod paths;

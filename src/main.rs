@@ -36,6 +36,15 @@ struct Cli {
 enum Cmd {
     /// Boot a guest and run it until it ends, --expect matches or --timeout passes.
     Run(RunArgs),
+    /// Run CMD in a running Linux guest through its agent; exits with CMD's status.
+    Exec {
+        #[arg(long)]
+        vm: String,
+        cmd: String,
+        /// Give up after this many seconds (default 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Stop a running VM through its control socket.
     Stop {
         #[arg(long)]
@@ -125,12 +134,20 @@ pub struct IoArgs {
     /// End with status 0 at the first console line matching this regex.
     #[arg(long)]
     expect: Option<String>,
+    /// Linux guests: run CMD through the guest agent once it is up, stream
+    /// its output, end with its exit status.
+    #[arg(long)]
+    exec: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum GuestArg {
+    /// The embedded test guest.
     Test,
+    /// The microvm Linux kernel and busybox initramfs (built on first use).
     Linux,
+    /// Debian's stock cloud kernel and its initramfs (built on first use).
+    LinuxStock,
 }
 
 #[derive(clap::Args, Clone)]
@@ -202,13 +219,28 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
         Some(n) => n.clone(),
         None => paths::generate_name(),
     };
+    let mut default_initrd = None;
     let (guest, kernel, default_cmdline) = match (&args.kernel, args.guest) {
-        (Some(k), _) => (GuestKind::Linux, KernelSource::File(k.clone()), LINUX_DEFAULT_CMDLINE),
+        (Some(k), _) => (
+            GuestKind::Linux,
+            KernelSource::File(k.clone()),
+            LINUX_DEFAULT_CMDLINE,
+        ),
         (None, GuestArg::Test) => (GuestKind::Test, KernelSource::EmbeddedTestGuest, ""),
-        (None, GuestArg::Linux) => {
-            return Err(Failure::Usage(
-                "--guest linux needs --kernel PATH in this version (image recipes come with the Linux guest work)".into(),
-            ))
+        (None, GuestArg::Linux | GuestArg::LinuxStock) => {
+            let images =
+                rewind::images::linux_images().map_err(|e| Failure::Runtime(e.to_string()))?;
+            let (kernel, initrd) = if args.guest == GuestArg::Linux {
+                (images.microvm(), images.initramfs())
+            } else {
+                (images.stock(), images.initramfs_stock())
+            };
+            default_initrd = Some(initrd);
+            (
+                GuestKind::Linux,
+                KernelSource::File(kernel),
+                LINUX_DEFAULT_CMDLINE,
+            )
         }
     };
     if guest == GuestKind::Test && args.initrd.is_some() {
@@ -231,7 +263,7 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
         name,
         guest,
         kernel,
-        initrd: args.initrd.clone(),
+        initrd: args.initrd.clone().or(default_initrd),
         cmdline,
         mem_mib: args.mem,
         cpus: args.cpus,
@@ -261,6 +293,7 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         console: io.console.clone(),
         expect,
         timeout,
+        exec: io.exec.clone(),
     })
 }
 
@@ -335,6 +368,15 @@ fn api(
         return Err(Failure::Runtime(msg));
     }
     Ok(resp.body)
+}
+
+fn exec(vm: &str, cmd: &str, timeout: Option<u64>) -> Result<i32, Failure> {
+    use std::io::Write;
+    let body = serde_json::json!({ "cmd": cmd, "timeout_s": timeout });
+    let r = api(vm, "PUT", "/vm/exec", Some(body))?;
+    let _ = std::io::stdout().write_all(r["stdout"].as_str().unwrap_or("").as_bytes());
+    let _ = std::io::stderr().write_all(r["stderr"].as_str().unwrap_or("").as_bytes());
+    Ok(r["status"].as_i64().unwrap_or(1) as i32)
 }
 
 fn snapshot(cmd: SnapshotCmd) -> Result<i32, Failure> {
@@ -424,6 +466,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
+        Cmd::Exec { vm, cmd, timeout } => exec(&vm, &cmd, timeout),
         Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
             println!("paused {vm} in {} us", r["pause_us"]);
             0

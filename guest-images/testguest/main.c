@@ -5,22 +5,29 @@
  * src/devices/debug_console.rs for the register map).
  *
  * Command line (space separated, all optional):
- *   mode=verify|exit|exitport|triple|insn   default verify
+ *   mode=verify|disk|exit|exitport|triple|insn   default verify
  *   region=MIB      verify: per-vCPU data region, default 16 (0: ticks only)
+ *   disk_sectors=N  disk: sectors checked and rewritten per tick, default 256
  *   period_ms=N     LAPIC timer period, default 100
- *   exit_after=N    verify: vCPU 0 exits with `status` once every vCPU did tick N
+ *   exit_after=N    verify, disk: vCPU 0 exits with `status` once every vCPU
+ *                   (disk: vCPU 0, the only one working) did tick N
  *   status=N        exit status for exit, exitport and exit_after
  *   insn=int3|fwait|popcnt|mxcsr   insn: which ring-0 instruction to probe
  */
 #include <stdint.h>
 
+#include "virtio_blk.h"
+
 #define DBG_BASE 0xD0000000UL
 #define DBG_PRINT (DBG_BASE + 0x08)
 #define DBG_EXIT (DBG_BASE + 0x10)
 #define LAPIC_TIMER_INITIAL (0xFEE00000UL + 0x380)
+#define LAPIC_LVT0 (0xFEE00000UL + 0x350)
+#define LVT0_EXTINT_MASKED 0x10700 /* delivery mode ExtINT, mask bit 16 */
 #define EXIT_PORT 0xF4
 #define PAGE 4096UL
 #define LOW_RESERVED (16UL << 20) /* image, stacks, page tables live below */
+#define DISK0_BASE 0xD0001000UL /* first virtio-mmio window rewind places */
 
 extern volatile uint64_t ticks[];
 /* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
@@ -134,7 +141,7 @@ static int starts_with(const char *s, const char *prefix)
 
 struct options {
 	const char *mode;
-	uint64_t region_mib, period_ms, exit_after, status;
+	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
 	const char *insn;
 };
 
@@ -161,6 +168,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->exit_after = parse_u64(c + 11);
 		else if (starts_with(c, "status="))
 			o->status = parse_u64(c + 7);
+		else if (starts_with(c, "disk_sectors="))
+			o->disk_sectors = parse_u64(c + 13);
 		else if (starts_with(c, "insn="))
 			o->insn = c + 5;
 		while (*c && *c != ' ')
@@ -261,6 +270,167 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 	}
 }
 
+/*
+ * mode=disk: verify's idea applied to a virtio-blk disk. Every tick reads
+ * sectors [0, disk_sectors) back, checks the previous tick's pattern, writes
+ * this tick's and flushes. The disk and guest memory (which holds the tick
+ * number) must move together, so a snapshot, revert or restore that loses
+ * or mixes up disk writes shows as CORRUPT on the next tick.
+ */
+#define DISK_CHUNK 256 /* sectors per request: the whole buffer below */
+#define DISK_WORDS (VBLK_SECTOR / 8)
+#define DISK_MAGIC 0x4B534944444E5752ULL /* "RWNDDISK", first bytes of sector 0 */
+
+static uint64_t disk_buf[DISK_CHUNK * DISK_WORDS] __attribute__((aligned(4096)));
+
+/* Differs between ticks, sectors and words, so a stale, misplaced or
+ * shifted sector is caught wherever the damage is (splitmix64 finaliser). */
+static uint64_t disk_word(uint64_t tick, uint64_t sector, uint64_t word)
+{
+	if (sector == 0 && word == 0)
+		return DISK_MAGIC;
+	uint64_t x = tick * 0x9E3779B97F4A7C15ULL + sector * DISK_WORDS + word;
+	x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+	x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+	return x ^ (x >> 31);
+}
+
+static void disk_fill(uint64_t tick, uint64_t first, uint64_t n)
+{
+	for (uint64_t s = 0; s < n; s++)
+		for (uint64_t w = 0; w < DISK_WORDS; w++)
+			disk_buf[s * DISK_WORDS + w] = disk_word(tick, first + s, w);
+}
+
+/* Index in the buffer of the first sector not holding `tick`'s pattern, or n. */
+static uint64_t disk_check(uint64_t tick, uint64_t first, uint64_t n)
+{
+	for (uint64_t s = 0; s < n; s++)
+		for (uint64_t w = 0; w < DISK_WORDS; w++)
+			if (disk_buf[s * DISK_WORDS + w] != disk_word(tick, first + s, w))
+				return s;
+	return n;
+}
+
+/* A request that fails ends the run: the disk's contents are unknown after it. */
+static void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len)
+{
+	int r = vblk_request(d, type, sector, buf, len);
+	if (r == 0)
+		return;
+	if (r == VBLK_TIMEOUT) {
+		say("DISK-TIMEOUT");
+		guest_exit(5);
+	}
+	struct line l = { .len = 0 };
+	put_str(&l, "DISK-IOERR type ");
+	put_u64(&l, type);
+	put_str(&l, " sector ");
+	put_u64(&l, sector);
+	put_str(&l, " status ");
+	put_u64(&l, (uint64_t)r);
+	emit(&l);
+	guest_exit(7);
+}
+
+/* Checks tick-1's pattern (unless tick is 0: the disk may hold anything)
+ * and writes tick's. Returns the first bad sector, or `sectors`. */
+static uint64_t disk_pass(struct vblk *d, uint64_t sectors, uint64_t tick)
+{
+	uint64_t bad = sectors;
+	for (uint64_t s = 0; s < sectors; s += DISK_CHUNK) {
+		uint64_t n = sectors - s < DISK_CHUNK ? sectors - s : DISK_CHUNK;
+		uint32_t len = (uint32_t)(n * VBLK_SECTOR);
+		if (tick > 0) {
+			/* The buffer still holds the last write, which for a one-chunk
+			 * region is exactly what this read must find: poison it so a
+			 * read that transfers nothing cannot pass. */
+			memset(disk_buf, 0xA5, len);
+			disk_io(d, VBLK_T_IN, s, disk_buf, len);
+			uint64_t b = disk_check(tick - 1, s, n);
+			if (b < n && bad == sectors)
+				bad = s + b;
+		}
+		disk_fill(tick, s, n);
+		disk_io(d, VBLK_T_OUT, s, disk_buf, len);
+	}
+	disk_io(d, VBLK_T_FLUSH, 0, 0, 0);
+	return bad;
+}
+
+static void say_disk_id(struct vblk *d)
+{
+	char id[VBLK_ID_LEN];
+	memset(id, 0, sizeof(id));
+	disk_io(d, VBLK_T_GET_ID, 0, id, sizeof(id));
+	struct line l = { .len = 0 };
+	put_str(&l, "disk id ");
+	/* NUL-padded, and not NUL-terminated when all 20 bytes are used. */
+	for (unsigned i = 0; i < sizeof(id) && id[i]; i++)
+		l.buf[l.len++] = id[i] >= ' ' && id[i] < 0x7f ? id[i] : '?';
+	emit(&l);
+}
+
+static __attribute__((noreturn)) void run_disk(const struct options *o)
+{
+	/* Nothing tells the guest about devices: look where rewind puts disk 0. */
+	if (!vblk_present(DISK0_BASE)) {
+		say("NO-DISK");
+		guest_exit(4);
+	}
+	/* rewind wires LINT0 to the PIC (ExtINT) as a BIOS would, and the
+	 * never-initialised PIC turns the disk's IRQ 5 into vector 5, which has
+	 * no IDT gate: the guest would triple-fault on the first completion.
+	 * The driver polls, so mask LINT0 (the LAPIC is reachable from ring 3);
+	 * the IOAPIC pins are still masked from reset. */
+	mmio_write32(LAPIC_LVT0, LVT0_EXTINT_MASKED);
+	struct vblk d;
+	const char *err = vblk_init(&d, DISK0_BASE);
+	if (err) {
+		struct line l = { .len = 0 };
+		put_str(&l, "DISK-INIT-FAILED: ");
+		put_str(&l, err);
+		emit(&l);
+		guest_exit(7);
+	}
+	/* Timer ticks as the timeout clock: about 10 s of guest running time. */
+	d.clock = &ticks[0];
+	d.timeout = 10000 / o->period_ms + 2;
+	say_disk_id(&d);
+	uint64_t sectors = o->disk_sectors;
+	if (d.capacity < sectors) {
+		struct line l = { .len = 0 };
+		put_str(&l, "DISK-TOO-SMALL: capacity ");
+		put_u64(&l, d.capacity);
+		put_str(&l, " sectors, disk_sectors=");
+		put_u64(&l, sectors);
+		emit(&l);
+		guest_exit(6);
+	}
+	disk_pass(&d, sectors, 0);
+	say("REWIND-READY");
+	uint64_t seq = 0, seen = ticks[0];
+	for (;;) {
+		while (ticks[0] == seen)
+			wait_for_interrupt();
+		seen = ticks[0];
+		seq++;
+		uint64_t bad = disk_pass(&d, sectors, seq);
+		struct line l = { .len = 0 };
+		put_str(&l, "tick ");
+		put_u64(&l, seq);
+		if (bad < sectors) {
+			put_str(&l, " disk CORRUPT sector ");
+			put_u64(&l, bad);
+		} else {
+			put_str(&l, " disk ok");
+		}
+		emit(&l);
+		if (o->exit_after && seq >= o->exit_after)
+			guest_exit((uint32_t)o->status);
+	}
+}
+
 static void probe_insn(const char *name)
 {
 	uint64_t code = word_is(name, "int3")	  ? 1 :
@@ -296,20 +466,25 @@ static void probe_insn(const char *name)
 void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64_t ncpus)
 {
 	const char *cmdline = (const char *)(uintptr_t)(*(const uint32_t *)(zp + 0x228));
-	struct options o = { .mode = "verify", .region_mib = 16, .period_ms = 100, .insn = "" };
+	struct options o = {
+		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = ""
+	};
 	parse_cmdline(cmdline, &o);
 	if (o.period_ms == 0 || o.period_ms > 4000)
 		o.period_ms = 100;
 	/* KVM's LAPIC timer counts at 1 GHz; divide-by-1 was set in ring 0. */
 	mmio_write32(LAPIC_TIMER_INITIAL, (uint32_t)(o.period_ms * 1000000UL));
 
-	if (cpu == 0)
+	/* disk says it itself, once the disk holds tick 0's pattern. */
+	if (cpu == 0 && !word_is(o.mode, "disk"))
 		say("REWIND-READY");
 	if (word_is(o.mode, "verify"))
 		run_verify(cpu, ncpus, zp, &o);
 	if (cpu != 0)
 		for (;;)
 			wait_for_interrupt();
+	if (word_is(o.mode, "disk"))
+		run_disk(&o);
 	if (word_is(o.mode, "exit"))
 		guest_exit((uint32_t)o.status);
 	if (word_is(o.mode, "exitport")) {

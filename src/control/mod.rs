@@ -35,6 +35,9 @@ pub enum Command {
     /// `PUT /vm/resume`: resume paused vCPUs.
     Resume,
     /// `PUT /snapshots`: take a snapshot; the VM picks a name if none given.
+    /// PUT /vm/exec {"cmd": "...", "timeout_s": 60}: run a command in the
+    /// guest through its agent; answered when the command ends.
+    Exec { cmd: String, timeout_s: Option<u64> },
     SnapshotCreate {
         /// Requested snapshot name, already validated.
         name: Option<String>,
@@ -130,6 +133,10 @@ pub fn route(req: &http::Request) -> Result<Command, ApiResponse> {
             }),
             _ => Err(not_allowed(method, path, "PUT")),
         },
+        ["vm", "exec"] => match method {
+            "PUT" => exec_body(&req.body),
+            _ => Err(not_allowed(method, path, "PUT")),
+        },
         ["snapshots"] => match method {
             "GET" => Ok(Command::SnapshotList),
             "PUT" => Ok(Command::SnapshotCreate {
@@ -197,6 +204,29 @@ fn checked_name(name: &str) -> Result<String, ApiResponse> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    cmd: String,
+    timeout_s: Option<u64>,
+}
+
+fn exec_body(body: &[u8]) -> Result<Command, ApiResponse> {
+    let parsed: ExecBody = serde_json::from_slice(body).map_err(|e| {
+        ApiResponse::error(
+            400,
+            format!("The exec body must be {{\"cmd\": \"...\"}}: {e}."),
+        )
+    })?;
+    if parsed.cmd.trim().is_empty() {
+        return Err(ApiResponse::error(400, "The command is empty."));
+    }
+    Ok(Command::Exec {
+        cmd: parsed.cmd,
+        timeout_s: parsed.timeout_s,
+    })
+}
+
+#[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     #[serde(default)]

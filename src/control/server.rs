@@ -113,6 +113,29 @@ impl ControlServer {
     }
 }
 
+impl ControlServer {
+    /// Accepts one pending connection and reads its request, for commands
+    /// the owner answers later (see [`respond`]). None: nothing pending or
+    /// the client went away; parse and route errors come back as Err with
+    /// the response to send.
+    pub fn accept_command(&self) -> Option<(UnixStream, Result<Command, ApiResponse>)> {
+        let (stream, _) = self.listener.accept().ok()?;
+        stream.set_nonblocking(false).ok()?;
+        let mut reader = DeadlineStream::new(&stream, Some(IO_TIMEOUT));
+        let parsed = match http::read_request(&mut reader) {
+            Ok(request) => route(&request),
+            Err(e) => Err(ApiResponse::error(e.status()?, sentence(&e.to_string()))),
+        };
+        Some((stream, parsed))
+    }
+}
+
+/// Sends `response` on a connection taken with [`ControlServer::accept_command`].
+pub fn respond(stream: &UnixStream, response: &ApiResponse) {
+    let mut writer = DeadlineStream::new(stream, Some(IO_TIMEOUT));
+    let _ = http::write_response(&mut writer, response.status, &response.body);
+}
+
 /// Serves one exchange on an accepted connection, swallowing client errors.
 fn answer(stream: &UnixStream, handler: &mut dyn FnMut(Command) -> ApiResponse) {
     // Linux does not propagate O_NONBLOCK through accept(), but the timeouts

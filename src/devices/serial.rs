@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,19 +28,68 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where a UART's output goes: the console (COM1), or nowhere until the
-/// guest agent's host side claims COM2.
+/// Where a UART's output goes: the console (COM1), or the guest agent's
+/// inbox (COM2).
 #[derive(Clone)]
 pub enum SerialOut {
     Console(Arc<Console>),
-    Discard,
+    Inbox(Arc<Inbox>),
+}
+
+/// Bytes from the guest, collected for the event loop, which is woken
+/// through `wake`.
+pub struct Inbox {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    pub wake: EventFd,
+}
+
+/// A guest that writes to a port nobody reads must not grow host memory.
+const INBOX_LIMIT: usize = 1 << 20;
+
+impl Inbox {
+    pub fn new() -> io::Result<Arc<Inbox>> {
+        Ok(Arc::new(Inbox {
+            bytes: std::sync::Mutex::new(Vec::new()),
+            wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+        }))
+    }
+
+    pub fn take(&self) -> Vec<u8> {
+        let _ = self.wake.read();
+        std::mem::take(&mut *crate::devices::bus::lock(&self.bytes))
+    }
+}
+
+/// Tells the event loop when the guest has drained the UART's input FIFO,
+/// so queued host input can be fed in as room appears.
+#[derive(Clone)]
+pub struct UartEvents {
+    pub drained: Option<Arc<EventFd>>,
+}
+
+impl SerialEvents for UartEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(e) = &self.drained {
+            let _ = e.write(1);
+        }
+    }
 }
 
 impl std::io::Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             SerialOut::Console(c) => ConsoleWriter(c.clone()).write(buf),
-            SerialOut::Discard => Ok(buf.len()),
+            SerialOut::Inbox(inbox) => {
+                let mut bytes = crate::devices::bus::lock(&inbox.bytes);
+                if bytes.len() + buf.len() <= INBOX_LIMIT {
+                    bytes.extend_from_slice(buf);
+                }
+                let _ = inbox.wake.write(1);
+                Ok(buf.len())
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -49,26 +98,29 @@ impl std::io::Write for SerialOut {
 }
 
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, NoEvents, SerialOut>,
+    uart: Serial<IrqTrigger, UartEvents, SerialOut>,
     out: SerialOut,
+    events: UartEvents,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+    pub fn new(irq: EventFd, out: SerialOut, events: UartEvents) -> Self {
         SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), out.clone()),
+            uart: Serial::with_events(IrqTrigger(irq), events.clone(), out.clone()),
             out,
+            events,
         }
     }
 
-    /// Host input for the guest; bytes beyond the FIFO's room are dropped,
-    /// as on a real UART nobody is reading.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) {
+    /// Host input for the guest, as much as the FIFO has room for; returns
+    /// how many bytes were taken (the rest waits for `in_buffer_empty`).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity();
         let n = bytes.len().min(room);
-        if n > 0 {
-            let _ = self.uart.enqueue_raw_bytes(&bytes[..n]);
+        if n > 0 && self.uart.enqueue_raw_bytes(&bytes[..n]).is_err() {
+            return 0;
         }
+        n
     }
 }
 
@@ -142,8 +194,13 @@ impl Persist for SerialDevice {
             .0
             .try_clone()
             .map_err(|e| format!("UART: cannot reuse its interrupt: {e}"))?;
-        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, self.out.clone())
-            .map_err(|e| format!("UART state is invalid: {e:?}"))?;
+        self.uart = Serial::from_state(
+            &state,
+            IrqTrigger(irq),
+            self.events.clone(),
+            self.out.clone(),
+        )
+        .map_err(|e| format!("UART state is invalid: {e:?}"))?;
         // An interrupt pending at capture time (for example THRE after the
         // last byte) was delivered to the old irqchip state; raise it again
         // so the guest driver is not left waiting for it.

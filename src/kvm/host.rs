@@ -33,7 +33,9 @@ impl HostKind {
 
 /// Features whose instructions PVM's emulator cannot run in guest ring 0
 /// (design notes, section 1). `clearcpuid` takes /proc/cpuinfo names.
-const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2";
+/// FSGSBASE is on the list because with it a busybox child process came up
+/// with a wrong FS base (TLS) and segfaulted; `nofsgsbase` fixed it.
+const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2,fsgsbase";
 
 impl HostKind {
     /// What a Linux guest needs on its command line on this host, if anything.
@@ -41,7 +43,7 @@ impl HostKind {
         match self {
             HostKind::Hardware => None,
             HostKind::Pvm => Some(format!(
-                "noxsave clearcpuid={PVM_CLEARCPUID} mitigations=off"
+                "noxsave nofsgsbase clearcpuid={PVM_CLEARCPUID} mitigations=off"
             )),
         }
     }

@@ -18,7 +18,7 @@ use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
-    SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN,
+    Inbox, SerialDevice, SerialOut, UartEvents, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN,
 };
 use crate::devices::Bus;
 use crate::events::vm_event_channel;
@@ -205,13 +205,18 @@ impl Vmm {
 
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
-        let uart = |irq_line: u32, out: SerialOut| -> Result<_, VmmError> {
+        let uart = |irq_line: u32, out: SerialOut, events: UartEvents| -> Result<_, VmmError> {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("a UART interrupt"))?;
             vm.fd
                 .register_irqfd(&irq, irq_line)
                 .map_err(kvm_err("route a UART interrupt"))?;
-            Ok(Arc::new(Mutex::new(SerialDevice::new(irq, out))))
+            Ok(Arc::new(Mutex::new(SerialDevice::new(irq, out, events))))
         };
+        let inbox = Inbox::new().map_err(io_err("the guest agent channel"))?;
+        let com1_drained =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("the console input"))?);
+        let com2_drained =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("the guest agent channel"))?);
         let vm_dir = crate::paths::vm_dir(&config.name);
         let mut vm_disks = Vec::new();
         for (index, (base, lower)) in lowers.into_iter().enumerate() {
@@ -219,14 +224,26 @@ impl Vmm {
         }
         let devices = Devices {
             disks: vm_disks,
-            com1: uart(COM1_IRQ, SerialOut::Console(console.clone()))?,
-            com2: uart(COM2_IRQ, SerialOut::Discard)?,
+            com1: uart(
+                COM1_IRQ,
+                SerialOut::Console(console.clone()),
+                UartEvents {
+                    drained: Some(com1_drained.clone()),
+                },
+            )?,
+            com2: uart(
+                COM2_IRQ,
+                SerialOut::Inbox(inbox.clone()),
+                UartEvents {
+                    drained: Some(com2_drained.clone()),
+                },
+            )?,
             acpi_pm: Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
             i8042: Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
             exit_port: Arc::new(Mutex::new(ExitPort::new(events_tx.clone()))),
             debug_console: Arc::new(Mutex::new(DebugConsole::new(
                 mem.clone(),
-                console,
+                console.clone(),
                 events_tx.clone(),
             ))),
         };
@@ -272,6 +289,11 @@ impl Vmm {
             mem,
             vcpus,
             devices,
+            console,
+            exec: super::exec::ExecLink::new(inbox),
+            com2_drained,
+            com1_drained,
+            console_input: std::collections::VecDeque::new(),
             events,
             paused: true,
             started: Instant::now(),

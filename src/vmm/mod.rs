@@ -3,6 +3,7 @@
 
 mod builder;
 pub mod disks;
+mod exec;
 mod snapshots;
 
 pub use snapshots::{RevertReport, SnapshotReport};
@@ -13,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use regex::Regex;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{KernelSource, VmConfig};
-use crate::console::{ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
+use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
 use crate::control::{ApiResponse, Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
@@ -66,10 +68,14 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     GuestExit(i32),
+    /// `--exec`'s command ended with this status.
+    ExecDone(i32),
     Reset,
     Expected(String),
     Timeout(Duration),
-    TripleFault { cpu: usize },
+    TripleFault {
+        cpu: usize,
+    },
     Fatal(String),
     Stopped,
 }
@@ -79,7 +85,7 @@ pub const EXIT_TIMEOUT: i32 = 124;
 impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::GuestExit(s) => *s,
+            Outcome::GuestExit(s) | Outcome::ExecDone(s) => *s,
             Outcome::Reset | Outcome::Expected(_) | Outcome::Stopped => 0,
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::TripleFault { .. } | Outcome::Fatal(_) => 1,
@@ -89,7 +95,10 @@ impl Outcome {
     /// The one line to print on stderr, if any.
     pub fn message(&self) -> Option<String> {
         match self {
-            Outcome::GuestExit(_) | Outcome::Expected(_) | Outcome::Stopped => None,
+            Outcome::GuestExit(_)
+            | Outcome::ExecDone(_)
+            | Outcome::Expected(_)
+            | Outcome::Stopped => None,
             Outcome::Reset => Some("guest requested a reset; VM ended".into()),
             Outcome::Timeout(d) => Some(format!("timed out after {:.1} s", d.as_secs_f64())),
             Outcome::TripleFault { cpu } => Some(format!(
@@ -118,7 +127,13 @@ pub struct RunOptions {
     pub console: ConsoleTarget,
     pub expect: Option<Regex>,
     pub timeout: Option<Duration>,
+    /// Run this in the guest through its agent, stream its output, and end
+    /// the run with its exit status.
+    pub exec: Option<String>,
 }
+
+/// How long `rewind exec` waits for a command unless told otherwise.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct Vmm {
     pub config: VmConfig,
@@ -127,6 +142,12 @@ pub struct Vmm {
     pub(crate) mem: GuestMemory,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) devices: Devices,
+    pub(crate) console: Arc<Console>,
+    pub(crate) exec: exec::ExecLink,
+    pub(crate) com2_drained: Arc<EventFd>,
+    /// Console input waits here until the guest drains the UART's FIFO.
+    pub(crate) com1_drained: Arc<EventFd>,
+    pub(crate) console_input: std::collections::VecDeque<u8>,
     pub(crate) events: VmEventReceiver,
     pub(crate) paused: bool,
     pub(crate) started: Instant,
@@ -190,6 +211,12 @@ impl Vmm {
         Ok(())
     }
 
+    fn feed_console(&mut self) {
+        let chunk: Vec<u8> = self.console_input.iter().copied().take(64).collect();
+        let taken = lock(&self.devices.com1).enqueue_input(&chunk);
+        self.console_input.drain(..taken);
+    }
+
     fn describe(&self) -> serde_json::Value {
         let kernel = match &self.config.kernel {
             KernelSource::EmbeddedTestGuest => "embedded test guest".to_string(),
@@ -218,6 +245,7 @@ impl Vmm {
         match cmd {
             Command::GetVm => (ok(self.describe()), false),
             Command::Stop => (ok(serde_json::json!({ "stopped": true })), true),
+            Command::Exec { .. } => (fail(500, &"exec is answered by the event loop"), false),
             Command::Pause => match self.pause() {
                 Ok(d) => (
                     ok(serde_json::json!({ "state": "paused", "pause_us": d.as_micros() as u64 })),
@@ -284,6 +312,15 @@ impl Vmm {
         };
         let mut stdin_open = interactive;
         let mut escape = EscapeParser::default();
+        if let Some(cmd) = &opts.exec {
+            let timeout = opts.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
+            self.exec.start(
+                cmd.clone(),
+                timeout,
+                exec::Waiter::Console,
+                &self.devices.com2,
+            );
+        }
         self.resume()?;
         loop {
             let mut fds = vec![libc::pollfd {
@@ -307,6 +344,22 @@ impl Vmm {
                 });
                 fds.len() - 1
             });
+            let inbox_idx = fds.len();
+            fds.push(libc::pollfd {
+                fd: self.exec.inbox.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: self.com2_drained.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: self.com1_drained.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             let queue_start = fds.len();
             let mut queues = Vec::new();
             for (d, disk) in self.devices.disks.iter().enumerate() {
@@ -327,7 +380,17 @@ impl Vmm {
                 });
                 fds.len() - 1
             });
-            let timeout_ms = match deadline {
+            let next = match (deadline, self.exec.next_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout_ms = match next {
+                Some(d) if Some(d) != deadline => {
+                    (d.saturating_duration_since(Instant::now()))
+                        .as_millis()
+                        .min(i32::MAX as u128) as i32
+                        + 1
+                }
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
@@ -346,6 +409,19 @@ impl Vmm {
                 }
                 return Err(io_err("the event loop")(err));
             }
+            if fds[inbox_idx + 2].revents & libc::POLLIN != 0 {
+                let _ = self.com1_drained.read();
+                self.feed_console();
+            }
+            if fds[inbox_idx + 1].revents & libc::POLLIN != 0 {
+                let _ = self.com2_drained.read();
+                self.exec.feed(&self.devices.com2);
+            }
+            if fds[inbox_idx].revents & libc::POLLIN != 0 || self.exec.next_deadline().is_some() {
+                if let exec::Finished::Console(status) = self.exec.process(&self.devices.com2) {
+                    return Ok(Outcome::ExecDone(status));
+                }
+            }
             for (i, &(d, q)) in queues.iter().enumerate() {
                 if fds[queue_start + i].revents & libc::POLLIN != 0 {
                     lock(&self.devices.disks[d].transport).process_queue(q);
@@ -354,7 +430,13 @@ impl Vmm {
             if let Some(event) = self.events.drain().into_iter().next() {
                 return Ok(match event {
                     VmEvent::GuestExit(s) => Outcome::GuestExit(s),
-                    VmEvent::Reset => Outcome::Reset,
+                    VmEvent::Reset => match self.console.panic_line() {
+                        Some(line) => Outcome::Fatal(format!(
+                            "guest kernel panicked: {}",
+                            line.split("] ").last().unwrap_or(&line)
+                        )),
+                        None => Outcome::Reset,
+                    },
                     VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
                     VmEvent::ExpectMatched(line) => Outcome::Expected(line),
                     VmEvent::Fatal(msg) => Outcome::Fatal(msg),
@@ -367,14 +449,28 @@ impl Vmm {
             }
             if let (Some(i), Some(server)) = (control_idx, control) {
                 if fds[i].revents & libc::POLLIN != 0 {
-                    let mut stop = false;
-                    let _ = server.serve_one(&mut |cmd| {
-                        let (resp, s) = self.handle_command(cmd);
-                        stop |= s;
-                        resp
-                    });
-                    if stop {
-                        return Ok(Outcome::Stopped);
+                    if let Some((stream, parsed)) = server.accept_command() {
+                        match parsed {
+                            Ok(Command::Exec { cmd, timeout_s }) => {
+                                let timeout = timeout_s
+                                    .map(Duration::from_secs)
+                                    .unwrap_or(DEFAULT_EXEC_TIMEOUT);
+                                self.exec.start(
+                                    cmd,
+                                    timeout,
+                                    exec::Waiter::Api(stream),
+                                    &self.devices.com2,
+                                );
+                            }
+                            Ok(cmd) => {
+                                let (resp, stop) = self.handle_command(cmd);
+                                crate::control::server::respond(&stream, &resp);
+                                if stop {
+                                    return Ok(Outcome::Stopped);
+                                }
+                            }
+                            Err(resp) => crate::control::server::respond(&stream, &resp),
+                        }
                     }
                 }
             }
@@ -390,7 +486,8 @@ impl Vmm {
                     for key in escape.feed(&buf[..got as usize]) {
                         match key {
                             ConsoleKey::Guest(bytes) => {
-                                lock(&self.devices.com1).enqueue_input(&bytes)
+                                self.console_input.extend(bytes);
+                                self.feed_console();
                             }
                             ConsoleKey::Quit => return Ok(Outcome::Stopped),
                         }

@@ -170,6 +170,13 @@ impl VmProcess {
         }
     }
 
+    /// Waits up to `d` for the next console line (or returns earlier).
+    pub fn wait_quietly(&self, d: std::time::Duration) {
+        let (m, cv) = &*self.lines;
+        let lines = m.lock().unwrap();
+        let _ = cv.wait_timeout(lines, d).unwrap();
+    }
+
     pub fn api(
         &self,
         method: &str,

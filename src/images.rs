@@ -1,0 +1,128 @@
+//! The Linux guest images, built on first use by the recipe in
+//! guest-images/linux (Debian packages only; outputs cached outside the
+//! repository, keyed by a hash of every input). The recipe is compiled into
+//! the binary, so `rewind run --guest linux` works from any directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot stage the image recipe in {path}: {source}")]
+    Stage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run the image recipe (bash {path}): {source}")]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "building the Linux guest images failed (exit {0}); its progress lines above say where"
+    )]
+    Failed(i32),
+    #[error("the image recipe did not produce {0}")]
+    Missing(PathBuf),
+}
+
+/// The recipe's files, as `(relative path, contents, executable)`.
+const RECIPE: &[(&str, &str, bool)] = &[
+    (
+        "build.sh",
+        include_str!("../guest-images/linux/build.sh"),
+        true,
+    ),
+    (
+        "microvm.config",
+        include_str!("../guest-images/linux/microvm.config"),
+        false,
+    ),
+    ("init", include_str!("../guest-images/linux/init"), true),
+    ("agent", include_str!("../guest-images/linux/agent"), true),
+    (
+        "patches/0001-pvm-complete-syscall-in-page-fault.patch",
+        include_str!("../guest-images/linux/patches/0001-pvm-complete-syscall-in-page-fault.patch"),
+        false,
+    ),
+];
+
+#[derive(Debug, Clone)]
+pub struct LinuxImages {
+    pub dir: PathBuf,
+}
+
+impl LinuxImages {
+    /// The microvm kernel (ELF vmlinux, no ACPI, MP table, command-line virtio devices).
+    pub fn microvm(&self) -> PathBuf {
+        self.dir.join("vmlinux-microvm")
+    }
+    /// Debian's cloud kernel, as the ELF taken out of its bzImage.
+    pub fn stock(&self) -> PathBuf {
+        self.dir.join("vmlinux-stock")
+    }
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs.cpio")
+    }
+    pub fn initramfs_stock(&self) -> PathBuf {
+        self.dir.join("initramfs-stock.cpio")
+    }
+}
+
+fn cache_root() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("rewind")
+}
+
+fn stage(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ImageError::Stage {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for (rel, text, exec) in RECIPE {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
+            std::fs::write(&path, text).map_err(err)?;
+        }
+        let mode = if *exec { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Builds (or finds in the cache) every Linux guest artefact. Progress goes
+/// to stderr; a cached rerun takes well under a second.
+pub fn linux_images() -> Result<LinuxImages, ImageError> {
+    let recipe = cache_root().join("recipe");
+    stage(&recipe)?;
+    let script = recipe.join("build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("all")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            path: script.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Failed(out.status.code().unwrap_or(-1)));
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let images = LinuxImages { dir };
+    for p in [images.microvm(), images.initramfs()] {
+        if !p.is_file() {
+            return Err(ImageError::Missing(p));
+        }
+    }
+    Ok(images)
+}

@@ -1,0 +1,233 @@
+//! Disks through qcow2 overlays and virtio-blk, checked by the test guest's
+//! own ring-3 driver: every tick it reads back the previous tick's pattern
+//! from its disk and writes the next (`tick N disk ok` or CORRUPT).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn disk_tick(line: &str) -> Option<u64> {
+    line.strip_prefix("tick ")?
+        .strip_suffix(" disk ok")?
+        .parse()
+        .ok()
+}
+
+fn qemu_img(args: &[&str]) -> Option<String> {
+    match std::process::Command::new("qemu-img").args(args).output() {
+        Ok(o) => {
+            assert!(
+                o.status.success(),
+                "qemu-img {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Some(String::from_utf8_lossy(&o.stdout).into_owned())
+        }
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("qemu-img is missing and CI=true")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED qemu-img checks: qemu-img is not installed");
+            None
+        }
+    }
+}
+
+fn check_all_overlays(home: &Home) {
+    for vm in std::fs::read_dir(home.path.join("vms")).unwrap().flatten() {
+        for f in std::fs::read_dir(vm.path().join("disks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = f.path();
+            if p.extension().is_some_and(|e| e == "qcow2") {
+                qemu_img(&["check", p.to_str().unwrap()]);
+            }
+        }
+    }
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
+    if !kvm_available("disk cycle") {
+        return;
+    }
+    let home = Home::new("disk");
+    let base = home.path.join("base.img");
+    // A base with known, non-zero contents, so reads through the overlay are real.
+    std::fs::write(&base, vec![0xA5u8; 8 << 20]).unwrap();
+    let before = sha(&base);
+    let b = base.to_str().unwrap();
+    let vm = VmProcess::start(
+        &home,
+        "d",
+        &[
+            "run",
+            "--name",
+            "d",
+            "--disk",
+            b,
+            "--console",
+            "stdio",
+            "--timeout",
+            "300",
+            "--append",
+            "mode=disk period_ms=200 disk_sectors=512",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "disk id", |l| l == "disk id rewind-disk0");
+    let i = vm.wait_for(0, "tick 2", |l| disk_tick(l) == Some(2));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+    );
+    let i = vm.wait_for(i, "tick 5", |l| disk_tick(l) == Some(5));
+    let r = vm.api_ok("PUT", "/snapshots/s/revert", None);
+    assert_eq!(r["full"], false);
+    let j = vm.wait_for(i + 1, "back at tick 3", |l| {
+        disk_tick(l).is_some_and(|n| n <= 3) || l.contains("CORRUPT")
+    });
+    assert_eq!(vm.lines()[j], "tick 3 disk ok", "{:?}", vm.lines());
+    vm.wait_for(j, "tick 4 after revert", |l| disk_tick(l) == Some(4));
+    let orig = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+
+    // Two clones of the snapshot, each with its own overlay.
+    let clones: Vec<VmProcess> = (0..2)
+        .map(|k| {
+            let name = format!("c{k}");
+            VmProcess::start(
+                &home,
+                &name,
+                &[
+                    "restore",
+                    "s",
+                    "--vm",
+                    "d",
+                    "--name",
+                    &name,
+                    "--console",
+                    "stdio",
+                    "--timeout",
+                    "120",
+                    "--expect",
+                    "^tick 5 disk ok$",
+                ],
+            )
+        })
+        .collect();
+    for c in clones {
+        let name = c.name.clone();
+        let (status, lines) = c.wait_exit();
+        assert_eq!(status, Some(0), "{name}: {lines:?}");
+        let ticks: Vec<u64> = lines.iter().filter_map(|l| disk_tick(l)).collect();
+        assert_eq!(ticks, vec![3, 4, 5], "{name}: {lines:?}");
+    }
+    assert!(!orig.iter().any(|l| l.contains("CORRUPT")), "{orig:?}");
+    assert_eq!(sha(&base), before, "the base image was written");
+    check_all_overlays(&home);
+    let overlays: Vec<_> = std::fs::read_dir(home.path.join("vms/c0/disks"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(overlays.len(), 1, "the clone has one overlay of its own");
+    if let Some(info) = qemu_img(&[
+        "info",
+        "--backing-chain",
+        overlays[0].path().to_str().unwrap(),
+    ]) {
+        assert!(
+            info.contains(&format!("backing file: {}", base.display())),
+            "{info}"
+        );
+        assert!(info.contains("vms/d/disks/disk0-"), "{info}");
+    }
+
+    // A changed or missing base is refused with one clear line naming it.
+    std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+    let o = home.run(&[
+        "restore",
+        "s",
+        "--vm",
+        "d",
+        "--name",
+        "bad",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&base.display().to_string()) && stderr(&o).contains("changed"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_file(&base).unwrap();
+    let o = home.run(&[
+        "restore",
+        "s",
+        "--vm",
+        "d",
+        "--name",
+        "bad2",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is missing"), "{}", stderr(&o));
+}
+
+#[test]
+fn qcow2_base_and_missing_disk() {
+    if !kvm_available("qcow2 base") {
+        return;
+    }
+    let home = Home::new("qbase");
+    let base = home.path.join("base.qcow2");
+    if qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]).is_none() {
+        return;
+    }
+    let o = home.run(&[
+        "run",
+        "--disk",
+        base.to_str().unwrap(),
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--append",
+        "mode=disk period_ms=20 exit_after=3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("tick 3 disk ok"), "{}", stdout(&o));
+    qemu_img(&["check", base.to_str().unwrap()]);
+    let o = home.run(&[
+        "run",
+        "--disk",
+        "/nonexistent/disk.img",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    assert!(
+        matches!(o.status.code(), Some(1) | Some(2)),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("/nonexistent/disk.img"),
+        "{}",
+        stderr(&o)
+    );
+}
