@@ -2,9 +2,11 @@
 //! guest-images/linux/PROTOCOL.md): one line per message over a byte
 //! stream (the guest's ttyS1, or a pty in tests).
 //!
-//! host -> guest: `RUN <id> <base64 command>`, `PING <id>`
-//! guest -> host: `HELLO rewind-agent <version>`, `OUT|ERR <id> <base64 chunk>`,
-//! `EXIT <id> <status>`, `PONG <id>`, `ERROR <id> <reason>`
+//! host -> guest: `RUNH <id> <hex command>` (or `RUN` with base64), `PING <id>`
+//! guest -> host: `HELLO rewind-agent <version>`, `OUTH|ERRH <id> <hex chunk>`
+//! (or `OUT|ERR` with base64), `EXIT <id> <status>`, `PONG <id>`,
+//! `ERROR <id> <reason>`. Hex is what the agent uses: busybox runs its
+//! `base64` applet by re-exec'ing itself, which is fragile on PVM hosts.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -45,7 +47,18 @@ pub enum Message {
 }
 
 pub fn encode_run(id: u64, command: &str) -> String {
-    format!("RUN {id} {}\n", B64.encode(command.as_bytes()))
+    let hex: String = command.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("RUNH {id} {hex}\n")
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 pub fn parse_line(line: &str) -> Result<Message, AgentError> {
@@ -60,6 +73,15 @@ pub fn parse_line(line: &str) -> Result<Message, AgentError> {
         "OUT" | "ERR" => {
             let data = B64.decode(arg.unwrap_or_default()).map_err(|_| bad())?;
             let stream = if verb == "OUT" {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
+            Message::Output(stream, num(id)?, data)
+        }
+        "OUTH" | "ERRH" => {
+            let data = decode_hex(arg.unwrap_or_default()).ok_or_else(bad)?;
+            let stream = if verb == "OUTH" {
                 Stream::Stdout
             } else {
                 Stream::Stderr
@@ -190,7 +212,10 @@ mod tests {
 
     #[test]
     fn lines_round_trip() {
-        assert_eq!(encode_run(3, "echo hi"), "RUN 3 ZWNobyBoaQ==\n");
+        assert_eq!(encode_run(3, "echo hi"), "RUNH 3 6563686f206869\n");
+        assert_eq!(parse_line("OUTH 3 34320a").unwrap(), Message::Output(Stream::Stdout, 3, b"42\n".to_vec()));
+        assert!(parse_line("OUTH 3 3").is_err());
+        assert!(parse_line("ERRH 3 zz").is_err());
         assert_eq!(
             parse_line("OUT 3 NDIK").unwrap(),
             Message::Output(Stream::Stdout, 3, b"42\n".to_vec())

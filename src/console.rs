@@ -37,7 +37,11 @@ struct Inner {
     /// The first Linux panic line seen, so a panic that ends in a reboot
     /// is reported as a panic, not as a clean reset.
     panic: Option<String>,
+    /// Whether the guest's `REWIND-READY` line was reported yet.
+    ready_seen: bool,
 }
+
+const READY_LINE: &str = "REWIND-READY";
 
 const PANIC_MARK: &str = "Kernel panic - not syncing";
 
@@ -69,6 +73,7 @@ impl Console {
                 expect,
                 matched: false,
                 panic: None,
+                ready_seen: false,
             }),
             events,
         }))
@@ -91,6 +96,10 @@ impl Console {
                 inner.line.clear();
                 if inner.panic.is_none() && text.contains(PANIC_MARK) {
                     inner.panic = Some(text.clone());
+                }
+                if !inner.ready_seen && text == READY_LINE {
+                    inner.ready_seen = true;
+                    self.events.send(VmEvent::Ready);
                 }
                 if inner.matched {
                     continue;

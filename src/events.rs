@@ -17,6 +17,8 @@ pub enum VmEvent {
     TripleFault { cpu: usize },
     /// A console line matched `--expect`.
     ExpectMatched(String),
+    /// The guest printed its ready line (`REWIND-READY`).
+    Ready,
     /// A vCPU hit something it cannot continue from; the text is one line.
     Fatal(String),
 }

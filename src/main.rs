@@ -14,7 +14,7 @@ use rewind::control::{client, ControlServer};
 use rewind::guest::GuestKind;
 use rewind::kvm::host::HostKind;
 use rewind::paths;
-use rewind::snapshot::store;
+use rewind::snapshot::{boot_cache, store};
 use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
@@ -185,6 +185,10 @@ pub struct RunArgs {
     /// VM name (directory and control socket under $REWIND_HOME/vms/NAME).
     #[arg(long)]
     name: Option<String>,
+    /// Restore this exact guest from the boot cache if it was booted before
+    /// (snapshot taken at REWIND-READY); otherwise boot and fill the cache.
+    #[arg(long)]
+    boot_cache: bool,
     #[command(flatten)]
     io: IoArgs,
 }
@@ -294,6 +298,7 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         expect,
         timeout,
         exec: io.exec.clone(),
+        snapshot_when_ready: None,
     })
 }
 
@@ -329,11 +334,34 @@ fn host_vm(
 
 fn run(args: RunArgs) -> Result<i32, Failure> {
     let config = build_config(&args)?;
-    let opts = run_options(&args.io)?;
+    let mut opts = run_options(&args.io)?;
     let name = config.name.clone();
-    host_vm(&name, args.name.is_none(), &opts, || {
-        Vmm::boot(config, &opts)
-    })
+    if args.boot_cache {
+        let entry = boot_cache::entry_for(&config).map_err(|e| Failure::Usage(e.to_string()))?;
+        if entry.is_dir() {
+            let t = std::time::Instant::now();
+            let restored = host_vm(&name, args.name.is_none(), &opts, || {
+                let vmm = Vmm::restore(&entry, &name, &opts);
+                if vmm.is_ok() {
+                    eprintln!(
+                        "rewind: restored the booted guest from the boot cache {} in {:.1} ms",
+                        entry.display(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                vmm
+            });
+            match restored {
+                Err(Failure::Runtime(msg)) | Err(Failure::Usage(msg)) => {
+                    eprintln!("rewind: boot cache entry unusable ({msg}); booting and refilling it");
+                    let _ = std::fs::remove_dir_all(&entry);
+                }
+                ok => return ok,
+            }
+        }
+        opts.snapshot_when_ready = Some(entry);
+    }
+    host_vm(&name, args.name.is_none(), &opts, || Vmm::boot(config, &opts))
 }
 
 fn restore(args: RestoreArgs) -> Result<i32, Failure> {

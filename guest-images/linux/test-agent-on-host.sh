@@ -78,7 +78,11 @@ def send(s):
 
 def run(rid, cmd, timeout=30.0):
     """RUN a command; returns (stdout bytes, stderr bytes, status, [(time, line)])."""
-    send("RUN %s %s\n" % (rid, base64.b64encode(cmd.encode()).decode()))
+    # Alternate framings: hex (what rewind sends) and base64 (the original verb).
+    if sum(map(ord, rid)) % 2:
+        send("RUN %s %s\n" % (rid, base64.b64encode(cmd.encode()).decode()))
+    else:
+        send("RUNH %s %s\n" % (rid, cmd.encode().hex()))
     out, err, log = b"", b"", []
     while True:
         l = line(timeout)
@@ -89,9 +93,12 @@ def run(rid, cmd, timeout=30.0):
         if b"\r" in l:
             fail("RUN %s: CR in line %r (tty not raw?)" % (rid, l))
         parts = l.decode().split(" ")
-        if len(parts) == 3 and parts[0] in ("OUT", "ERR") and parts[1] == rid:
-            chunk = base64.b64decode(parts[2], validate=True)
-            if parts[0] == "OUT":
+        if len(parts) == 3 and parts[0] in ("OUT", "ERR", "OUTH", "ERRH") and parts[1] == rid:
+            if parts[0].endswith("H"):
+                chunk = bytes.fromhex(parts[2])
+            else:
+                chunk = base64.b64decode(parts[2], validate=True)
+            if parts[0] in ("OUT", "OUTH"):
                 out += chunk
             else:
                 err += chunk
@@ -134,7 +141,7 @@ try:
     check("large output (seq 1 20000)", o, "".join("%d\n" % i for i in range(1, 20001)).encode())
     o, e, s, log = run("7", "echo first; sleep 1; echo second >&2")
     check("streaming: data", (o, e, s), (b"first\n", b"second\n", 0))
-    t_first = next((t for t, l in log if l.startswith(b"OUT 7 ")), None)
+    t_first = next((t for t, l in log if l.startswith(b"OUTH 7 ")), None)
     t_exit = log[-1][0] if log else None
     if t_first is None or t_exit is None or t_exit - t_first < 0.5:
         fail("streaming: first chunk not sent before the command finished (%r)" % log)

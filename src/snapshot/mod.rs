@@ -1,5 +1,6 @@
 //! Snapshots: what a capture contains, how it is written and read.
 
+pub mod boot_cache;
 pub mod format;
 pub mod fsutil;
 pub mod memory;

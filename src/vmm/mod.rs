@@ -130,6 +130,9 @@ pub struct RunOptions {
     /// Run this in the guest through its agent, stream its output, and end
     /// the run with its exit status.
     pub exec: Option<String>,
+    /// Snapshot the guest into this directory when it prints REWIND-READY
+    /// (the boot cache: later runs restore it instead of booting).
+    pub snapshot_when_ready: Option<PathBuf>,
 }
 
 /// How long `rewind exec` waits for a command unless told otherwise.
@@ -427,7 +430,21 @@ impl Vmm {
                     lock(&self.devices.disks[d].transport).process_queue(q);
                 }
             }
-            if let Some(event) = self.events.drain().into_iter().next() {
+            let mut events = self.events.drain();
+            if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
+                events.remove(i);
+                if let Some(dir) = &opts.snapshot_when_ready {
+                    match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
+                        Ok(r) => eprintln!(
+                            "rewind: booted guest cached in {} (guest paused {:.1} ms)",
+                            dir.display(),
+                            r.pause_ms
+                        ),
+                        Err(e) => eprintln!("rewind: could not write the boot cache: {e}"),
+                    }
+                }
+            }
+            if let Some(event) = events.into_iter().next() {
                 return Ok(match event {
                     VmEvent::GuestExit(s) => Outcome::GuestExit(s),
                     VmEvent::Reset => match self.console.panic_line() {
@@ -439,6 +456,7 @@ impl Vmm {
                     },
                     VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
                     VmEvent::ExpectMatched(line) => Outcome::Expected(line),
+                    VmEvent::Ready => continue,
                     VmEvent::Fatal(msg) => Outcome::Fatal(msg),
                 });
             }

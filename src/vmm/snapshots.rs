@@ -163,8 +163,18 @@ impl Vmm {
         let t0 = Instant::now();
         let name = self.snapshot_name(name)?;
         let final_dir = store::snapshots_dir(&self.config.name).join(&name);
-        let tmp = store::begin(&final_dir)?;
-        let result = self.write_snapshot(&tmp, &final_dir, &name, t0);
+        self.snapshot_create_at(&final_dir, &name, t0)
+    }
+
+    /// Captures into `final_dir` anywhere (the boot cache uses this).
+    pub fn snapshot_create_at(
+        &mut self,
+        final_dir: &Path,
+        name: &str,
+        t0: Instant,
+    ) -> Result<SnapshotReport, VmmError> {
+        let tmp = store::begin(final_dir)?;
+        let result = self.write_snapshot(&tmp, final_dir, name, t0);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
