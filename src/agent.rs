@@ -213,7 +213,10 @@ mod tests {
     #[test]
     fn lines_round_trip() {
         assert_eq!(encode_run(3, "echo hi"), "RUNH 3 6563686f206869\n");
-        assert_eq!(parse_line("OUTH 3 34320a").unwrap(), Message::Output(Stream::Stdout, 3, b"42\n".to_vec()));
+        assert_eq!(
+            parse_line("OUTH 3 34320a").unwrap(),
+            Message::Output(Stream::Stdout, 3, b"42\n".to_vec())
+        );
         assert!(parse_line("OUTH 3 3").is_err());
         assert!(parse_line("ERRH 3 zz").is_err());
         assert_eq!(

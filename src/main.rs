@@ -353,7 +353,9 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
             });
             match restored {
                 Err(Failure::Runtime(msg)) | Err(Failure::Usage(msg)) => {
-                    eprintln!("rewind: boot cache entry unusable ({msg}); booting and refilling it");
+                    eprintln!(
+                        "rewind: boot cache entry unusable ({msg}); booting and refilling it"
+                    );
                     let _ = std::fs::remove_dir_all(&entry);
                 }
                 ok => return ok,
@@ -361,7 +363,9 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
         }
         opts.snapshot_when_ready = Some(entry);
     }
-    host_vm(&name, args.name.is_none(), &opts, || Vmm::boot(config, &opts))
+    host_vm(&name, args.name.is_none(), &opts, || {
+        Vmm::boot(config, &opts)
+    })
 }
 
 fn restore(args: RestoreArgs) -> Result<i32, Failure> {

@@ -41,7 +41,9 @@ pub fn cache_root() -> PathBuf {
 /// The cache directory for `config` (it exists only once a boot filled it).
 pub fn entry_for(config: &VmConfig) -> Result<PathBuf, BootCacheError> {
     let kernel = match &config.kernel {
-        KernelSource::EmbeddedTestGuest => format!("{:016x}", crc64_xz(crate::guest::TEST_GUEST_ELF)),
+        KernelSource::EmbeddedTestGuest => {
+            format!("{:016x}", crc64_xz(crate::guest::TEST_GUEST_ELF))
+        }
         KernelSource::File(p) => file_digest(p)?,
     };
     let initrd = match &config.initrd {
@@ -54,7 +56,12 @@ pub fn entry_for(config: &VmConfig) -> Result<PathBuf, BootCacheError> {
             path: d.clone(),
             source,
         })?;
-        disks.push(format!("{}:{}:{:?}", d.display(), meta.len(), meta.modified().ok()));
+        disks.push(format!(
+            "{}:{}:{:?}",
+            d.display(),
+            meta.len(),
+            meta.modified().ok()
+        ));
     }
     let key_text = format!(
         "v{MANIFEST_VERSION}.{STATE_FORMAT_VERSION}|{}|{kernel}|{initrd}|{}|{}|{}|{}|{}",
