@@ -179,27 +179,58 @@ fn microvm_kernel_boots_runs_commands_and_restores() {
 }
 
 /// `rewind run --exec` boots, runs the command, streams its output and
-/// exits with its status.
+/// exits with its status; with `--boot-cache` the first run fills the cache
+/// at REWIND-READY and the second restores it instead of booting.
 #[test]
-fn run_exec_exits_with_the_commands_status() {
+fn run_exec_with_boot_cache() {
     if !kvm_available("linux run --exec") {
         return;
     }
     let img = images();
     let home = Home::new("linuxexec");
-    let o = home.run(&[
-        "run",
-        "--kernel",
-        img.microvm().to_str().unwrap(),
-        "--initrd",
-        img.initramfs().to_str().unwrap(),
-        "--console",
-        "none",
-        "--timeout",
-        "1500",
-        "--exec",
-        "echo $((6*7)); exit 7",
-    ]);
+    let cache = home.path.join("boot-cache");
+    let run = || {
+        let t = Instant::now();
+        let o = home
+            .cmd()
+            .env("REWIND_BOOT_CACHE", &cache)
+            .args([
+                "run",
+                "--boot-cache",
+                "--kernel",
+                img.microvm().to_str().unwrap(),
+                "--initrd",
+                img.initramfs().to_str().unwrap(),
+                "--console",
+                "none",
+                "--timeout",
+                "1500",
+                "--exec",
+                "echo $((6*7)); exit 7",
+            ])
+            .output()
+            .unwrap();
+        (o, t.elapsed())
+    };
+    let (o, booted) = run();
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     assert_eq!(stdout(&o), "42\n");
+    assert!(
+        stderr(&o).contains("booted guest cached in"),
+        "{}",
+        stderr(&o)
+    );
+    let (o, restored) = run();
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "42\n");
+    assert!(
+        stderr(&o).contains("restored the booted guest from the boot cache"),
+        "{}",
+        stderr(&o)
+    );
+    eprintln!(
+        "run --exec: booted {:.1} s, from the boot cache {:.2} s",
+        booted.as_secs_f64(),
+        restored.as_secs_f64()
+    );
 }

@@ -25,6 +25,9 @@ pub enum Waiter {
 
 struct Pending {
     waiter: Waiter,
+    /// The request line, kept to resend once if it reached the agent garbled.
+    request: String,
+    resent: bool,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     deadline: Instant,
@@ -78,6 +81,8 @@ impl ExecLink {
             id,
             Pending {
                 waiter,
+                request: agent::encode_run(id, &cmd),
+                resent: false,
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 deadline: Instant::now() + timeout,
@@ -192,7 +197,20 @@ impl ExecLink {
                 }
             }
             Message::Error(id, reason) => {
-                let p = self.pending.remove(&id.parse().ok()?)?;
+                let num: u64 = id.parse().ok()?;
+                // A line garbled on its way (a byte lost before the agent set
+                // its tty raw) is worth one more try before giving up.
+                if let Some(p) = self
+                    .pending
+                    .get_mut(&num)
+                    .filter(|p| !p.resent && reason == "unknown-verb")
+                {
+                    p.resent = true;
+                    let line = p.request.clone();
+                    self.to_guest.extend(format!("\n{line}").bytes());
+                    return None;
+                }
+                let p = self.pending.remove(&num)?;
                 let msg = format!("the guest agent refused the command: {reason}");
                 match p.waiter {
                     Waiter::Api(stream) => {
