@@ -20,6 +20,7 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 mod bench;
 mod child_vm;
 mod demo;
+mod snapshot_cli;
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +64,12 @@ enum Cmd {
     /// Create, revert to, list, inspect and delete snapshots.
     Snapshot {
         #[command(subcommand)]
-        what: SnapshotCmd,
+        what: snapshot_cli::SnapshotCmd,
+    },
+    /// Disk images: export a snapshot's or a VM's disk as one standalone image.
+    Disk {
+        #[command(subcommand)]
+        what: snapshot_cli::DiskCmd,
     },
     /// Resume a snapshot in a new process (a clone, if the original still runs).
     Restore(RestoreArgs),
@@ -73,39 +79,6 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: bench::BenchCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum SnapshotCmd {
-    /// Pause, capture the whole machine, resume; prints name, path, size and pause time.
-    Create {
-        name: Option<String>,
-        #[arg(long)]
-        vm: String,
-    },
-    /// Put the running VM back to NAME in place.
-    Revert {
-        name: String,
-        #[arg(long)]
-        vm: String,
-    },
-    /// List snapshots (of one VM, or all).
-    List {
-        #[arg(long)]
-        vm: Option<String>,
-    },
-    /// Show a snapshot's manifest.
-    Info {
-        name: String,
-        #[arg(long)]
-        vm: Option<String>,
-    },
-    /// Delete a snapshot.
-    Delete {
-        name: String,
-        #[arg(long)]
-        vm: Option<String>,
     },
 }
 
@@ -199,7 +172,7 @@ const LINUX_DEFAULT_CMDLINE: &str =
     "console=ttyS0 8250.nr_uarts=2 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp";
 
 /// A usage error (exit 2) or a runtime error (exit 1), printed as one line.
-enum Failure {
+pub(crate) enum Failure {
     Usage(String),
     Runtime(String),
 }
@@ -411,69 +384,6 @@ fn exec(vm: &str, cmd: &str, timeout: Option<u64>) -> Result<i32, Failure> {
     Ok(r["status"].as_i64().unwrap_or(1) as i32)
 }
 
-fn snapshot(cmd: SnapshotCmd) -> Result<i32, Failure> {
-    match cmd {
-        SnapshotCmd::Create { name, vm } => {
-            let body = name.map(|n| serde_json::json!({ "name": n }));
-            let r = api(&vm, "PUT", "/snapshots", body)?;
-            println!(
-                "snapshot {} at {} ({:.1} MiB, guest paused {:.2} ms, total {:.2} ms)",
-                r["name"].as_str().unwrap_or("?"),
-                r["path"].as_str().unwrap_or("?"),
-                r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-                r["pause_ms"].as_f64().unwrap_or(0.0),
-                r["total_ms"].as_f64().unwrap_or(0.0)
-            );
-        }
-        SnapshotCmd::Revert { name, vm } => {
-            let r = api(&vm, "PUT", &format!("/snapshots/{name}/revert"), None)?;
-            println!(
-                "reverted {vm} to {name} in {:.2} ms ({} pages copied{})",
-                r["total_ms"].as_f64().unwrap_or(0.0),
-                r["pages_copied"],
-                if r["full"].as_bool().unwrap_or(false) {
-                    ", full copy"
-                } else {
-                    ""
-                }
-            );
-        }
-        SnapshotCmd::List { vm } => {
-            let list = store::list_json(vm.as_deref());
-            for s in list["snapshots"].as_array().into_iter().flatten() {
-                match s.get("error") {
-                    Some(e) => println!(
-                        "{}  BROKEN: {}",
-                        s["path"].as_str().unwrap_or("?"),
-                        e.as_str().unwrap_or("?")
-                    ),
-                    None => println!(
-                        "{:<20} vm {:<12} parent {:<12} {:>8.1} MiB  {}",
-                        s["name"].as_str().unwrap_or("?"),
-                        s["vm"].as_str().unwrap_or("?"),
-                        s["parent"].as_str().unwrap_or("-"),
-                        s["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-                        s["path"].as_str().unwrap_or("?")
-                    ),
-                }
-            }
-        }
-        SnapshotCmd::Info { name, vm } => {
-            let dir =
-                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
-            let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
-        }
-        SnapshotCmd::Delete { name, vm } => {
-            let dir =
-                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
-            store::delete(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("deleted {}", dir.display());
-        }
-    }
-    Ok(0)
-}
-
 fn stop(vm: &str) -> Result<i32, Failure> {
     let socket = paths::api_socket(vm);
     let resp = client::request(
@@ -507,7 +417,8 @@ fn main() -> ExitCode {
             println!("resumed {vm}");
             0
         }),
-        Cmd::Snapshot { what } => snapshot(what),
+        Cmd::Snapshot { what } => snapshot_cli::run(what),
+        Cmd::Disk { what } => snapshot_cli::disk(what),
         Cmd::Restore(args) => restore(args),
         Cmd::Demo => demo::run().map_err(Failure::Runtime),
         Cmd::Bench { what } => bench::run(what).map_err(Failure::Runtime),

@@ -3,6 +3,7 @@
 pub mod boot_cache;
 pub mod format;
 pub mod fsutil;
+pub mod layers;
 pub mod memory;
 pub mod ops;
 pub mod persist;

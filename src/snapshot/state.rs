@@ -64,6 +64,9 @@ pub struct Manifest {
     pub state_crc64: u64,
     pub pause_ms: f64,
     pub total_ms: f64,
+    /// Each disk's frozen qcow2 layer (their backing chains end at the bases).
+    #[serde(default)]
+    pub disk_layers: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

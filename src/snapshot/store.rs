@@ -152,8 +152,23 @@ pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Deletes a snapshot: renamed away first (one atomic step, so a crash
-/// leaves either the whole snapshot or an unlisted temp), then removed.
+/// Deletes a snapshot and releases its disk layers (merged into what
+/// depends on them, removed when nothing does). The snapshot directory goes
+/// first, in one rename, so a crash leaves it whole or gone; an interrupted
+/// release leaves a valid chain and at worst an unreferenced layer.
+pub fn delete_with_layers(dir: &Path) -> Result<super::layers::LayerReport, StoreError> {
+    let layers = read_manifest(dir)
+        .map(|m| m.disk_layers)
+        .unwrap_or_default();
+    delete(dir)?;
+    super::layers::release(&layers).map_err(|e| StoreError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Removes a snapshot directory: renamed away first (one atomic step, so a
+/// crash leaves either the whole snapshot or an unlisted temp), then removed.
 pub fn delete(dir: &Path) -> Result<(), StoreError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();

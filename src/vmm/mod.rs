@@ -234,6 +234,8 @@ impl Vmm {
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "kernel": kernel,
             "host": format!("{:?}", self.host).to_lowercase(),
+            "baseline": self.baseline.as_ref().map(|p| p.display().to_string()),
+            "disks": self.devices.disks.iter().map(|d| crate::devices::bus::lock(&d.disk).path().display().to_string()).collect::<Vec<_>>(),
         })
     }
 
@@ -286,8 +288,11 @@ impl Vmm {
                         if self.baseline.as_deref() == Some(dir.as_path()) {
                             self.baseline = None;
                         }
-                        match crate::snapshot::store::delete(&dir) {
-                            Ok(()) => (ok(serde_json::json!({ "deleted": name })), false),
+                        match crate::snapshot::store::delete_with_layers(&dir) {
+                            Ok(r) => (
+                                ok(serde_json::json!({ "deleted": name, "layers": r })),
+                                false,
+                            ),
                             Err(e) => (fail(500, &e), false),
                         }
                     }

@@ -291,6 +291,7 @@ impl Vmm {
             state_crc64: crc64_xz(&body),
             pause_ms,
             total_ms: ms(t0),
+            disk_layers: frozen_paths.clone(),
         };
         format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
         store::publish(tmp, final_dir)?;

@@ -1,0 +1,280 @@
+//! `rewind snapshot ...` and `rewind disk ...`: the snapshot tree as a user
+//! sees it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Subcommand;
+
+use crate::{api, Failure};
+use rewind::snapshot::state::Manifest;
+use rewind::snapshot::{layers, store};
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Pause, capture the whole machine, resume; prints name, path, size and pause time.
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Put the running VM back to NAME in place.
+    Revert {
+        name: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// List snapshots (of one VM, or all); --tree shows parents and children.
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Show a snapshot's manifest.
+    Info {
+        name: String,
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Delete a snapshot.
+    Delete {
+        name: String,
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DiskCmd {
+    /// Flatten disk N of a snapshot (or of a stopped VM's current overlay)
+    /// into a standalone raw image, equal to `qemu-img convert -O raw`.
+    Export {
+        /// A snapshot name or path; without it, the VM's current overlay.
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        out: PathBuf,
+    },
+}
+
+pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
+    match cmd {
+        SnapshotCmd::Create { name, vm } => {
+            let body = name.map(|n| serde_json::json!({ "name": n }));
+            let r = api(&vm, "PUT", "/snapshots", body)?;
+            println!(
+                "snapshot {} at {} ({:.1} MiB, guest paused {:.2} ms, total {:.2} ms)",
+                r["name"].as_str().unwrap_or("?"),
+                r["path"].as_str().unwrap_or("?"),
+                r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                r["pause_ms"].as_f64().unwrap_or(0.0),
+                r["total_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        SnapshotCmd::Revert { name, vm } => {
+            let r = api(&vm, "PUT", &format!("/snapshots/{name}/revert"), None)?;
+            println!(
+                "reverted {vm} to {name} in {:.2} ms ({} pages copied{})",
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["pages_copied"],
+                if r["full"].as_bool().unwrap_or(false) {
+                    ", full copy"
+                } else {
+                    ""
+                }
+            );
+        }
+        SnapshotCmd::List { vm, tree: true } => {
+            print_tree(vm.as_deref())?;
+        }
+        SnapshotCmd::List { vm, tree: false } => {
+            let list = store::list_json(vm.as_deref());
+            for s in list["snapshots"].as_array().into_iter().flatten() {
+                match s.get("error") {
+                    Some(e) => println!(
+                        "{}  BROKEN: {}",
+                        s["path"].as_str().unwrap_or("?"),
+                        e.as_str().unwrap_or("?")
+                    ),
+                    None => println!(
+                        "{:<20} vm {:<12} parent {:<12} {:>8.1} MiB  {}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["vm"].as_str().unwrap_or("?"),
+                        s["parent"].as_str().unwrap_or("-"),
+                        s["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        s["path"].as_str().unwrap_or("?")
+                    ),
+                }
+            }
+        }
+        SnapshotCmd::Info { name, vm } => {
+            let dir =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+        }
+        SnapshotCmd::Delete { name, vm } => {
+            let dir =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            let report =
+                store::delete_with_layers(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!(
+                "deleted {} (disk layers: {} merged into dependents, {} removed, {} kept under running VMs)",
+                dir.display(),
+                report.merged_into.len(),
+                report.removed.len(),
+                report.kept.len()
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn age(created_ms: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now.saturating_sub(created_ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// Parents above children, branches indented; `*` marks the snapshot the
+/// running VM last matched (taken, reverted to or restored from).
+fn print_tree(vm: Option<&str>) -> Result<i32, Failure> {
+    let listed = store::list(vm);
+    let mut by_vm: BTreeMap<String, Vec<(PathBuf, Manifest)>> = BTreeMap::new();
+    for (path, m) in listed {
+        match m {
+            Ok(m) => by_vm.entry(m.vm.clone()).or_default().push((path, m)),
+            Err(e) => println!("{}  BROKEN: {e}", path.display()),
+        }
+    }
+    for (vm_name, snaps) in by_vm {
+        let current = api(&vm_name, "GET", "/vm", None)
+            .ok()
+            .and_then(|v| v["baseline"].as_str().map(PathBuf::from));
+        let running = if current.is_some() { " (running)" } else { "" };
+        println!("VM {vm_name}{running}");
+        let names: Vec<String> = snaps.iter().map(|(_, m)| m.name.clone()).collect();
+        let roots: Vec<usize> = (0..snaps.len())
+            .filter(|&i| {
+                snaps[i]
+                    .1
+                    .parent
+                    .as_ref()
+                    .is_none_or(|p| !names.contains(p))
+            })
+            .collect();
+        for r in roots {
+            print_node(&snaps, r, 1, current.as_deref());
+        }
+    }
+    Ok(0)
+}
+
+fn print_node(
+    snaps: &[(PathBuf, Manifest)],
+    i: usize,
+    depth: usize,
+    current: Option<&std::path::Path>,
+) {
+    let (path, m) = &snaps[i];
+    let disk: u64 = m
+        .disk_layers
+        .iter()
+        .map(|l| layers::allocated_bytes(l))
+        .sum();
+    let mark = if current.is_some_and(|c| c == path) {
+        "*"
+    } else {
+        " "
+    };
+    let from = match &m.parent {
+        Some(p) if p.contains('/') => format!("  (from {p})"),
+        _ => String::new(),
+    };
+    println!(
+        "{mark}{}{:<16} {:>6} ago  memory {:>7.1} MiB  disk {:>7.1} MiB{from}",
+        "  ".repeat(depth),
+        m.name,
+        age(m.created_unix_ms),
+        mib(m.memory_bytes),
+        mib(disk)
+    );
+    for (j, (_, child)) in snaps.iter().enumerate() {
+        if child.parent.as_deref() == Some(m.name.as_str()) {
+            print_node(snaps, j, depth + 1, current);
+        }
+    }
+}
+
+pub fn disk(cmd: DiskCmd) -> Result<i32, Failure> {
+    match cmd {
+        DiskCmd::Export {
+            snapshot,
+            vm,
+            disk,
+            out,
+        } => {
+            let top = match (&snapshot, &vm) {
+                (Some(s), _) => {
+                    let dir = store::resolve(s, vm.as_deref())
+                        .map_err(|e| Failure::Usage(e.to_string()))?;
+                    let m =
+                        store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+                    m.disk_layers.get(disk).cloned().ok_or_else(|| {
+                        Failure::Usage(format!(
+                            "snapshot {s} has {} disks, no disk {disk}",
+                            m.disk_layers.len()
+                        ))
+                    })?
+                }
+                (None, Some(v)) => {
+                    if api(v, "GET", "/vm", None).is_ok() {
+                        return Err(Failure::Usage(format!(
+                            "VM {v} is running; export a snapshot of it (--snapshot) instead of its live disk"
+                        )));
+                    }
+                    newest_overlay(v, disk)?
+                }
+                (None, None) => return Err(Failure::Usage("give --snapshot or --vm".into())),
+            };
+            rewind::disk::export_flat(&top, &out, rewind::disk::ImageFormat::Raw)
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!(
+                "exported {} (chain under {}) to {}",
+                disk,
+                top.display(),
+                out.display()
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn newest_overlay(vm: &str, disk: usize) -> Result<PathBuf, Failure> {
+    let dir = rewind::paths::vm_dir(vm).join("disks");
+    let prefix = format!("disk{disk}-");
+    std::fs::read_dir(&dir)
+        .map_err(|e| Failure::Usage(format!("VM {vm} has no disks ({}: {e})", dir.display())))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| e.metadata().is_ok_and(|m| !m.permissions().readonly()))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+        .ok_or_else(|| Failure::Usage(format!("VM {vm} has no live overlay for disk {disk}")))
+}
