@@ -265,7 +265,7 @@ fn kill_9_during_deletes_leaves_every_listed_snapshot_usable() {
     let mut ks = Vec::new();
     for (n, k) in (2..=12).step_by(2).enumerate() {
         i = snap(&vm, i, k, &format!("s{n}"));
-        ks.push((format!("s{n}"), k as u64));
+        ks.push((format!("s{n}"), k));
     }
     assert_eq!(vm.stop(), Some(0));
     // Delete interior snapshots, killing the delete at a different moment each time.
