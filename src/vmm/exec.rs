@@ -61,7 +61,13 @@ impl ExecLink {
             pending: HashMap::new(),
             queued: Vec::new(),
             ready: false,
-            next_id: 1,
+            // Ids unique across processes: a guest restored from a snapshot
+            // may still send lines about an earlier process's request (its
+            // tty buffers are part of the snapshot); they must not match.
+            next_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1),
         }
     }
 
@@ -106,6 +112,12 @@ impl ExecLink {
         }
         let chunk: Vec<u8> = self.to_guest.iter().copied().take(64).collect();
         let taken = lock(com2).enqueue_input(&chunk);
+        if std::env::var_os("REWIND_TRACE_AGENT").is_some() {
+            eprintln!(
+                "rewind: agent -> {:?}",
+                String::from_utf8_lossy(&chunk[..taken])
+            );
+        }
         self.to_guest.drain(..taken);
     }
 
@@ -120,6 +132,9 @@ impl ExecLink {
         let mut finished = Finished::Nothing;
         while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            if std::env::var_os("REWIND_TRACE_AGENT").is_some() {
+                eprintln!("rewind: agent <- {:?}", String::from_utf8_lossy(&line));
+            }
             let Ok(msg) = agent::parse_line(&String::from_utf8_lossy(&line)) else {
                 continue;
             };
