@@ -23,6 +23,7 @@ fn main() {
         &["bench", "restore", "--mem", "256"],
         &["bench", "restore", "--mem", "1024"],
         &["bench", "restore", "--mem", "256", "--region", "16"],
+        &["bench", "disk", "--mib", "8"],
     ] {
         let status = Command::new(rewind)
             .args(args)

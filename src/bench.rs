@@ -49,6 +49,13 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 0)]
         region: u64,
     },
+    /// Guest disk throughput through the qcow2 overlay (test guest driver),
+    /// and the snapshot pause with a disk (overlay switch included).
+    Disk {
+        /// MiB the guest reads back and rewrites at every tick.
+        #[arg(long, default_value_t = 8)]
+        mib: u64,
+    },
     /// Everything above with default sizes, plus 1 GiB variants.
     All,
 }
@@ -260,6 +267,66 @@ fn restore(runs: usize, mem: u64, region: u64) -> Result<(), String> {
     Ok(())
 }
 
+fn disk(mib: u64) -> Result<(), String> {
+    let home = std::env::var_os("REWIND_HOME")
+        .map(std::path::PathBuf::from)
+        .ok_or("no bench home")?;
+    let base = home.join("bench-disk.img");
+    std::fs::write(&base, vec![0u8; ((mib + 1) << 20) as usize]).map_err(|e| e.to_string())?;
+    let sectors = mib * 2048;
+    let name = format!("disk-{mib}");
+    let append = format!("mode=disk period_ms=1 disk_sectors={sectors}");
+    let b = base.display().to_string();
+    let vm = ChildVm::spawn(
+        &name,
+        &args(&[
+            "run",
+            "--name",
+            &name,
+            "--disk",
+            &b,
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+            "--append",
+            &append,
+        ]),
+    )?;
+    let disk_tick = |l: &str| {
+        l.strip_prefix("tick ")?
+            .strip_suffix(" disk ok")?
+            .parse::<u64>()
+            .ok()
+    };
+    vm.wait_line(|l| disk_tick(l) == Some(3))?;
+    let t = Instant::now();
+    let start = 3;
+    let end = vm.wait_line(|l| disk_tick(l).is_some_and(|n| n >= start + 20))?;
+    let ticks = disk_tick(&end).unwrap_or(start) - start;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{:<58} {:>9.1} MiB/s read + the same written ({ticks} ticks of {mib} MiB in {secs:.2} s)",
+        "guest disk I/O through the qcow2 overlay (virtio-blk)",
+        ticks as f64 * mib as f64 / secs
+    );
+    let mut pause = Vec::new();
+    for i in 0..10 {
+        let r = vm.api(
+            "PUT",
+            "/snapshots",
+            Some(serde_json::json!({ "name": format!("d{i}") })),
+        )?;
+        pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
+    }
+    vm.stop();
+    report(
+        "snapshot pause with one disk (overlay switch included)",
+        pause,
+    );
+    Ok(())
+}
+
 pub fn run(cmd: BenchCmd) -> Result<i32, String> {
     let home = bench_home()?;
     let result = match cmd {
@@ -268,6 +335,7 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
         BenchCmd::Snapshot { runs, mem, region } => snapshot(runs, mem, region),
         BenchCmd::Revert { runs, region } => revert(runs, region),
         BenchCmd::Restore { runs, mem, region } => restore(runs, mem, region),
+        BenchCmd::Disk { mib } => disk(mib),
         BenchCmd::All => boot(20, 256, 1)
             .and_then(|_| pause(50))
             .and_then(|_| snapshot(10, 256, 16))
@@ -278,7 +346,8 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
             .and_then(|_| revert(20, 16))
             .and_then(|_| restore(20, 256, 0))
             .and_then(|_| restore(20, 1024, 0))
-            .and_then(|_| restore(20, 256, 16)),
+            .and_then(|_| restore(20, 256, 16))
+            .and_then(|_| disk(8)),
     };
     let _ = std::fs::remove_dir_all(&home);
     result.map(|_| 0)
