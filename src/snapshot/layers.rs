@@ -77,6 +77,11 @@ pub struct LayerReport {
 /// does any more. Call after the snapshot directory itself is gone.
 pub fn release(layers: &[PathBuf]) -> Result<LayerReport, DiskError> {
     let mut report = LayerReport::default();
+    // Half-written merge results of a delete that was killed are never
+    // referenced by any image: clear them before starting another.
+    for dir in layers.iter().filter_map(|l| l.parent()) {
+        let _ = disk::cleanup_temps(dir);
+    }
     for layer in layers {
         if !layer.exists() {
             continue;
