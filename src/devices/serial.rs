@@ -112,15 +112,17 @@ impl SerialDevice {
         }
     }
 
-    /// Host input for the guest, as much as the FIFO has room for; returns
-    /// how many bytes were taken (the rest waits for `in_buffer_empty`).
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+    /// Moves queued host input into the guest's FIFO, as much as it has
+    /// room for; the rest waits in `queue` for `in_buffer_empty`. Returns
+    /// the bytes moved.
+    pub fn feed_from(&mut self, queue: &mut std::collections::VecDeque<u8>) -> Vec<u8> {
         let room = self.uart.fifo_capacity();
-        let n = bytes.len().min(room);
-        if n > 0 && self.uart.enqueue_raw_bytes(&bytes[..n]).is_err() {
-            return 0;
+        let chunk: Vec<u8> = queue.iter().copied().take(room).collect();
+        if chunk.is_empty() || self.uart.enqueue_raw_bytes(&chunk).is_err() {
+            return Vec::new();
         }
-        n
+        queue.drain(..chunk.len());
+        chunk
     }
 }
 

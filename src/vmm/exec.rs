@@ -107,18 +107,10 @@ impl ExecLink {
 
     /// Moves queued input into the UART as far as its FIFO allows.
     pub fn feed(&mut self, com2: &std::sync::Mutex<SerialDevice>) {
-        if self.to_guest.is_empty() {
-            return;
+        let sent = lock(com2).feed_from(&mut self.to_guest);
+        if !sent.is_empty() && std::env::var_os("REWIND_TRACE_AGENT").is_some() {
+            eprintln!("rewind: agent -> {:?}", String::from_utf8_lossy(&sent));
         }
-        let chunk: Vec<u8> = self.to_guest.iter().copied().take(64).collect();
-        let taken = lock(com2).enqueue_input(&chunk);
-        if std::env::var_os("REWIND_TRACE_AGENT").is_some() {
-            eprintln!(
-                "rewind: agent -> {:?}",
-                String::from_utf8_lossy(&chunk[..taken])
-            );
-        }
-        self.to_guest.drain(..taken);
     }
 
     /// The earliest deadline of a running command, for the poll timeout.

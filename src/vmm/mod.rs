@@ -215,9 +215,7 @@ impl Vmm {
     }
 
     fn feed_console(&mut self) {
-        let chunk: Vec<u8> = self.console_input.iter().copied().take(64).collect();
-        let taken = lock(&self.devices.com1).enqueue_input(&chunk);
-        self.console_input.drain(..taken);
+        lock(&self.devices.com1).feed_from(&mut self.console_input);
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -388,23 +386,20 @@ impl Vmm {
                 });
                 fds.len() - 1
             });
-            let next = match (deadline, self.exec.next_deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let timeout_ms = match next {
-                Some(d) if Some(d) != deadline => {
-                    (d.saturating_duration_since(Instant::now()))
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
+            }
+            // Wake for the run's deadline or a running command's, whichever is first.
+            let timeout_ms = match [deadline, self.exec.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+            {
+                Some(d) => {
+                    d.saturating_duration_since(Instant::now())
                         .as_millis()
                         .min(i32::MAX as u128) as i32
                         + 1
-                }
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
-                    }
-                    (d - now).as_millis().min(i32::MAX as u128) as i32 + 1
                 }
                 None => -1,
             };
