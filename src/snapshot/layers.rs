@@ -28,7 +28,8 @@ fn all_layers() -> Vec<PathBuf> {
         .collect()
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether two paths name the same file or directory (same device and inode).
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),

@@ -10,7 +10,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disks::{self, DiskSetupError};
-use super::{Devices, RunOptions, Vmm, VmmError};
+use super::{io_err, Devices, RunOptions, Vmm, VmmError};
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
@@ -29,10 +29,6 @@ use crate::kvm::vm::{kvm_err, Vm};
 use crate::kvm::{boot, cpuid, loader};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot;
-
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
-    move |source| VmmError::Io { what, source }
-}
 
 impl Vmm {
     /// Boots `config` from its kernel; vCPUs are created paused.

@@ -43,13 +43,6 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
 impl Vmm {
     fn capture_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
         let mut states = Vec::with_capacity(self.vcpus.len());
@@ -349,7 +342,10 @@ impl Vmm {
             let old = std::mem::replace(&mut *lock(&d.disk), opened);
             replaced.push(old.path().to_path_buf());
         }
-        let fast = self.baseline.as_deref().is_some_and(|b| same_dir(b, &dir));
+        let fast = self
+            .baseline
+            .as_deref()
+            .is_some_and(|b| crate::snapshot::layers::same_file(b, &dir));
         let dirty = self.take_dirty()?;
         // From here guest memory is being rewritten: if anything fails, no
         // baseline is trustworthy any more.
