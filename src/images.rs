@@ -67,6 +67,10 @@ impl LinuxImages {
     pub fn initramfs_stock(&self) -> PathBuf {
         self.dir.join("initramfs-stock.cpio")
     }
+    /// An ext4 root disk with the initramfs's contents (`--disk ... --root`).
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
 }
 
 fn cache_root() -> PathBuf {
@@ -119,7 +123,7 @@ pub fn linux_images() -> Result<LinuxImages, ImageError> {
     }
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let images = LinuxImages { dir };
-    for p in [images.microvm(), images.initramfs()] {
+    for p in [images.microvm(), images.initramfs(), images.rootfs()] {
         if !p.is_file() {
             return Err(ImageError::Missing(p));
         }

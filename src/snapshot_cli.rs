@@ -37,6 +37,10 @@ pub enum SnapshotCmd {
         name: String,
         #[arg(long)]
         vm: Option<String>,
+        /// Also show each vCPU's registers, MSRs and pending events (where
+        /// was the guest when it was captured?).
+        #[arg(long)]
+        vcpus: bool,
     },
     /// Delete a snapshot.
     Delete {
@@ -112,11 +116,18 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
-        SnapshotCmd::Info { name, vm } => {
+        SnapshotCmd::Info { name, vm, vcpus } => {
             let dir =
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
             let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+            if vcpus {
+                let (_, state) = rewind::snapshot::ops::load(&dir)
+                    .map_err(|e| Failure::Runtime(e.to_string()))?;
+                for v in &state.vcpus {
+                    println!("{}", v.describe());
+                }
+            }
         }
         SnapshotCmd::Delete { name, vm } => {
             let dir =

@@ -39,10 +39,10 @@ fn milestone(lines: &[String], text: &str) -> bool {
 }
 
 /// One boot of the microvm kernel: milestones, then commands through the
-/// agent (output, stderr, exit status, files). Restoring a snapshot of a
-/// Linux guest is covered by the boot-cache test below; a snapshot taken
-/// later in a fresh boot does not restore on PVM hosts yet (see the issue
-/// notes), so it is not asserted here.
+/// agent (output, stderr, exit status, files), then a snapshot at the shell
+/// that is reverted in place and restored in a new process: the file written
+/// before it is there, the one written after is not, and the guest's clock
+/// has not gone backwards.
 #[test]
 fn microvm_kernel_boots_and_runs_commands() {
     if !kvm_available("linux microvm") {
@@ -120,7 +120,56 @@ fn microvm_kernel_boots_and_runs_commands() {
     assert!(uptime.parse::<f64>().unwrap() > 0.0, "{uptime}");
     let o = exec("lx", "read -r m < /tmp/marker; echo $m");
     assert_eq!(stdout(&o), "before-snapshot\n", "{}", stderr(&o));
+    let uptime: f64 = uptime.parse().unwrap();
+
+    let o = home.run(&["snapshot", "create", "shell", "--vm", "lx"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = exec("lx", "echo after-snapshot > /tmp/marker && echo written");
+    assert_eq!(stdout(&o), "written\n", "{}", stderr(&o));
+    // Builtins only: the marker's content and the guest's monotonic clock.
+    let check = "read -r m < /tmp/marker; read -r up idle < /proc/uptime; echo $m $up";
+    let seen = |o: &std::process::Output| -> (String, f64) {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+        let out = stdout(o);
+        let (m, up) = out.trim().split_once(' ').expect("marker and uptime");
+        (m.to_string(), up.parse().expect("uptime is a number"))
+    };
+
+    let o = home.run(&["snapshot", "revert", "shell", "--vm", "lx"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (m, up) = seen(&exec("lx", check));
+    assert_eq!(m, "before-snapshot", "in-place revert");
+    assert!(
+        up >= uptime,
+        "clock went backwards after revert: {up} < {uptime}"
+    );
+
+    // A fresh process, while the original still runs: a clone.
+    let clone = VmProcess::start(
+        &home,
+        "lx2",
+        &[
+            "restore",
+            "shell",
+            "--vm",
+            "lx",
+            "--name",
+            "lx2",
+            "--console",
+            "stdio",
+            "--timeout",
+            "1500",
+        ],
+    );
+    clone.socket_ready();
     assert_eq!(vm.stop(), Some(0));
+    let (m, up) = seen(&exec("lx2", check));
+    assert_eq!(m, "before-snapshot", "restore in a new process");
+    assert!(
+        up >= uptime,
+        "clock went backwards after restore: {up} < {uptime}"
+    );
+    assert_eq!(clone.stop(), Some(0));
 }
 
 /// `rewind run --exec` boots, runs the command, streams its output and

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds rewind's Linux guest artefacts from Debian packages only (apt-get download + dpkg-deb -x).
 #
-#   build.sh [microvm|stock|initramfs|all]      (default: all)
+#   build.sh [microvm|stock|initramfs|rootfs|all]      (default: all)
 #
 # Outputs go to ${REWIND_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rewind/images}/<key>/, where
 # <key> is the first 16 hex digits of a sha256 over every input: this script, microvm.config,
@@ -13,6 +13,8 @@
 #   stock     -> vmlinuz-stock (Debian's bzImage), vmlinux-stock (ELF taken out of it),
 #                config-stock, initramfs-stock.cpio (initramfs + virtio modules)
 #   initramfs -> initramfs.cpio (uncompressed newc: busybox-static, /init, the exec agent)
+#   rootfs    -> rootfs.ext4 (64 MiB ext4 root disk, same contents, /sbin/init is the same init;
+#                boot it with `rewind run --guest linux --disk rootfs.ext4 --root`)
 #
 # Environment: REWIND_IMAGE_CACHE (cache root), REWIND_STOCK_KERNEL_PKG (override the
 # linux-image-*-cloud-amd64-unsigned package), REWIND_JOBS (make -j, default 2).
@@ -28,7 +30,7 @@ t_start=$EPOCHREALTIME
 
 usage() { sed -n '2,19p' "$self" | sed 's/^# \{0,1\}//' >&2; exit "$1"; }
 case $target in
-microvm | stock | initramfs | all) ;;
+microvm | stock | initramfs | rootfs | all) ;;
 -h | --help) usage 0 ;;
 *) echo "build.sh: unknown target '$target'" >&2; usage 2 ;;
 esac
@@ -141,7 +143,8 @@ artefacts_for() {
 	microvm) echo "vmlinux-microvm config-microvm" ;;
 	stock) echo "vmlinuz-stock vmlinux-stock config-stock initramfs-stock.cpio" ;;
 	initramfs) echo "initramfs.cpio" ;;
-	all) echo "vmlinux-microvm config-microvm vmlinuz-stock vmlinux-stock config-stock initramfs-stock.cpio initramfs.cpio" ;;
+	rootfs) echo "rootfs.ext4" ;;
+	all) echo "vmlinux-microvm config-microvm vmlinuz-stock vmlinux-stock config-stock initramfs-stock.cpio initramfs.cpio rootfs.ext4" ;;
 	esac
 }
 all_present() { # DIR: every artefact of $target is there
@@ -194,13 +197,14 @@ stage="$work/out"
 mkdir -p "$stage"
 printf 'rewind-image [%6ss] building %s into %s\n' "$(elapsed)" "$target" "$outdir" >&2
 
-need_microvm=0 need_stock=0 need_initramfs=0
+need_microvm=0 need_stock=0 need_initramfs=0 need_rootfs=0
 for a in $(artefacts_for "$target"); do
 	[ -f "$outdir/$a" ] && continue
 	case $a in
 	vmlinux-microvm | config-microvm) need_microvm=1 ;;
 	vmlinuz-stock | vmlinux-stock | config-stock | initramfs-stock.cpio) need_stock=1 ;;
 	initramfs.cpio) need_initramfs=1 ;;
+	rootfs.ext4) need_rootfs=1 ;;
 	esac
 done
 
@@ -208,6 +212,7 @@ done
 deps=(cpio xz-utils)
 [ $need_microvm = 1 ] && deps+=(gcc make bc bison flex libelf-dev libssl-dev binutils patch)
 [ $need_stock = 1 ] && deps+=(kmod lz4 binutils zstd)
+[ $need_rootfs = 1 ] && deps+=(e2fsprogs)
 missing=()
 for p in "${deps[@]}"; do
 	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -270,13 +275,31 @@ initramfs_tree() { # DIR: busybox-static, /init, the agent, the /dev nodes early
 	mknod -m 0660 "$dir/dev/ttyS0" c 4 64
 	mknod -m 0660 "$dir/dev/ttyS1" c 4 65
 }
-if [ $need_initramfs = 1 ] || [ $need_stock = 1 ]; then
+if [ $need_initramfs = 1 ] || [ $need_stock = 1 ] || [ $need_rootfs = 1 ]; then
 	fetch_deb busybox-static "$BB_VER"
 	step "initramfs: busybox-static $BB_VER + init + agent"
 	initramfs_tree "$work/initramfs"
 	if [ $need_initramfs = 1 ]; then
 		make_cpio "$work/initramfs" "$stage/initramfs.cpio"
 	fi
+fi
+
+# ---------------------------------------------------------------- ext4 root disk
+# The initramfs tree on an ext4 filesystem. The kernel runs /sbin/init from a real root, so that
+# is our init (not busybox's). Fixed UUID, hash seed and times so the image is reproducible.
+if [ $need_rootfs = 1 ]; then
+	step "rootfs: ext4 root disk (mke2fs -d)"
+	cp -a "$work/initramfs" "$work/rootfs"
+	rm -f "$work/rootfs/sbin/init"
+	install -m 0755 "$here/init" "$work/rootfs/sbin/init"
+	find "$work/rootfs" -exec touch -h -d @0 {} +
+	rm -f "$stage/rootfs.ext4.tmp"
+	run env E2FSPROGS_FAKE_TIME=1 mke2fs -q -F -t ext4 -L rewind-root \
+		-U 5265776e-6400-4000-8000-726f6f746673 \
+		-E root_owner=0:0,hash_seed=5265776e-6400-4000-8000-686173686564 \
+		-d "$work/rootfs" "$stage/rootfs.ext4.tmp" 64M
+	run e2fsck -fn "$stage/rootfs.ext4.tmp"
+	mv "$stage/rootfs.ext4.tmp" "$stage/rootfs.ext4"
 fi
 
 # ---------------------------------------------------------------- stock Debian cloud kernel

@@ -39,11 +39,18 @@ const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid
 
 impl HostKind {
     /// What a Linux guest needs on its command line on this host, if anything.
+    ///
+    /// `clocksource=kvm-clock`: the guest TSC cannot be set on PVM, so a
+    /// restored guest that keeps time with the TSC sees its clock jump by the
+    /// snapshot's age, and a periodic tick then replays every missed tick one
+    /// emulated handler at a time (minutes of ring-0 work for a snapshot a
+    /// minute old). kvm-clock is restored exactly with KVM_SET_CLOCK, so time
+    /// continues from the capture.
     pub fn linux_cmdline_quirks(self) -> Option<String> {
         match self {
             HostKind::Hardware => None,
             HostKind::Pvm => Some(format!(
-                "noxsave nofsgsbase clearcpuid={PVM_CLEARCPUID} mitigations=off"
+                "noxsave nofsgsbase clearcpuid={PVM_CLEARCPUID} mitigations=off clocksource=kvm-clock"
             )),
         }
     }

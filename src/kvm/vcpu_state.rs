@@ -218,3 +218,52 @@ fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<Vec<u32>, Vcpu
     }
     Ok(refused)
 }
+
+impl VcpuState {
+    /// A human-readable summary for `rewind snapshot info --vcpus`: enough to
+    /// tell where the guest was (RIP, ring, page table) and what was pending.
+    pub fn describe(&self) -> String {
+        let r = &self.regs;
+        let s = &self.sregs;
+        let e = &self.vcpu_events;
+        let mut out = format!(
+            "vcpu {}: mp_state {} rip {:#x} rsp {:#x} rflags {:#x} cpl {} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}\n",
+            self.index,
+            self.mp_state.mp_state,
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cs.selector & 3,
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.efer
+        );
+        out += &format!(
+            "  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}\n  r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}\n",
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+        );
+        out += &format!(
+            "  cs {:#x} ss {:#x} fs.base {:#x} gs.base {:#x} apic_base {:#x} interrupt_bitmap {:x?}\n",
+            s.cs.selector, s.ss.selector, s.fs.base, s.gs.base, s.apic_base, s.interrupt_bitmap
+        );
+        out += &format!(
+            "  events: exception inj {} nr {} pending {}; interrupt inj {} nr {} shadow {}; nmi inj {} pending {} masked {}; flags {:#x}\n",
+            e.exception.injected,
+            e.exception.nr,
+            e.exception.pending,
+            e.interrupt.injected,
+            e.interrupt.nr,
+            e.interrupt.shadow,
+            e.nmi.injected,
+            e.nmi.pending,
+            e.nmi.masked,
+            e.flags
+        );
+        out += "  msrs:";
+        for m in &self.msrs {
+            out += &format!(" {:#x}={:#x}", m.index, m.data);
+        }
+        out
+    }
+}
