@@ -83,26 +83,38 @@ impl Vmm {
     }
 
     pub(crate) fn restore_devices(&mut self, d: &DevicesState) -> Result<(), VmmError> {
-        lock(&self.devices.com1)
-            .restore(&d.com1)
+        // Destructured so that a device added to DevicesState cannot be
+        // captured and then silently left out here (com2 once was: a restored
+        // guest's agent never got another interrupt).
+        let DevicesState {
+            com1,
+            com2,
+            acpi_pm,
+            i8042,
+            exit_port,
+            debug_console,
+            virtio,
+        } = d;
+        lock(&self.devices.com1).restore(com1).map_err(snap_err)?;
+        lock(&self.devices.com2).restore(com2).map_err(snap_err)?;
+        lock(&self.devices.acpi_pm)
+            .restore(acpi_pm)
             .map_err(snap_err)?;
-        lock(&self.devices.i8042)
-            .restore(&d.i8042)
-            .map_err(snap_err)?;
+        lock(&self.devices.i8042).restore(i8042).map_err(snap_err)?;
         lock(&self.devices.exit_port)
-            .restore(&d.exit_port)
+            .restore(exit_port)
             .map_err(snap_err)?;
         lock(&self.devices.debug_console)
-            .restore(&d.debug_console)
+            .restore(debug_console)
             .map_err(snap_err)?;
-        if d.virtio.len() != self.devices.disks.len() {
+        if virtio.len() != self.devices.disks.len() {
             return Err(snap_err(format!(
                 "snapshot has {} disks, this VM has {}",
-                d.virtio.len(),
+                virtio.len(),
                 self.devices.disks.len()
             )));
         }
-        for (disk, state) in self.devices.disks.iter().zip(&d.virtio) {
+        for (disk, state) in self.devices.disks.iter().zip(virtio) {
             lock(&disk.transport).restore(state).map_err(snap_err)?;
         }
         Ok(())
