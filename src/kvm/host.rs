@@ -37,6 +37,16 @@ impl HostKind {
 /// with a wrong FS base (TLS) and segfaulted; `nofsgsbase` fixed it.
 const PVM_CLEARCPUID: &str = "xsave,xsaves,xsavec,xsaveopt,avx,avx2,avx512f,pcid,invpcid,smap,rdtscp,rdpid,popcnt,cx16,movbe,pclmulqdq,aes,sse4_1,sse4_2,fsgsbase";
 
+/// Ring-3 CPUID on PVM reports the host's AVX/AVX2/AVX-512 even though the
+/// guest kernel (`noxsave`) saves only x87/SSE state when it switches tasks,
+/// so two guest processes using YMM registers corrupt each other: glibc's
+/// AVX2 memcpy then copies a fresh process's TLS image wrong and busybox
+/// dies at its first TLS read (`segfault at 0 ip 4a4d02`, 2 of 15 pipelines
+/// before, 0 of 15 after). The kernel hands `KEY=VALUE` words without a dot
+/// in the key to init's environment, so every glibc process in the guest
+/// inherits this and keeps to SSE code paths.
+const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
+
 impl HostKind {
     /// What a Linux guest needs on its command line on this host, if anything.
     ///
@@ -50,7 +60,7 @@ impl HostKind {
         match self {
             HostKind::Hardware => None,
             HostKind::Pvm => Some(format!(
-                "noxsave nofsgsbase clearcpuid={PVM_CLEARCPUID} mitigations=off clocksource=kvm-clock"
+                "noxsave nofsgsbase clearcpuid={PVM_CLEARCPUID} mitigations=off clocksource=kvm-clock {PVM_GLIBC_TUNABLES}"
             )),
         }
     }

@@ -39,7 +39,7 @@ impl Vmm {
         if config.guest == GuestKind::Linux {
             if let Some(extra) = host.linux_cmdline_quirks() {
                 eprintln!("rewind: PVM host: adding to the kernel command line: {extra}");
-                config.cmdline = format!("{} {extra}", config.cmdline).trim().to_string();
+                config.cmdline = add_kernel_params(&config.cmdline, &extra);
             }
         }
         let mut lowers = Vec::new();
@@ -50,11 +50,8 @@ impl Vmm {
         }
         let mmio_devices: Vec<_> = (0..lowers.len()).map(disks::mmio_device).collect();
         if config.guest == GuestKind::Linux && !mmio_devices.is_empty() {
-            config.cmdline = format!(
-                "{} {}",
-                config.cmdline,
-                disks::cmdline_devices(&mmio_devices)
-            );
+            config.cmdline =
+                add_kernel_params(&config.cmdline, &disks::cmdline_devices(&mmio_devices));
         }
         let mem = memory::create_guest_memory(config.mem_bytes())?;
         let rsdp = if config.guest == GuestKind::Linux {
@@ -309,5 +306,36 @@ pub(crate) fn report_refused_msrs(index: usize, refused: &[u32]) {
             "rewind: vCPU {index}: KVM refused to restore MSRs {} (left at their reset values)",
             list.join(", ")
         );
+    }
+}
+
+/// Adds `extra` to the kernel's own parameters: before a ` -- `, whatever
+/// follows it is handed to init instead of the kernel.
+fn add_kernel_params(cmdline: &str, extra: &str) -> String {
+    let padded = format!(" {cmdline} ");
+    match padded.find(" -- ") {
+        Some(i) => format!("{} {extra}{}", &padded[..i], &padded[i..])
+            .trim()
+            .to_string(),
+        None => format!("{cmdline} {extra}").trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_kernel_params;
+
+    #[test]
+    fn kernel_params_go_before_init_arguments() {
+        assert_eq!(
+            add_kernel_params("console=ttyS0", "a=1"),
+            "console=ttyS0 a=1"
+        );
+        assert_eq!(add_kernel_params("", "a=1"), "a=1");
+        assert_eq!(
+            add_kernel_params("console=ttyS0 -- single x", "a=1"),
+            "console=ttyS0 a=1 -- single x"
+        );
+        assert_eq!(add_kernel_params("-- single", "a=1"), "a=1 -- single");
     }
 }
