@@ -45,6 +45,12 @@ const READY_LINE: &str = "REWIND-READY";
 
 const PANIC_MARK: &str = "Kernel panic - not syncing";
 
+/// The last lines Linux prints on `poweroff`/`halt` once every device is shut
+/// down. A kernel without ACPI has no power-off register to write (rewind's
+/// microvm kernel), so it halts its CPUs for good after this line; rewind
+/// takes the line as the power-off and ends the VM with status 0.
+const POWER_OFF_MARKS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
+
 /// Shared by every device that prints (UART, debug console).
 pub struct Console {
     inner: Mutex<Inner>,
@@ -96,6 +102,9 @@ impl Console {
                 inner.line.clear();
                 if inner.panic.is_none() && text.contains(PANIC_MARK) {
                     inner.panic = Some(text.clone());
+                }
+                if POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
+                    self.events.send(VmEvent::GuestExit(0));
                 }
                 if !inner.ready_seen && text == READY_LINE {
                     inner.ready_seen = true;
@@ -231,6 +240,16 @@ mod tests {
         assert!(rx.drain().is_empty());
         c.write_bytes(b" ok\r\ntick 3 ok\n");
         assert_eq!(rx.drain(), vec![VmEvent::ExpectMatched("tick 3 ok".into())]);
+    }
+
+    #[test]
+    fn the_kernels_last_power_off_line_ends_the_vm() {
+        let (tx, rx) = vm_event_channel().unwrap();
+        let c = Console::new(&ConsoleTarget::None, None, tx).unwrap();
+        c.write_bytes(b"echo reboot: Power down now\n[   1.5] reboot: Power do");
+        assert!(rx.drain().is_empty());
+        c.write_bytes(b"wn\r\n");
+        assert_eq!(rx.drain(), vec![VmEvent::GuestExit(0)]);
     }
 
     #[test]
