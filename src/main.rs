@@ -212,7 +212,10 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
             } else {
                 (images.stock(), images.initramfs_stock())
             };
-            default_initrd = Some(initrd);
+            // Booting from a disk: an initramfs would run instead of the disk's init.
+            if !args.root {
+                default_initrd = Some(initrd);
+            }
             (
                 GuestKind::Linux,
                 KernelSource::File(kernel),

@@ -83,11 +83,15 @@ fn revert(vm: &VmProcess, name: &str, k: u64) -> usize {
 }
 
 fn restore_ok(home: &Home, name: &str, k: u64, clone: &str) {
+    restore_ok_from(home, "t", name, k, clone)
+}
+
+fn restore_ok_from(home: &Home, vm: &str, name: &str, k: u64, clone: &str) {
     let o = home.run(&[
         "restore",
         name,
         "--vm",
-        "t",
+        vm,
         "--name",
         clone,
         "--console",
@@ -307,4 +311,86 @@ fn kill_9_during_deletes_leaves_every_listed_snapshot_usable() {
     assert!(temps.is_empty(), "temp files left: {temps:?}");
     check_all(&home.path);
     restore_ok(&home, "s5", 12, "rlast");
+}
+
+#[test]
+fn kill_9_during_snapshot_create_with_a_disk_keeps_earlier_snapshots() {
+    if !kvm_available("kill during create with a disk") {
+        return;
+    }
+    let home = Home::new("killcreate");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0x22u8; 32 << 20]).unwrap();
+    let mut killed_inside = 0;
+    for round in 0..6u64 {
+        let name = format!("k{round}");
+        let vm = VmProcess::start(
+            &home,
+            &name,
+            &[
+                "run",
+                "--name",
+                &name,
+                "--disk",
+                base.to_str().unwrap(),
+                "--console",
+                "stdio",
+                "--timeout",
+                "600",
+                "--append",
+                "mode=disk period_ms=100 disk_sectors=32768",
+            ],
+        );
+        vm.socket_ready();
+        snap(&vm, 0, 2, "before");
+        let socket = home.socket(&name);
+        let snapper = std::thread::spawn(move || {
+            rewind::control::client::request(
+                &socket,
+                "PUT",
+                "/snapshots",
+                Some(&serde_json::json!({ "name": "victim" })),
+                None,
+            )
+        });
+        // A different moment of the capture and the overlay switch each round.
+        std::thread::sleep(std::time::Duration::from_micros(500 + round * 1500));
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+        let _ = vm.wait_exit();
+        if !matches!(snapper.join().unwrap(), Ok(r) if r.status == 200) {
+            killed_inside += 1;
+        }
+        check_all(&home.path);
+        let listed = stdout(&home.run(&["snapshot", "list", "--vm", &name]));
+        assert!(!listed.contains("BROKEN"), "{listed}");
+        restore_ok_from(&home, &name, "before", 2, &format!("{name}-r"));
+        if listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("victim"))
+        {
+            let o = home.run(&[
+                "restore",
+                "victim",
+                "--vm",
+                &name,
+                "--name",
+                &format!("{name}-v"),
+                "--console",
+                "stdio",
+                "--timeout",
+                "60",
+                "--expect",
+                "tick [0-9]+ disk ok",
+            ]);
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "victim of round {round}: {}",
+                stderr(&o)
+            );
+            assert!(!stdout(&o).contains("CORRUPT"), "{}", stdout(&o));
+        }
+    }
+    eprintln!("kill -9 landed inside the snapshot in {killed_inside} of 6 rounds");
 }

@@ -170,6 +170,29 @@ impl VmProcess {
         }
     }
 
+    /// Like `wait_for` with a caller's limit (Linux boots take minutes on
+    /// PVM hosts); None when the limit passes.
+    pub fn wait_long(
+        &self,
+        from: usize,
+        what: &str,
+        limit: std::time::Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<usize> {
+        let start = std::time::Instant::now();
+        loop {
+            let lines = self.lines();
+            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
+                return Some(from + i);
+            }
+            if start.elapsed() > limit {
+                eprintln!("{}: {what} not seen within {limit:?}", self.name);
+                return None;
+            }
+            self.wait_quietly(std::time::Duration::from_secs(1));
+        }
+    }
+
     /// Waits up to `d` for the next console line (or returns earlier).
     pub fn wait_quietly(&self, d: std::time::Duration) {
         let (m, cv) = &*self.lines;
