@@ -127,6 +127,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 for v in &state.vcpus {
                     println!("{}", v.describe());
                 }
+                println!("com1: {:?}\ncom2: {:?}", state.devices.com1, state.devices.com2);
             }
         }
         SnapshotCmd::Delete { name, vm } => {

@@ -79,6 +79,31 @@ impl Vm {
         }
         Ok(())
     }
+
+    /// Deletes and re-adds every memory slot, which makes KVM drop all its
+    /// shadow page tables. Needed after rewind itself rewrote guest memory
+    /// (an in-place revert) on hosts that shadow the guest's page tables
+    /// (PVM): KVM write-protects guest page-table pages against the guest,
+    /// not against the VMM, so its shadows would keep translating through
+    /// page tables that no longer exist and a guest process jumps to
+    /// garbage. The dirty log starts over with the new slots, which is what
+    /// a revert wants anyway. vCPUs must be paused.
+    pub fn reload_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        for (slot, (guest, _, host)) in memory::regions(mem).into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: guest,
+                memory_size: 0,
+                userspace_addr: host,
+            };
+            // SAFETY: a zero-sized region deletes the slot; no memory is
+            // handed to KVM.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(kvm_err("remove a guest memory slot"))?;
+        }
+        self.register_memory(mem)
+    }
 }
 
 /// VM-wide KVM state: interrupt controllers, PIT and the KVM clock.

@@ -370,6 +370,9 @@ impl Vmm {
             snapmem::merge_bitmaps(&mut self.populated, &data);
             data.iter().flatten().map(|w| w.count_ones() as u64).sum()
         };
+        if self.host.shadows_guest_page_tables() {
+            self.vm.reload_memory(&self.mem)?;
+        }
         // VM-wide state before the vCPUs' (see vcpu_state.rs for the order
         // within a vCPU), devices last.
         self.vm.restore_state(&state.vm)?;
