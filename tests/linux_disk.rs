@@ -122,25 +122,25 @@ fn ext4_root_disk_reverts_with_the_snapshot() {
     // Frozen, the filesystem on the disk is complete and clean (journal
     // flushed), so the snapshot's layer is a consistent ext4 image.
     assert_eq!(
-        exec("echo first > /kept && echo 1 > /counter && sync && fsfreeze -f / && echo frozen"),
+        exec("echo first > /kept && echo 1 > /counter && sync && fsfreeze --freeze / && echo frozen"),
         "frozen\n"
     );
     let o = home.run(&["snapshot", "create", "s1", "--vm", "rd"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
-        exec("fsfreeze -u / && echo second > /lost && echo 2 > /counter && sync && echo written"),
+        exec("fsfreeze --unfreeze / && echo second > /lost && echo 2 > /counter && sync && echo written"),
         "written\n"
     );
     let o = home.run(&["snapshot", "revert", "s1", "--vm", "rd"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // The guest is back inside the freeze it was in at the snapshot.
-    let check = "fsfreeze -u / && cat /kept /counter && if [ -e /lost ]; then echo lost-present; else echo lost-absent; fi";
+    let check = "fsfreeze --unfreeze / && cat /kept /counter && if [ -e /lost ]; then echo lost-present; else echo lost-absent; fi";
     assert_eq!(exec(check), "first\n1\nlost-absent\n");
     // Guest-side throughput through the overlay (information, not a test):
     // busybox dd prints its own rate.
     let dd = exec("dd if=/dev/zero of=/dd.bin bs=1M count=8 conv=fsync 2>&1 && dd if=/dev/vda of=/dev/null bs=1M count=32 2>&1 && rm /dd.bin");
     eprintln!("dd in the guest (write 8 MiB with fsync, read 32 MiB of vda):\n{dd}");
-    assert_eq!(exec("sync && fsfreeze -f / && echo frozen"), "frozen\n");
+    assert_eq!(exec("sync && fsfreeze --freeze / && echo frozen"), "frozen\n");
     assert_eq!(vm.stop(), Some(0));
 
     let snap = home.path.join("s1.raw");

@@ -440,6 +440,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used_any = false;
+        let mut rounds_without_progress = 0;
         loop {
             if queue.disable_notification(mem).is_err() {
                 break;
@@ -455,11 +456,19 @@ impl VirtioDevice for Block {
                     used_any = true;
                 }
             }
-            // Re-check after re-enabling so a request added meanwhile is not
-            // stranded. An avail index too far ahead pops nothing yet always
-            // looks pending; `progressed` stops that from spinning forever.
+            // Re-check after re-enabling: a request the driver added after
+            // the last pop may come without a kick (with EVENT_IDX it looked
+            // at the event index before we moved it), so it must be popped
+            // now even if this round popped nothing, or Linux waits forever.
+            // An avail index too far ahead pops nothing yet always looks
+            // pending: two empty rounds in a row end the loop.
+            rounds_without_progress = if progressed {
+                0
+            } else {
+                rounds_without_progress + 1
+            };
             match queue.enable_notification(mem) {
-                Ok(true) if progressed => continue,
+                Ok(true) if rounds_without_progress < 2 => continue,
                 _ => break,
             }
         }
