@@ -127,7 +127,13 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 for v in &state.vcpus {
                     println!("{}", v.describe());
                 }
-                println!("com1: {:?}\ncom2: {:?}", state.devices.com1, state.devices.com2);
+                println!(
+                    "com1: {:?}\ncom2: {:?}",
+                    state.devices.com1, state.devices.com2
+                );
+                for v in &state.devices.virtio {
+                    println!("virtio: {v:?}");
+                }
             }
         }
         SnapshotCmd::Delete { name, vm } => {

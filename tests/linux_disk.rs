@@ -34,12 +34,21 @@ fn qcow2_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// e2fsck -fn must find nothing; debugfs reads `files` out of the image.
+/// The image is what a power cut at the snapshot would leave: once its
+/// journal is replayed (what mounting it does), e2fsck -fn finds nothing and
+/// debugfs reads `files` out of it.
 fn check_ext4(image: &Path, files: &[(&str, Option<&str>)]) {
     let img = image.to_str().unwrap();
-    let Some(o) = tool("e2fsck", &["-fn", img]) else {
+    let Some(o) = tool("e2fsck", &["-y", "-E", "journal_only", img]) else {
         return;
     };
+    assert!(
+        matches!(o.status.code(), Some(0 | 1)),
+        "journal replay of {img}:\n{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let o = tool("e2fsck", &["-fn", img]).unwrap();
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -119,28 +128,28 @@ fn ext4_root_disk_reverts_with_the_snapshot() {
         assert_eq!(o.status.code(), Some(0), "{cmd}: {}", stderr(&o));
         stdout(&o)
     };
-    // Frozen, the filesystem on the disk is complete and clean (journal
-    // flushed), so the snapshot's layer is a consistent ext4 image.
+    // Crash-consistent snapshots: `sync` puts the data and the journal on
+    // the disk; the filesystem itself is never frozen (with `fsfreeze` the
+    // guest hung in the thaw here, see the issue notes).
     assert_eq!(
-        exec("echo first > /kept && echo 1 > /counter && sync && fsfreeze --freeze / && echo frozen"),
-        "frozen\n"
+        exec("echo first > /kept && echo 1 > /counter && sync && echo synced"),
+        "synced\n"
     );
     let o = home.run(&["snapshot", "create", "s1", "--vm", "rd"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
-        exec("fsfreeze --unfreeze / && echo second > /lost && echo 2 > /counter && sync && echo written"),
+        exec("echo second > /lost && echo 2 > /counter && sync && echo written"),
         "written\n"
     );
     let o = home.run(&["snapshot", "revert", "s1", "--vm", "rd"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    // The guest is back inside the freeze it was in at the snapshot.
-    let check = "fsfreeze --unfreeze / && cat /kept /counter && if [ -e /lost ]; then echo lost-present; else echo lost-absent; fi";
+    let check =
+        "cat /kept /counter && if [ -e /lost ]; then echo lost-present; else echo lost-absent; fi";
     assert_eq!(exec(check), "first\n1\nlost-absent\n");
-    // Guest-side throughput through the overlay (information, not a test):
-    // busybox dd prints its own rate.
-    let dd = exec("dd if=/dev/zero of=/dd.bin bs=1M count=8 conv=fsync 2>&1 && dd if=/dev/vda of=/dev/null bs=1M count=32 2>&1 && rm /dd.bin");
-    eprintln!("dd in the guest (write 8 MiB with fsync, read 32 MiB of vda):\n{dd}");
-    assert_eq!(exec("sync && fsfreeze --freeze / && echo frozen"), "frozen\n");
+    // Guest-side throughput through the overlay (information, not a test;
+    // on PVM hosts it measures the emulated guest kernel, not the disk).
+    let dd = exec("{ time dd if=/dev/zero of=/dd.bin bs=64k count=16 conv=fsync; } 2>&1 && { time dd if=/dev/vda of=/dev/null bs=64k count=64; } 2>&1 && rm /dd.bin && sync");
+    eprintln!("dd in the guest (write 1 MiB with fsync, read 4 MiB of vda):\n{dd}");
     assert_eq!(vm.stop(), Some(0));
 
     let snap = home.path.join("s1.raw");

@@ -25,9 +25,8 @@ impl HostKind {
     /// KVM with EPT/NPT turned off), so that guest memory rewritten by the
     /// VMM must be followed by a flush of KVM's shadow MMU.
     pub fn shadows_guest_page_tables(self) -> bool {
-        let param_off = |path: &str, off: &str| {
-            std::fs::read_to_string(path).is_ok_and(|v| v.trim() == off)
-        };
+        let param_off =
+            |path: &str, off: &str| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == off);
         self == HostKind::Pvm
             || param_off("/sys/module/kvm_intel/parameters/ept", "N")
             || param_off("/sys/module/kvm_amd/parameters/npt", "0")
