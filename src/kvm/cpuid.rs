@@ -61,10 +61,22 @@ pub fn for_vcpu(supported: &CpuId, index: u32, cpus: u32) -> CpuId {
 const PVM_HIDDEN_LEAF1_ECX: u32 =
     (1 << 13) | (1 << 22) | (1 << 23) | (1 << 26) | (1 << 27) | (1 << 28);
 
+/// KVM paravirtual features (leaf 0x40000001 EAX) that are hypercalls: on
+/// PVM a `vmcall` from the guest's emulated ring 0 never completes. Linux
+/// uses PV_SEND_IPI (bit 11) for every IPI once a second CPU is up, so with
+/// `--cpus 2` the new CPU sat on its first `vmcall` (KVM_HC_SEND_IPI) and
+/// the boot CPU spun on a lock it held; PV_SCHED_YIELD (bit 13) is the other
+/// hypercall Linux makes. Without them Linux sends IPIs through the LAPIC.
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const PVM_HIDDEN_KVM_FEATURES: u32 = (1 << 11) | (1 << 13);
+
 pub fn hide_unemulated(cpuid: &mut CpuId) {
     for e in cpuid.as_mut_slice() {
         if e.function == LEAF_FEATURES {
             e.ecx &= !PVM_HIDDEN_LEAF1_ECX;
+        }
+        if e.function == LEAF_KVM_FEATURES {
+            e.eax &= !PVM_HIDDEN_KVM_FEATURES;
         }
     }
 }
