@@ -65,16 +65,9 @@ impl Vm {
     /// snapshot can always tell what changed since the previous one.
     pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
         for (slot, (guest, size, host)) in memory::regions(mem).into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: guest,
-                memory_size: size,
-                userspace_addr: host,
-            };
             // SAFETY: the region maps memory owned by `mem`, which the VMM keeps
             // alive (and at the same address) for as long as the VM exists.
-            unsafe { self.fd.set_user_memory_region(region) }
+            unsafe { self.set_slot(slot, guest, size, host, KVM_MEM_LOG_DIRTY_PAGES) }
                 .map_err(kvm_err("register guest memory"))?;
         }
         Ok(())
@@ -90,19 +83,33 @@ impl Vm {
     /// a revert wants anyway. vCPUs must be paused.
     pub fn reload_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
         for (slot, (guest, _, host)) in memory::regions(mem).into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: guest,
-                memory_size: 0,
-                userspace_addr: host,
-            };
             // SAFETY: a zero-sized region deletes the slot; no memory is
             // handed to KVM.
-            unsafe { self.fd.set_user_memory_region(region) }
+            unsafe { self.set_slot(slot, guest, 0, host, 0) }
                 .map_err(kvm_err("remove a guest memory slot"))?;
         }
         self.register_memory(mem)
+    }
+
+    /// # Safety
+    /// `host..host + size` must stay mapped for as long as the slot exists.
+    unsafe fn set_slot(
+        &self,
+        slot: usize,
+        guest: u64,
+        size: u64,
+        host: u64,
+        flags: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: guest,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller vouches for the mapping (see above).
+        unsafe { self.fd.set_user_memory_region(region) }
     }
 }
 
