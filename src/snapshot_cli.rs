@@ -37,8 +37,9 @@ pub enum SnapshotCmd {
         name: String,
         #[arg(long)]
         vm: Option<String>,
-        /// Also show each vCPU's registers, MSRs and pending events (where
-        /// was the guest when it was captured?).
+        /// Also show each vCPU's registers, MSRs and pending events, and the
+        /// UARTs' and virtio queues' state (where was the guest when it was
+        /// captured, and what was it waiting for?).
         #[arg(long)]
         vcpus: bool,
     },

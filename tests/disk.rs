@@ -14,23 +14,13 @@ fn disk_tick(line: &str) -> Option<u64> {
 }
 
 fn qemu_img(args: &[&str]) -> Option<String> {
-    match std::process::Command::new("qemu-img").args(args).output() {
-        Ok(o) => {
-            assert!(
-                o.status.success(),
-                "qemu-img {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Some(String::from_utf8_lossy(&o.stdout).into_owned())
-        }
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("qemu-img is missing and CI=true")
-        }
-        Err(_) => {
-            eprintln!("SKIPPED qemu-img checks: qemu-img is not installed");
-            None
-        }
-    }
+    let o = host_tool("qemu-img", args)?;
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn check_all_overlays(home: &Home) {

@@ -6,15 +6,11 @@
 
 mod common;
 use common::*;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn images() -> rewind::images::LinuxImages {
     rewind::images::linux_images()
         .expect("the Linux guest images build (guest-images/linux/build.sh)")
-}
-
-fn milestone(lines: &[String], text: &str) -> bool {
-    lines.iter().any(|l| l.contains(text))
 }
 
 /// One boot of the microvm kernel: milestones, then commands through the
@@ -30,48 +26,23 @@ fn microvm_kernel_boots_and_runs_commands() {
     let img = images();
     let home = Home::new("linux");
     let (kernel, initrd) = (img.microvm(), img.initramfs());
-    let started = Instant::now();
-    let vm = VmProcess::start(
+    let (vm, _) = boot_linux(
         &home,
         "lx",
         &[
-            "run",
-            "--name",
-            "lx",
             "--kernel",
             kernel.to_str().unwrap(),
             "--initrd",
             initrd.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "1500",
+        ],
+        &[
+            "Linux version 6.1",
+            "Hypervisor detected: KVM",
+            "found SMP MP-table",
+            "serial8250: ttyS0 at I/O 0x3f8",
+            "Run /init as init process",
         ],
     );
-    vm.socket_ready();
-    let ready = vm.wait_long(0, "REWIND-READY", Duration::from_secs(1200), |l| {
-        l == "REWIND-READY" || l.contains("Kernel panic")
-    });
-    let lines = vm.lines();
-    eprintln!(
-        "microvm kernel: {:.0} s to REWIND-READY or panic",
-        started.elapsed().as_secs_f64()
-    );
-    for m in [
-        "Linux version 6.1",
-        "Hypervisor detected: KVM",
-        "found SMP MP-table",
-        "serial8250: ttyS0 at I/O 0x3f8",
-        "Run /init as init process",
-    ] {
-        assert!(
-            milestone(&lines, m),
-            "milestone {m:?} missing:\n{}",
-            lines.join("\n")
-        );
-    }
-    let ready = ready.expect("userspace started");
-    assert_eq!(lines[ready], "REWIND-READY", "{}", lines.join("\n"));
     // Pipelines of freshly exec'd programs running side by side: on PVM hosts
     // glibc used AVX2 there, which the guest kernel does not preserve across
     // task switches, and 2 in 15 of these died (`segfault at 0 ip 4a4d02`)

@@ -7,21 +7,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn tool(name: &str, args: &[&str]) -> Option<std::process::Output> {
-    match Command::new(name).args(args).output() {
-        Ok(o) => Some(o),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{name} is missing and CI=true")
-        }
-        Err(_) => {
-            eprintln!("SKIPPED {name} checks: {name} is not installed");
-            None
-        }
-    }
-}
 
 fn qcow2_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
@@ -39,7 +24,7 @@ fn qcow2_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// debugfs reads `files` out of it.
 fn check_ext4(image: &Path, files: &[(&str, Option<&str>)]) {
     let img = image.to_str().unwrap();
-    let Some(o) = tool("e2fsck", &["-y", "-E", "journal_only", img]) else {
+    let Some(o) = host_tool("e2fsck", &["-y", "-E", "journal_only", img]) else {
         return;
     };
     assert!(
@@ -48,7 +33,7 @@ fn check_ext4(image: &Path, files: &[(&str, Option<&str>)]) {
         stdout(&o),
         stderr(&o)
     );
-    let o = tool("e2fsck", &["-fn", img]).unwrap();
+    let o = host_tool("e2fsck", &["-fn", img]).unwrap();
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -57,7 +42,7 @@ fn check_ext4(image: &Path, files: &[(&str, Option<&str>)]) {
         stderr(&o)
     );
     for (path, want) in files {
-        let o = tool("debugfs", &["-R", &format!("cat {path}"), img]).unwrap();
+        let o = host_tool("debugfs", &["-R", &format!("cat {path}"), img]).unwrap();
         match want {
             Some(text) => assert_eq!(stdout(&o), *text, "{path} in {img}: {}", stderr(&o)),
             None => assert!(
@@ -81,47 +66,22 @@ fn ext4_root_disk_reverts_with_the_snapshot() {
     let base = home.path.join("root.ext4");
     std::fs::copy(img.rootfs(), &base).unwrap();
     let pristine = std::fs::read(img.rootfs()).unwrap();
-    let started = Instant::now();
-    let vm = VmProcess::start(
+    let (vm, _) = boot_linux(
         &home,
         "rd",
         &[
-            "run",
-            "--name",
-            "rd",
             "--kernel",
             img.microvm().to_str().unwrap(),
             "--disk",
             base.to_str().unwrap(),
             "--root",
-            "--console",
-            "stdio",
-            "--timeout",
-            "1500",
+        ],
+        &[
+            "virtio_blk virtio0: [vda]",
+            "EXT4-fs (vda): mounted filesystem",
+            "VFS: Mounted root (ext4 filesystem)",
         ],
     );
-    vm.socket_ready();
-    let ready = vm.wait_long(0, "REWIND-READY", Duration::from_secs(1200), |l| {
-        l == "REWIND-READY" || l.contains("Kernel panic")
-    });
-    let lines = vm.lines();
-    eprintln!(
-        "ext4 root: {:.0} s to REWIND-READY",
-        started.elapsed().as_secs_f64()
-    );
-    for m in [
-        "virtio_blk virtio0: [vda]",
-        "EXT4-fs (vda): mounted filesystem",
-        "VFS: Mounted root (ext4 filesystem)",
-    ] {
-        assert!(
-            lines.iter().any(|l| l.contains(m)),
-            "milestone {m:?} missing:\n{}",
-            lines.join("\n")
-        );
-    }
-    let ready = ready.expect("userspace started from the ext4 root");
-    assert_eq!(lines[ready], "REWIND-READY");
 
     let exec = |cmd: &str| {
         let o = home.run(&["exec", "--vm", "rd", "--timeout", "300", cmd]);
@@ -191,7 +151,7 @@ fn ext4_root_disk_reverts_with_the_snapshot() {
     qcow2_files(&home.path, &mut layers);
     assert!(layers.len() >= 2, "overlays: {layers:?}");
     for layer in layers {
-        if let Some(o) = tool("qemu-img", &["check", layer.to_str().unwrap()]) {
+        if let Some(o) = host_tool("qemu-img", &["check", layer.to_str().unwrap()]) {
             assert_eq!(
                 o.status.code(),
                 Some(0),

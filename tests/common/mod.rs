@@ -283,3 +283,69 @@ pub fn ticks_of(lines: &[String], cpu: usize) -> Vec<u64> {
         .map(|(_, n)| n)
         .collect()
 }
+
+/// Runs a host tool the checks need (qemu-img, e2fsck, ...). A missing tool
+/// skips those checks loudly, except under CI=true where it is a failure.
+pub fn host_tool(name: &str, args: &[&str]) -> Option<Output> {
+    match Command::new(name).args(args).output() {
+        Ok(o) => Some(o),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{name} is missing and CI=true")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED {name} checks: {name} is not installed");
+            None
+        }
+    }
+}
+
+/// Asks `vm` for a snapshot named `name` from another thread, so the caller
+/// can kill the VM in the middle of it; the handle says whether it finished.
+pub fn snapshot_in_background(home: &Home, vm: &str, name: &str) -> std::thread::JoinHandle<bool> {
+    let socket = home.socket(vm);
+    let body = serde_json::json!({ "name": name });
+    std::thread::spawn(move || {
+        matches!(
+            rewind::control::client::request(&socket, "PUT", "/snapshots", Some(&body), None),
+            Ok(r) if r.status == 200
+        )
+    })
+}
+
+/// Starts a Linux guest (`run_args` after `run`) and waits up to 20 minutes
+/// for REWIND-READY, printing how long it took; asserts that every one of
+/// `milestones` is on the console and that userspace came up.
+pub fn boot_linux(
+    home: &Home,
+    name: &str,
+    run_args: &[&str],
+    milestones: &[&str],
+) -> (VmProcess, Vec<String>) {
+    let started = std::time::Instant::now();
+    let mut args = vec!["run", "--name", name];
+    args.extend_from_slice(run_args);
+    args.extend_from_slice(&["--console", "stdio", "--timeout", "1500"]);
+    let vm = VmProcess::start(home, name, &args);
+    vm.socket_ready();
+    let ready = vm.wait_long(
+        0,
+        "REWIND-READY",
+        std::time::Duration::from_secs(1200),
+        |l| l == "REWIND-READY" || l.contains("Kernel panic"),
+    );
+    let lines = vm.lines();
+    eprintln!(
+        "{name}: {:.0} s to REWIND-READY or panic",
+        started.elapsed().as_secs_f64()
+    );
+    for m in milestones {
+        assert!(
+            lines.iter().any(|l| l.contains(m)),
+            "milestone {m:?} missing:\n{}",
+            lines.join("\n")
+        );
+    }
+    let ready = ready.expect("userspace started");
+    assert_eq!(lines[ready], "REWIND-READY", "{}", lines.join("\n"));
+    (vm, lines)
+}
