@@ -106,7 +106,9 @@ impl Console {
                 if POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
                     self.events.send(VmEvent::GuestExit(0));
                 }
-                if !inner.ready_seen && text == READY_LINE {
+                // Linux guests print it from the agent while the console
+                // shell starts, so it may follow the shell's prompt.
+                if !inner.ready_seen && text.ends_with(READY_LINE) {
                     inner.ready_seen = true;
                     self.events.send(VmEvent::Ready);
                 }

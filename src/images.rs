@@ -38,6 +38,11 @@ const RECIPE: &[(&str, &str, bool)] = &[
         include_str!("../guest-images/linux/microvm.config"),
         false,
     ),
+    (
+        "debian-versions",
+        include_str!("../guest-images/linux/debian-versions"),
+        false,
+    ),
     ("init", include_str!("../guest-images/linux/init"), true),
     ("agent", include_str!("../guest-images/linux/agent"), true),
     (

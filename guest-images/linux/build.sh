@@ -5,9 +5,10 @@
 #
 # Outputs go to ${REWIND_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rewind/images}/<key>/, where
 # <key> is the first 16 hex digits of a sha256 over every input: this script, microvm.config,
-# init, agent, patches/*.patch and the exact Debian versions of linux-source-6.1, the cloud
-# kernel package and busybox-static. stdout gets only that directory; progress (one line per
-# step, with elapsed seconds) goes to stderr. A rerun with the same inputs only hashes files.
+# debian-versions (the pinned versions of linux-source-6.1, the cloud kernel package and
+# busybox-static), init, agent and patches/*.patch. stdout gets only that directory; progress
+# (one line per step, with elapsed seconds) goes to stderr. A rerun with the same inputs only
+# hashes files: it never asks apt, so an `apt-get update` does not trigger a rebuild.
 #
 #   microvm   -> vmlinux-microvm (ELF), config-microvm
 #   stock     -> vmlinuz-stock (Debian's bzImage), vmlinux-stock (ELF taken out of it),
@@ -28,7 +29,7 @@ target=${1:-all}
 jobs=${REWIND_JOBS:-2}
 t_start=$EPOCHREALTIME
 
-usage() { sed -n '2,19p' "$self" | sed 's/^# \{0,1\}//' >&2; exit "$1"; }
+usage() { sed -n '2,22p' "$self" | sed 's/^# \{0,1\}//' >&2; exit "$1"; }
 case $target in
 microvm | stock | initramfs | rootfs | all) ;;
 -h | --help) usage 0 ;;
@@ -65,15 +66,13 @@ run() { # run a command with its output in the build log; on failure show the lo
 }
 
 # ---------------------------------------------------------------- inputs and the cache key
-# Package versions come from apt-cache policy. apt-cache costs ~0.5 s a call here, so the answer
-# is memoised by a fingerprint of apt's package lists and configuration (a new `apt-get update`
-# or sources change gives a new fingerprint, hence a fresh look-up and possibly a new key).
-apt_fingerprint() {
-	{
-		stat -c '%n %s %Y' /var/lib/apt/lists/* /etc/apt/sources.list /etc/apt/sources.list.d/* \
-			/etc/apt/preferences /etc/apt/preferences.d/* 2>/dev/null || true
-		echo "stock-pkg=${REWIND_STOCK_KERNEL_PKG:-}"
-	} | sha256sum | cut -c1-16
+# The Debian versions are pinned in debian-versions (bumped on purpose), so an `apt-get update`
+# never changes the key: a cached build is found without asking apt anything. A pin the archive
+# no longer offers (Debian drops superseded kernel versions) falls back to apt's candidate, said
+# loudly on stderr and recorded in the output's inputs.txt.
+pins="$here/debian-versions"
+pin() { # PKG -> the pinned version (or the pinned package name for the stock kernel)
+	awk -v k="$1" '!/^#/ && $1 == k { print $2; exit }' "$pins"
 }
 candidate() { # PKG -> candidate version
 	local v
@@ -81,25 +80,34 @@ candidate() { # PKG -> candidate version
 	[ -n "$v" ] && [ "$v" != "(none)" ] || return 1
 	printf '%s\n' "$v"
 }
-resolve_versions() { # sets SRC_VER CLOUD_PKG CLOUD_VER BB_VER
-	local memo
-	memo="$cache/apt-resolved/$(apt_fingerprint)"
-	if [ -s "$memo" ]; then
-		local k v
-		while IFS='=' read -r k v; do
-			case $k in SRC_VER | CLOUD_PKG | CLOUD_VER | BB_VER) printf -v "$k" '%s' "$v" ;; esac
-		done <"$memo"
-		[ -n "${SRC_VER:-}" ] && [ -n "${CLOUD_PKG:-}" ] && [ -n "${CLOUD_VER:-}" ] && [ -n "${BB_VER:-}" ] && return 0
+offered() { # PKG VERSION: does apt offer exactly this version?
+	apt-cache madison "$1" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$2"
+}
+pinned_or_candidate() { # PKG -> the pinned version if offered, else the candidate (with a warning)
+	local want v
+	want=$(pin "$1")
+	if [ -n "$want" ] && offered "$1" "$want"; then
+		printf '%s\n' "$want"
+		return 0
 	fi
-	step "resolve Debian package versions (apt-cache policy)"
+	v=$(candidate "$1") || return 1
+	printf 'rewind-image: warning: %s %s (pinned in %s) is not offered by apt any more; building with %s (update the pin)\n' \
+		"$1" "${want:-?}" "$pins" "$v" >&2
+	printf '%s\n' "$v"
+}
+resolve_versions() { # sets SRC_VER CLOUD_PKG CLOUD_VER BB_VER (slow path only)
+	step "resolve Debian package versions (pins in debian-versions)"
 	if ! candidate busybox-static >/dev/null; then
 		step "apt-get update (no usable package lists)"
 		apt-get update -q >&2 || die "apt-get update failed"
-		memo="$cache/apt-resolved/$(apt_fingerprint)"
 	fi
-	SRC_VER=$(candidate linux-source-6.1) || die "no installable linux-source-6.1 (apt-get update?)"
-	BB_VER=$(candidate busybox-static) || die "no installable busybox-static"
-	CLOUD_PKG=${REWIND_STOCK_KERNEL_PKG:-}
+	SRC_VER=$(pinned_or_candidate linux-source-6.1) || die "no installable linux-source-6.1 (apt-get update?)"
+	BB_VER=$(pinned_or_candidate busybox-static) || die "no installable busybox-static"
+	CLOUD_PKG=${REWIND_STOCK_KERNEL_PKG:-$(pin stock-kernel-package)}
+	if [ -n "$CLOUD_PKG" ] && ! candidate "$CLOUD_PKG" >/dev/null; then
+		echo "rewind-image: warning: $CLOUD_PKG is not offered by apt any more; using the current cloud kernel" >&2
+		CLOUD_PKG=""
+	fi
 	if [ -z "$CLOUD_PKG" ]; then
 		# The cloud kernel ABI that Debian's metapackage currently points at, e.g.
 		# linux-image-6.1.0-56-cloud-amd64 -> linux-image-6.1.0-56-cloud-amd64-unsigned.
@@ -113,16 +121,12 @@ resolve_versions() { # sets SRC_VER CLOUD_PKG CLOUD_VER BB_VER
 			awk '{ print $1 }' | sort -V | tail -n1)
 	fi
 	[ -n "$CLOUD_PKG" ] || die "no linux-image-6.1*-cloud-amd64-unsigned package found"
-	CLOUD_VER=$(candidate "$CLOUD_PKG") || die "no installable $CLOUD_PKG"
-	mkdir -p "$cache/apt-resolved"
-	printf 'SRC_VER=%s\nCLOUD_PKG=%s\nCLOUD_VER=%s\nBB_VER=%s\n' \
-		"$SRC_VER" "$CLOUD_PKG" "$CLOUD_VER" "$BB_VER" >"$memo.tmp.$$"
-	mv -f "$memo.tmp.$$" "$memo"
+	CLOUD_VER=$(pinned_or_candidate "$CLOUD_PKG") || die "no installable $CLOUD_PKG"
 }
 
 input_files() { # the recipe's own files, relative to $here, in a fixed order
 	local f
-	for f in build.sh microvm.config init agent; do printf '%s\n' "$f"; done
+	for f in build.sh microvm.config debian-versions init agent; do printf '%s\n' "$f"; done
 	if [ -d "$here/patches" ]; then
 		(cd "$here" && find patches -type f -name '*.patch' | LC_ALL=C sort)
 	fi
@@ -133,9 +137,7 @@ describe_inputs() { # everything the key covers, human-readable (also stored as 
 	while read -r f; do
 		printf 'file %s %s\n' "$f" "$(sha256sum <"$here/$f" | cut -c1-64)"
 	done < <(input_files)
-	printf 'deb linux-source-6.1 %s\n' "$SRC_VER"
-	printf 'deb %s %s\n' "$CLOUD_PKG" "$CLOUD_VER"
-	printf 'deb busybox-static %s\n' "$BB_VER"
+	printf 'stock kernel override %s\n' "${REWIND_STOCK_KERNEL_PKG:--}"
 }
 
 artefacts_for() {
@@ -152,7 +154,6 @@ all_present() { # DIR: every artefact of $target is there
 	for a in $(artefacts_for "$target"); do [ -f "$1/$a" ] || return 1; done
 }
 
-resolve_versions
 inputs=$(describe_inputs)
 key=$(printf '%s\n' "$inputs" | sha256sum | cut -c1-16)
 outdir="$cache/$key"
@@ -166,6 +167,7 @@ fi
 
 # ---------------------------------------------------------------- slow path
 [ "$(id -u)" = 0 ] || die "building needs root (apt-get install, mknod of /dev nodes in the initramfs)"
+resolve_versions
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
 if ! flock -n 9; then
@@ -451,7 +453,12 @@ fi
 
 # ---------------------------------------------------------------- publish
 step "publish into $outdir"
-printf '%s\n' "$inputs" >"$stage/inputs.txt"
+{
+	printf '%s\n' "$inputs"
+	printf 'built from deb linux-source-6.1 %s\n' "$SRC_VER"
+	printf 'built from deb %s %s\n' "$CLOUD_PKG" "$CLOUD_VER"
+	printf 'built from deb busybox-static %s\n' "$BB_VER"
+} >"$stage/inputs.txt"
 for f in vmlinux-microvm vmlinux-stock; do # ELF facts a VMM's loader cares about
 	elf=$stage/$f
 	[ -f "$elf" ] || elf=$outdir/$f
