@@ -288,7 +288,12 @@ impl Vmm {
                         }
                         match crate::snapshot::store::delete_with_layers(&dir) {
                             Ok(r) => (
-                                ok(serde_json::json!({ "deleted": name, "layers": r })),
+                                ok(serde_json::json!({
+                                    "deleted": name,
+                                    "layers": r.layers,
+                                    "reparented": r.reparented,
+                                    "new_parent": r.new_parent,
+                                })),
                                 false,
                             ),
                             Err(e) => (fail(500, &e), false),

@@ -1,0 +1,108 @@
+//! The CLI as a new user meets it: a closed pipe ends the VM, exec against
+//! a guest without an agent is refused at once, VM folders are cleaned up,
+//! listed (`ps`) and removed (`rm`), and deleting a snapshot keeps the
+//! tree whole and goes through the running VM.
+
+mod common;
+use common::*;
+
+fn ticking_vm(home: &Home, name: &str) -> VmProcess {
+    let vm = VmProcess::start(
+        home,
+        name,
+        &[
+            "run",
+            "--name",
+            name,
+            "--console",
+            "stdio",
+            "--timeout",
+            "120",
+            "--append",
+            "period_ms=20 region=2",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
+    vm
+}
+
+fn info(home: &Home, name: &str) -> serde_json::Value {
+    let o = home.run(&["snapshot", "info", name, "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+#[test]
+fn deleting_a_snapshot_keeps_the_tree_whole() {
+    if !kvm_available("delete keeps lineage") {
+        return;
+    }
+    let home = Home::new("lineage");
+    let vm = ticking_vm(&home, "v");
+    for name in ["a", "b", "c"] {
+        vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": name})));
+    }
+    assert_eq!(info(&home, "c")["parent"], "b");
+
+    // The VM runs, so the delete goes through it; b's child c takes a.
+    let o = home.run(&["snapshot", "delete", "b", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("through running VM v"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("re-parented ") && l.contains("snapshots/c to a")),
+        "{out}"
+    );
+    assert_eq!(info(&home, "c")["parent"], "a");
+    let tree = stdout(&home.run(&["snapshot", "list", "--tree", "--vm", "v"]));
+    let indent = |n: &str| {
+        let l = tree
+            .lines()
+            .find(|l| {
+                l.trim_start_matches('*')
+                    .trim_start()
+                    .starts_with(&format!("{n} "))
+            })
+            .unwrap_or_else(|| panic!("{n} not in tree:\n{tree}"));
+        l.trim_start_matches('*').len() - l.trim_start_matches('*').trim_start().len()
+    };
+    assert!(indent("c") > indent("a"), "{tree}");
+
+    // Deleting the running VM's baseline through it: its next snapshot
+    // names no parent that is gone.
+    let o = home.run(&["snapshot", "delete", "c", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        vm.api_ok("GET", "/vm", None)["baseline"],
+        serde_json::Value::Null
+    );
+    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "d"})));
+    assert_eq!(info(&home, "d")["parent"], serde_json::Value::Null);
+    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "e"})));
+    assert_eq!(vm.stop(), Some(0));
+
+    // Stopped: the store does it; d was a root, so its child e becomes one.
+    let o = home.run(&["snapshot", "delete", "d", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains("through running VM"), "{out}");
+    assert!(out.contains("snapshots/e to nothing"), "{out}");
+    assert_eq!(info(&home, "e")["parent"], serde_json::Value::Null);
+    let o = home.run(&[
+        "restore",
+        "e",
+        "--vm",
+        "v",
+        "--name",
+        "r",
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--expect",
+        "tick [0-9]+ ok",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
