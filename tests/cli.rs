@@ -5,6 +5,8 @@
 
 mod common;
 use common::*;
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
 
 fn ticking_vm(home: &Home, name: &str) -> VmProcess {
     let vm = VmProcess::start(
@@ -25,6 +27,64 @@ fn ticking_vm(home: &Home, name: &str) -> VmProcess {
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm
+}
+
+/// Waits (bounded) for a child to exit; None if it still runs at `limit`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn closed_console_output_ends_the_vm() {
+    if !kvm_available("closed console") {
+        return;
+    }
+    let home = Home::new("epipe");
+    // `rewind run ... | head -2`, with a timeout far beyond the test's limit.
+    let mut child = home.spawn(&[
+        "run",
+        "--name",
+        "p",
+        "--console",
+        "stdio",
+        "--timeout",
+        "300",
+        "--append",
+        "period_ms=20 region=2",
+    ]);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..2 {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "console ended early");
+    }
+    drop(out);
+    let t = Instant::now();
+    let status = exit_within(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(
+        status,
+        Some(141),
+        "rewind did not end within 10 s of its console output closing"
+    );
+    eprintln!(
+        "ended {:.0} ms after the pipe closed",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 fn info(home: &Home, name: &str) -> serde_json::Value {
