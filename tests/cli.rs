@@ -85,6 +85,128 @@ fn closed_console_output_ends_the_vm() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!err.contains("panicked"), "{err}");
+    assert!(!home.path.join("vms/p").exists(), "folder left behind");
+}
+
+#[test]
+fn exec_without_an_agent_is_refused_at_once() {
+    if !kvm_available("exec without agent") {
+        return;
+    }
+    let home = Home::new("noagent");
+    let vm = ticking_vm(&home, "t");
+    let t = Instant::now();
+    // Without the check this waits the whole --timeout and exits 124 (or 1).
+    let o = home.run(&["exec", "--vm", "t", "--timeout", "30", "echo hi"]);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no exec agent"), "{}", stderr(&o));
+    // The VM is unharmed and still answers.
+    let n = vm.lines().len();
+    vm.wait_for(n, "more ticks", |l| parse_tick(l).is_some());
+    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "s"})));
+    assert_eq!(vm.stop(), Some(0));
+
+    let o = home.run(&["run", "--exec", "echo hi", "--timeout", "30"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no exec agent"), "{}", stderr(&o));
+    let o = home.run(&["restore", "s", "--vm", "t", "--exec", "echo hi"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no exec agent"), "{}", stderr(&o));
+}
+
+fn vm_folders(home: &Home) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.path.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn vm_folders_are_cleaned_listed_and_removed() {
+    if !kvm_available("vm folders") {
+        return;
+    }
+    let home = Home::new("folders");
+    // A run that ends, one that times out, one that fails to build, with or
+    // without --name: nothing left behind.
+    let o = home.run(&["run", "--console", "none", "--append", "mode=exit"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = home.run(&[
+        "run",
+        "--name",
+        "n",
+        "--console",
+        "none",
+        "--timeout",
+        "0.3",
+    ]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    let o = home.run(&["run", "--name", "bad", "--console", "none", "--mem", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(vm_folders(&home), Vec::<String>::new());
+
+    // A VM with snapshots keeps its folder; a clone restored from it and
+    // stopped without snapshots of its own leaves nothing.
+    let vm = ticking_vm(&home, "keep");
+    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "s"})));
+    let o = home.run(&["ps"]);
+    let ps = stdout(&o);
+    let row = ps
+        .lines()
+        .find(|l| l.starts_with("keep "))
+        .unwrap_or_else(|| panic!("keep not in ps:\n{ps}"));
+    assert!(row.contains(&vm.pid().to_string()), "{ps}");
+    assert!(row.contains("running"), "{ps}");
+    assert!(row.contains(home.socket("keep").to_str().unwrap()), "{ps}");
+    // A running VM is not removed without --force.
+    let o = home.run(&["rm", "keep"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is running"), "{}", stderr(&o));
+    assert!(home.path.join("vms/keep/snapshots/s").is_dir());
+    assert_eq!(vm.stop(), Some(0));
+    let o = home.run(&[
+        "restore",
+        "s",
+        "--vm",
+        "keep",
+        "--name",
+        "clone",
+        "--console",
+        "none",
+        "--timeout",
+        "0.5",
+    ]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert_eq!(vm_folders(&home), vec!["keep".to_string()]);
+    // ps lists running VMs only; --all adds stopped ones that left a folder.
+    assert!(!stdout(&home.run(&["ps"])).contains("keep"));
+    let all = stdout(&home.run(&["ps", "--all"]));
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("keep ") && l.contains("stopped")),
+        "{all}"
+    );
+
+    let o = home.run(&["rm", "keep"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(vm_folders(&home), Vec::<String>::new());
+    let o = home.run(&["rm", "keep"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no VM named"), "{}", stderr(&o));
+
+    // --force stops a running VM, then removes it.
+    let vm = ticking_vm(&home, "f");
+    vm.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "s"})));
+    let o = home.run(&["rm", "--force", "f"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (status, _) = vm.wait_exit();
+    assert_eq!(status, Some(0));
+    assert_eq!(vm_folders(&home), Vec::<String>::new());
 }
 
 fn info(home: &Home, name: &str) -> serde_json::Value {

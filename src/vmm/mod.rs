@@ -481,6 +481,16 @@ impl Vmm {
                 if fds[i].revents & libc::POLLIN != 0 {
                     if let Some((stream, parsed)) = server.accept_command() {
                         match parsed {
+                            Ok(Command::Exec { .. }) if !self.config.guest.has_agent() => {
+                                let msg = format!(
+                                    "VM {} runs the test guest, which has no exec agent (exec needs a Linux guest)",
+                                    self.config.name
+                                );
+                                crate::control::server::respond(
+                                    &stream,
+                                    &ApiResponse::error(409, msg),
+                                );
+                            }
                             Ok(Command::Exec { cmd, timeout_s }) => {
                                 let timeout = timeout_s
                                     .map(Duration::from_secs)
