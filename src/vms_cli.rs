@@ -44,7 +44,10 @@ fn has_disk_files(vm_dir: &Path) -> bool {
 /// VM's socket calls this, after closing it.
 pub fn cleanup_on_exit(name: &str) {
     let dir = paths::vm_dir(name);
-    if snapshot_count(name) == 0 && !has_disk_files(&dir) {
+    // Our socket is gone by now: one there belongs to a new process that
+    // took the name in the meantime.
+    let reused = paths::api_socket(name).exists();
+    if !reused && snapshot_count(name) == 0 && !has_disk_files(&dir) {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -288,3 +288,65 @@ fn deleting_a_snapshot_keeps_the_tree_whole() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+#[test]
+fn rm_leaves_clones_and_their_snapshots_usable() {
+    if !kvm_available("rm with clones") {
+        return;
+    }
+    let home = Home::new("rmclones");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0x5Au8; 8 << 20]).unwrap();
+    let disk_args =
+        |name: &'static str| vec!["--name", name, "--console", "stdio", "--timeout", "120"];
+    let mut args = vec!["run", "--disk", base.to_str().unwrap()];
+    args.extend(disk_args("a"));
+    args.extend(["--append", "mode=disk period_ms=50 disk_sectors=2048"]);
+    let a = VmProcess::start(&home, "a", &args);
+    a.socket_ready();
+    a.wait_for(0, "tick 2", |l| l == "tick 2 disk ok");
+    a.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "s"})));
+    assert_eq!(a.stop(), Some(0));
+    // b is a clone of a's snapshot s, with a snapshot t of its own.
+    let mut args = vec!["restore", "s", "--vm", "a"];
+    args.extend(disk_args("b"));
+    let b = VmProcess::start(&home, "b", &args);
+    b.socket_ready();
+    let n = b.wait_for(0, "a tick", |l| l.ends_with(" disk ok"));
+    b.wait_for(n + 1, "another tick", |l| l.ends_with(" disk ok"));
+    b.api_ok("PUT", "/snapshots", Some(serde_json::json!({"name": "t"})));
+    // rm a while its clone runs: t takes s's disk data and loses s as parent.
+    let o = home.run(&["rm", "a"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!home.path.join("vms/a").exists());
+    let o = home.run(&["snapshot", "info", "t", "--vm", "b"]);
+    let t: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(t["parent"], serde_json::Value::Null);
+    let n = b.lines().len();
+    b.wait_for(n, "b ticks on", |l| l.ends_with(" disk ok"));
+    let lines = b.lines();
+    assert_eq!(b.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
+    for f in std::fs::read_dir(home.path.join("vms/b/disks")).unwrap() {
+        let p = f.unwrap().path();
+        if let Some(o) = host_tool("qemu-img", &["check", p.to_str().unwrap()]) {
+            assert!(o.status.success(), "{}: {}", p.display(), stdout(&o));
+        }
+    }
+    let o = home.run(&[
+        "restore",
+        "t",
+        "--vm",
+        "b",
+        "--name",
+        "c",
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--expect",
+        "^tick [0-9]+ disk ok$",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("CORRUPT"), "{}", stdout(&o));
+}
