@@ -511,6 +511,18 @@ pub(crate) fn stop(vm: &str) -> Result<i32, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }
+    ) {
+        // Listings end quietly when their reader leaves (`rewind ps | head
+        // -1`), as other Unix tools do, instead of panicking in println!.
+        // A VM (and what spawns VMs) keeps EPIPE as an error so it can end
+        // cleanly (status 141).
+        // SAFETY: restores the default action for one signal before any
+        // thread exists; no handler is involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),

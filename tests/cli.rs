@@ -350,3 +350,25 @@ fn rm_leaves_clones_and_their_snapshots_usable() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stdout(&o).contains("CORRUPT"), "{}", stdout(&o));
 }
+
+#[test]
+fn listings_end_quietly_when_their_reader_leaves() {
+    // No VM needed: stopped VM folders are enough for a long `ps --all`.
+    let home = Home::new("listpipe");
+    // About 100 KiB of output: more than a pipe buffers.
+    for i in 0..2000 {
+        std::fs::create_dir_all(home.path.join(format!("vms/stopped-vm-{i:05}"))).unwrap();
+    }
+    let mut child = home.spawn(&["ps", "--all"]);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("NAME"), "{line}");
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+}
