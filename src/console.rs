@@ -14,6 +14,8 @@ use crate::events::{VmEvent, VmEventSender};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleTarget {
     Stdio,
+    /// Output to stderr, so stdout carries only `--exec`'s output.
+    Stderr,
     None,
     File(PathBuf),
 }
@@ -23,6 +25,7 @@ impl std::str::FromStr for ConsoleTarget {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
             "stdio" => ConsoleTarget::Stdio,
+            "stderr" => ConsoleTarget::Stderr,
             "none" => ConsoleTarget::None,
             path => ConsoleTarget::File(PathBuf::from(path)),
         })
@@ -69,6 +72,7 @@ impl Console {
     ) -> io::Result<Arc<Self>> {
         let out: Option<Box<dyn Write + Send>> = match target {
             ConsoleTarget::Stdio => Some(Box::new(io::stdout())),
+            ConsoleTarget::Stderr => Some(Box::new(io::stderr())),
             ConsoleTarget::None => None,
             ConsoleTarget::File(p) => Some(Box::new(File::create(p)?)),
         };
@@ -93,8 +97,15 @@ impl Console {
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut inner = lock(&self.inner);
         if let Some(out) = inner.out.as_mut() {
-            // The guest must not stall or die because the host's stdout is gone.
-            let _ = out.write_all(bytes).and_then(|_| out.flush());
+            // Nobody reads any more (`rewind run | head`): end the VM, as
+            // QEMU does on SIGPIPE, instead of running on unseen until the
+            // timeout. Other errors must not stall or kill the guest.
+            if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    inner.out = None;
+                    self.events.send(VmEvent::ConsoleClosed);
+                }
+            }
         }
         for &b in bytes {
             if b == b'\n' {

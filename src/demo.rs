@@ -97,8 +97,24 @@ pub fn run() -> Result<i32, String> {
         && tick_of(&second) == Some(5)
         && clone_status == Some(0)
         && vm_status == Some(0);
+    // The demo leaves nothing behind (the clone's folder went with its
+    // process); a failed demo keeps its VM for a look.
+    let cleanup = if ok {
+        match crate::vms_cli::remove(&name) {
+            Ok(_) => format!("VM {name} and its snapshot removed."),
+            Err(
+                crate::Failure::Usage(e) | crate::Failure::Runtime(e) | crate::Failure::Timeout(e),
+            ) => {
+                format!("could not remove VM {name}: {e}")
+            }
+        }
+    } else {
+        format!(
+            "Look at it with: rewind snapshot list --vm {name}; remove it with: rewind rm {name}"
+        )
+    };
     println!(
-        "\n{} Snapshots stay on disk: rewind snapshot list --vm {name}",
+        "\n{} {cleanup}",
         if ok {
             "All steps verified by the guest itself."
         } else {

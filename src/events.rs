@@ -21,6 +21,8 @@ pub enum VmEvent {
     Ready,
     /// A vCPU hit something it cannot continue from; the text is one line.
     Fatal(String),
+    /// The console's reader went away (EPIPE on a pipe).
+    ConsoleClosed,
 }
 
 /// The sending half, cloned into every device and vCPU thread. The EventFd

@@ -21,6 +21,7 @@ mod bench;
 mod child_vm;
 mod demo;
 mod snapshot_cli;
+mod vms_cli;
 
 #[derive(Parser)]
 #[command(
@@ -37,14 +38,29 @@ struct Cli {
 enum Cmd {
     /// Boot a guest and run it until it ends, --expect matches or --timeout passes.
     Run(RunArgs),
-    /// Run CMD in a running Linux guest through its agent; exits with CMD's status.
+    /// Run CMD in a running Linux guest through its agent; exits with CMD's
+    /// status, 124 when --timeout passes, 2 at once for a guest without an
+    /// agent (the test guest).
     Exec {
         #[arg(long)]
         vm: String,
         cmd: String,
-        /// Give up after this many seconds (default 600).
+        /// Give up after this many seconds, counted from the request (exit 124).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// List running VMs: name, pid, state, snapshots, control socket.
+    Ps {
+        /// Also list stopped VMs that left a folder (they hold snapshots or disks).
         #[arg(long)]
-        timeout: Option<u64>,
+        all: bool,
+    },
+    /// Remove a stopped VM's folder, snapshots and disk layers.
+    Rm {
+        name: String,
+        /// Stop the VM first if it runs.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop a running VM through its control socket.
     Stop {
@@ -98,17 +114,20 @@ struct RestoreArgs {
 /// Console and run-end options shared by run and restore.
 #[derive(clap::Args, Clone)]
 pub struct IoArgs {
-    /// stdio (interactive; Ctrl-A x quits), none, or a file path.
-    #[arg(long, default_value = "stdio")]
-    console: ConsoleTarget,
-    /// End with status 124 after this many seconds.
+    /// stdio (interactive; Ctrl-A x quits), stderr, none, or a file path.
+    /// Default: stdio, or stderr with --exec (stdout then carries only the
+    /// command's output). A closed stdout (`| head`) ends the VM, status 141.
+    #[arg(long)]
+    console: Option<ConsoleTarget>,
+    /// End with status 124 after this many seconds from process start (boot
+    /// included). With --exec the default is 600.
     #[arg(long)]
     timeout: Option<f64>,
     /// End with status 0 at the first console line matching this regex.
     #[arg(long)]
     expect: Option<String>,
     /// Linux guests: run CMD through the guest agent once it is up, stream
-    /// its output, end with its exit status.
+    /// its output, end with its exit status (124 when --timeout passes).
     #[arg(long)]
     exec: Option<String>,
 }
@@ -175,12 +194,20 @@ const LINUX_DEFAULT_CMDLINE: &str =
 pub(crate) enum Failure {
     Usage(String),
     Runtime(String),
+    /// A command's time limit passed (exit 124, as `run --timeout`).
+    Timeout(String),
 }
 
 impl From<VmmError> for Failure {
     fn from(e: VmmError) -> Self {
+        use rewind::disk::DiskError;
+        use rewind::vmm::disks::DiskSetupError;
         match e {
-            VmmError::Config(_) | VmmError::Load(_) => Failure::Usage(e.to_string()),
+            VmmError::Config(_)
+            | VmmError::Load(_)
+            | VmmError::Disk(DiskSetupError::Disk(
+                DiskError::BaseMissing { .. } | DiskError::BaseChanged { .. },
+            )) => Failure::Usage(e.to_string()),
             other => Failure::Runtime(other.to_string()),
         }
     }
@@ -269,8 +296,23 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         ),
         None => None,
     };
+    let console = console_target(io.console.clone(), io.exec.is_some());
+    if let ConsoleTarget::File(p) = &console {
+        // Checked before anything is built, so a typo is a usage error.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .map_err(|e| Failure::Usage(format!("--console {}: {e}", p.display())))?;
+    }
+    // One rule for exec, here and in `rewind exec`: 600 s unless told.
+    let timeout = match (timeout, &io.exec) {
+        (None, Some(_)) => Some(rewind::vmm::DEFAULT_EXEC_TIMEOUT),
+        (t, _) => t,
+    };
     Ok(RunOptions {
-        console: io.console.clone(),
+        console,
         expect,
         timeout,
         exec: io.exec.clone(),
@@ -278,8 +320,19 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
     })
 }
 
+/// Where the console goes: as asked, else stdio, or stderr with `--exec`
+/// so that `$(rewind run --exec ...)` captures only the command's output.
+fn console_target(requested: Option<ConsoleTarget>, exec: bool) -> ConsoleTarget {
+    match requested {
+        Some(t) => t,
+        None if exec => ConsoleTarget::Stderr,
+        None => ConsoleTarget::Stdio,
+    }
+}
+
 /// Owns the VM directory and control socket for a run, builds the VM with
-/// `build` and runs it to its outcome.
+/// `build` and runs it to its outcome. The folder is removed at the end
+/// when nothing in it is worth keeping (see `vms_cli::cleanup_on_exit`).
 fn host_vm(
     name: &str,
     generated: bool,
@@ -291,8 +344,28 @@ fn host_vm(
     let dir = paths::vm_dir(name);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
-    let control = ControlServer::bind(&paths::api_socket(name))
-        .map_err(|e| Failure::Runtime(format!("VM {name:?}: {e}")))?;
+    let control = ControlServer::bind(&paths::api_socket(name)).map_err(|e| match e {
+        // The name is taken, like a snapshot name that exists: bad input.
+        rewind::control::ControlError::InUse { .. } => {
+            Failure::Usage(format!("VM name {name:?} is taken by a running VM ({e})"))
+        }
+        _ => Failure::Runtime(format!("VM {name:?}: {e}")),
+    })?;
+    // From here this process owns the name, so it may remove the folder.
+    let result = run_hosted(name, generated, opts, &control, &signals, build);
+    drop(control);
+    vms_cli::cleanup_on_exit(name);
+    result
+}
+
+fn run_hosted(
+    name: &str,
+    generated: bool,
+    opts: &RunOptions,
+    control: &ControlServer,
+    signals: &SignalFd,
+    build: impl FnOnce() -> Result<Vmm, VmmError>,
+) -> Result<i32, Failure> {
     let mut vmm = build()?;
     if generated {
         eprintln!("rewind: VM name {name}");
@@ -300,7 +373,7 @@ fn host_vm(
     if vmm.host == HostKind::Pvm {
         eprintln!("rewind: {}", vmm.host.describe());
     }
-    let outcome = vmm.run(opts, Some(&control), Some(&signals))?;
+    let outcome = vmm.run(opts, Some(control), Some(signals))?;
     drop(vmm);
     if let Some(msg) = outcome.message() {
         eprintln!("rewind: {msg}");
@@ -310,6 +383,11 @@ fn host_vm(
 
 fn run(args: RunArgs) -> Result<i32, Failure> {
     let config = build_config(&args)?;
+    if args.io.exec.is_some() && !config.guest.has_agent() {
+        return Err(Failure::Usage(
+            "--exec needs a Linux guest: the test guest has no exec agent".into(),
+        ));
+    }
     let mut opts = run_options(&args.io)?;
     let name = config.name.clone();
     if args.boot_cache {
@@ -348,6 +426,14 @@ fn restore(args: RestoreArgs) -> Result<i32, Failure> {
     let opts = run_options(&args.io)?;
     let dir = store::resolve(&args.snapshot, args.vm.as_deref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    if args.io.exec.is_some()
+        && store::read_manifest(&dir).is_ok_and(|m| !m.config.guest.has_agent())
+    {
+        return Err(Failure::Usage(
+            "--exec needs a Linux guest: this snapshot is of the test guest, which has no exec agent"
+                .into(),
+        ));
+    }
     let name = match &args.name {
         Some(n) if !valid_name(n) => return Err(Failure::Usage(format!("invalid VM name {n:?}"))),
         Some(n) => n.clone(),
@@ -366,19 +452,31 @@ fn api(
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, Failure> {
     let socket = paths::api_socket(vm);
-    let resp = client::request(&socket, method, path, body.as_ref(), None)
-        .map_err(|e| Failure::Runtime(format!("VM {vm:?}: {e}")))?;
+    let resp = client::request(&socket, method, path, body.as_ref(), None).map_err(|e| {
+        match e {
+            // Naming a VM that does not run is the caller's mistake.
+            rewind::control::ControlError::NotListening { .. } => {
+                Failure::Usage(format!("no VM named {vm:?} is running ({e})"))
+            }
+            _ => Failure::Runtime(format!("VM {vm:?}: {e}")),
+        }
+    })?;
     if !(200..300).contains(&resp.status) {
         let msg = resp.body["error"]
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| resp.body.to_string());
-        return Err(Failure::Runtime(msg));
+        // 4xx (bad name, no such snapshot, name taken, no agent): bad input.
+        return Err(match resp.status {
+            504 => Failure::Timeout(msg),
+            400..=499 => Failure::Usage(msg),
+            _ => Failure::Runtime(msg),
+        });
     }
     Ok(resp.body)
 }
 
-fn exec(vm: &str, cmd: &str, timeout: Option<u64>) -> Result<i32, Failure> {
+fn exec(vm: &str, cmd: &str, timeout: u64) -> Result<i32, Failure> {
     use std::io::Write;
     let body = serde_json::json!({ "cmd": cmd, "timeout_s": timeout });
     let r = api(vm, "PUT", "/vm/exec", Some(body))?;
@@ -387,7 +485,7 @@ fn exec(vm: &str, cmd: &str, timeout: Option<u64>) -> Result<i32, Failure> {
     Ok(r["status"].as_i64().unwrap_or(1) as i32)
 }
 
-fn stop(vm: &str) -> Result<i32, Failure> {
+pub(crate) fn stop(vm: &str) -> Result<i32, Failure> {
     let socket = paths::api_socket(vm);
     let resp = client::request(
         &socket,
@@ -396,7 +494,12 @@ fn stop(vm: &str) -> Result<i32, Failure> {
         None,
         Some(Duration::from_secs(30)),
     )
-    .map_err(|e| Failure::Runtime(format!("cannot stop VM {vm:?}: {e}")))?;
+    .map_err(|e| match e {
+        rewind::control::ControlError::NotListening { .. } => {
+            Failure::Usage(format!("no VM named {vm:?} is running ({e})"))
+        }
+        _ => Failure::Runtime(format!("cannot stop VM {vm:?}: {e}")),
+    })?;
     if resp.status != 200 {
         return Err(Failure::Runtime(format!(
             "VM {vm:?} refused to stop: {}",
@@ -408,10 +511,24 @@ fn stop(vm: &str) -> Result<i32, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }
+    ) {
+        // Listings end quietly when their reader leaves (`rewind ps | head
+        // -1`), as other Unix tools do, instead of panicking in println!.
+        // A VM (and what spawns VMs) keeps EPIPE as an error so it can end
+        // cleanly (status 141).
+        // SAFETY: restores the default action for one signal before any
+        // thread exists; no handler is involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
         Cmd::Exec { vm, cmd, timeout } => exec(&vm, &cmd, timeout),
+        Cmd::Ps { all } => vms_cli::ps(all),
+        Cmd::Rm { name, force } => vms_cli::rm(&name, force),
         Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
             println!("paused {vm} in {} us", r["pause_us"]);
             0
@@ -436,10 +553,36 @@ fn main() -> ExitCode {
             eprintln!("rewind: {}", one_line(&msg));
             ExitCode::from(1)
         }
+        Err(Failure::Timeout(msg)) => {
+            eprintln!("rewind: {}", one_line(&msg));
+            ExitCode::from(rewind::vmm::EXIT_TIMEOUT as u8)
+        }
     }
 }
 
 /// Errors from libraries (regex, io) may span lines; the user gets one.
 fn one_line(msg: &str) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_moves_the_default_console_off_stdout() {
+        assert_eq!(console_target(None, false), ConsoleTarget::Stdio);
+        assert_eq!(console_target(None, true), ConsoleTarget::Stderr);
+        // What the user asked for wins.
+        for exec in [false, true] {
+            assert_eq!(
+                console_target(Some(ConsoleTarget::Stdio), exec),
+                ConsoleTarget::Stdio
+            );
+            assert_eq!(
+                console_target(Some(ConsoleTarget::None), exec),
+                ConsoleTarget::None
+            );
+        }
+    }
 }

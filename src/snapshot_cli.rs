@@ -137,21 +137,49 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
-        SnapshotCmd::Delete { name, vm } => {
-            let dir =
-                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
-            let report =
-                store::delete_with_layers(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!(
-                "deleted {} (disk layers: {} merged into dependents, {} removed, {} kept under running VMs)",
-                dir.display(),
-                report.merged_into.len(),
-                report.removed.len(),
-                report.kept.len()
-            );
-        }
+        SnapshotCmd::Delete { name, vm } => delete(&name, vm.as_deref())?,
     }
     Ok(0)
+}
+
+/// Deletes through the owning VM's socket when that VM runs (it must
+/// forget a baseline that is gone), through the store when it does not.
+fn delete(name: &str, vm: Option<&str>) -> Result<(), Failure> {
+    let dir = store::resolve(name, vm).map_err(|e| Failure::Usage(e.to_string()))?;
+    let owner = dir
+        .parent()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|owner| store::snapshots_dir(owner).join(name) == dir);
+    let running = owner
+        .as_deref()
+        .filter(|o| std::os::unix::net::UnixStream::connect(rewind::paths::api_socket(o)).is_ok());
+    let (how, report) = match running {
+        Some(o) => {
+            let r = api(o, "DELETE", &format!("/snapshots/{name}"), None)?;
+            (format!(" through running VM {o}"), r)
+        }
+        None => {
+            let r = store::delete_with_layers(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            (String::new(), serde_json::to_value(&r).unwrap_or_default())
+        }
+    };
+    let count = |k: &str| report["layers"][k].as_array().map_or(0, Vec::len);
+    println!(
+        "deleted {}{how} (disk layers: {} merged into dependents, {} removed, {} kept under running VMs)",
+        dir.display(),
+        count("merged_into"),
+        count("removed"),
+        count("kept")
+    );
+    let parent = report["new_parent"]
+        .as_str()
+        .unwrap_or("nothing (now a root)");
+    for child in report["reparented"].as_array().into_iter().flatten() {
+        println!("re-parented {} to {parent}", child.as_str().unwrap_or("?"));
+    }
+    Ok(())
 }
 
 fn age(created_ms: u64) -> String {

@@ -172,3 +172,47 @@ fn no_kvm_device_and_no_permission() {
         eprintln!("SKIPPED no-permission part: /dev/kvm is world-accessible here");
     }
 }
+
+#[test]
+fn missing_disk_bad_console_and_unknown_vm_are_usage_errors() {
+    if !kvm_available("bad paths") {
+        return;
+    }
+    let home = Home::new("badpaths");
+    let o = home.run(&[
+        "run",
+        "--name",
+        "x",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+        "--disk",
+        "/nonexistent/disk.img",
+    ]);
+    assert_one_line_error(&o, 2, "/nonexistent/disk.img is missing");
+    let o = home.run(&[
+        "run",
+        "--name",
+        "x",
+        "--console",
+        "/nonexistent/dir/console.log",
+        "--timeout",
+        "10",
+    ]);
+    assert_one_line_error(&o, 2, "--console /nonexistent/dir/console.log");
+    for cmd in ["stop", "pause", "resume"] {
+        let o = home.run(&[cmd, "--vm", "nosuchvm"]);
+        assert_one_line_error(&o, 2, "no VM named \"nosuchvm\" is running");
+    }
+    let o = home.run(&["exec", "--vm", "nosuchvm", "true"]);
+    assert_one_line_error(&o, 2, "no VM named \"nosuchvm\" is running");
+    // Nothing was left behind by the refused runs.
+    let left: Vec<_> = std::fs::read_dir(home.path.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

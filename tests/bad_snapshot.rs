@@ -398,3 +398,60 @@ fn full_disk_fails_the_snapshot_cleanly() {
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")));
     std::mem::forget(small_home);
 }
+
+/// Status 2 and one line naming the problem.
+fn usage_error(o: &std::process::Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("PVM host")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+#[test]
+fn missing_duplicate_and_invalid_snapshot_names_are_usage_errors() {
+    if !kvm_available("snapshot usage errors") {
+        return;
+    }
+    let home = Home::new("snapusage");
+    let vm = VmProcess::start(
+        &home,
+        "v",
+        &[
+            "run",
+            "--name",
+            "v",
+            "--console",
+            "stdio",
+            "--timeout",
+            "120",
+            "--append",
+            "period_ms=20 region=2",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
+    let o = home.run(&["snapshot", "create", "x", "--vm", "v"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = home.run(&["snapshot", "create", "x", "--vm", "v"]);
+    usage_error(&o, "already exists");
+    for bad in ["../x", ".x", "a b"] {
+        let o = home.run(&["snapshot", "create", bad, "--vm", "v"]);
+        usage_error(&o, "Invalid snapshot name");
+    }
+    let o = home.run(&["snapshot", "revert", "nope", "--vm", "v"]);
+    usage_error(&o, "no snapshot named \"nope\"");
+    let o = home.run(&["snapshot", "info", "nope", "--vm", "v"]);
+    usage_error(&o, "no snapshot named \"nope\"");
+    let o = home.run(&["snapshot", "delete", "nope", "--vm", "v"]);
+    usage_error(&o, "no snapshot named \"nope\"");
+    let o = home.run(&["restore", "nope", "--vm", "v", "--console", "none"]);
+    usage_error(&o, "no snapshot named \"nope\"");
+    // The refusals cost nothing: x is intact and the VM still reverts to it.
+    vm.api_ok("PUT", "/snapshots/x/revert", None);
+    let n = vm.lines().len();
+    vm.wait_for(n, "ticks after the revert", |l| parse_tick(l).is_some());
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")));
+}

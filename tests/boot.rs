@@ -264,7 +264,7 @@ fn control_socket_reports_the_vm_and_stops_it() {
         "--timeout",
         "5",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("apivm"), "{}", stderr(&o));
 
     let o = home.run(&["stop", "--vm", "apivm"]);
@@ -279,6 +279,6 @@ fn control_socket_reports_the_vm_and_stops_it() {
     assert!(!sock.exists(), "socket removed on exit");
 
     let o = home.run(&["stop", "--vm", "apivm"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("apivm"));
 }

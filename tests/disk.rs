@@ -154,7 +154,7 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
         "--timeout",
         "10",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains(&base.display().to_string()) && stderr(&o).contains("changed"),
         "{}",
@@ -173,7 +173,7 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
         "--timeout",
         "10",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("is missing"), "{}", stderr(&o));
 }
 

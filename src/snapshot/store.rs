@@ -152,19 +152,83 @@ pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Deletes a snapshot and releases its disk layers (merged into what
-/// depends on them, removed when nothing does). The snapshot directory goes
-/// first, in one rename, so a crash leaves it whole or gone; an interrupted
-/// release leaves a valid chain and at worst an unreferenced layer.
-pub fn delete_with_layers(dir: &Path) -> Result<super::layers::LayerReport, StoreError> {
-    let layers = read_manifest(dir)
-        .map(|m| m.disk_layers)
+/// What deleting one snapshot did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DeleteReport {
+    pub layers: super::layers::LayerReport,
+    /// Children (by path) that took the deleted snapshot's parent.
+    pub reparented: Vec<PathBuf>,
+    /// That parent, as the deleted snapshot's manifest named it.
+    pub new_parent: Option<String>,
+}
+
+/// Deletes a snapshot, hands its children to its own parent (so the tree
+/// keeps its lineage) and releases its disk layers (merged into what
+/// depends on them, removed when nothing does). Children are rewritten
+/// first, each manifest atomically: a crash in between leaves the
+/// snapshot still there beside its re-parented children, never a child
+/// naming a parent that is gone. The snapshot directory goes in one
+/// rename; an interrupted release leaves a valid chain and at worst an
+/// unreferenced layer.
+pub fn delete_with_layers(dir: &Path) -> Result<DeleteReport, StoreError> {
+    let manifest = read_manifest(dir).ok();
+    let layers = manifest
+        .as_ref()
+        .map(|m| m.disk_layers.clone())
         .unwrap_or_default();
+    let new_parent = manifest.and_then(|m| m.parent);
+    let reparented = reparent_children(dir, new_parent.as_deref())?;
     delete(dir)?;
-    super::layers::release(&layers).map_err(|e| StoreError::Io {
+    let layers = super::layers::release(&layers).map_err(|e| StoreError::Io {
         path: dir.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(DeleteReport {
+        layers,
+        reparented,
+        new_parent,
     })
+}
+
+/// The snapshot directory a manifest's `parent` names: a bare name is a
+/// sibling of the snapshot; a path (a clone's parent in another VM) is
+/// itself.
+fn parent_path(snapshot: &Path, label: &str) -> PathBuf {
+    if label.contains('/') {
+        PathBuf::from(label)
+    } else {
+        snapshot.parent().unwrap_or(Path::new(".")).join(label)
+    }
+}
+
+/// Makes every snapshot whose parent is `dir` a child of `dir`'s parent
+/// (`grandparent`, as `dir`'s manifest names it); returns the children.
+fn reparent_children(dir: &Path, grandparent: Option<&str>) -> Result<Vec<PathBuf>, StoreError> {
+    let grand_path = grandparent.map(|g| parent_path(dir, g));
+    let mut moved = Vec::new();
+    for (child, m) in list(None) {
+        let Ok(mut m) = m else { continue };
+        let is_child = m.parent.as_deref().is_some_and(|p| {
+            let p = parent_path(&child, p);
+            p == dir || super::layers::same_file(&p, dir)
+        });
+        if !is_child || super::layers::same_file(&child, dir) {
+            continue;
+        }
+        // Named the way snapshot create names parents: bare within one VM.
+        m.parent = grand_path.as_ref().map(|g| {
+            if g.parent().is_some() && g.parent() == child.parent() {
+                g.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                g.display().to_string()
+            }
+        });
+        super::format::write_json_file(&child.join(MANIFEST_FILE), &m)?;
+        moved.push(child);
+    }
+    Ok(moved)
 }
 
 /// Removes a snapshot directory: renamed away first (one atomic step, so a

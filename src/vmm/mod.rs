@@ -78,9 +78,13 @@ pub enum Outcome {
     },
     Fatal(String),
     Stopped,
+    /// Whoever read the console went away (`rewind run | head`).
+    ConsoleClosed,
 }
 
 pub const EXIT_TIMEOUT: i32 = 124;
+/// 128 + SIGPIPE: what a shell shows for a writer whose reader left.
+pub const EXIT_CONSOLE_CLOSED: i32 = 141;
 
 impl Outcome {
     pub fn exit_code(&self) -> i32 {
@@ -89,6 +93,7 @@ impl Outcome {
             Outcome::Reset | Outcome::Expected(_) | Outcome::Stopped => 0,
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::TripleFault { .. } | Outcome::Fatal(_) => 1,
+            Outcome::ConsoleClosed => EXIT_CONSOLE_CLOSED,
         }
     }
 
@@ -98,7 +103,8 @@ impl Outcome {
             Outcome::GuestExit(_)
             | Outcome::ExecDone(_)
             | Outcome::Expected(_)
-            | Outcome::Stopped => None,
+            | Outcome::Stopped
+            | Outcome::ConsoleClosed => None,
             Outcome::Reset => Some("guest requested a reset; VM ended".into()),
             Outcome::Timeout(d) => Some(format!("timed out after {:.1} s", d.as_secs_f64())),
             Outcome::TripleFault { cpu } => Some(format!(
@@ -288,7 +294,12 @@ impl Vmm {
                         }
                         match crate::snapshot::store::delete_with_layers(&dir) {
                             Ok(r) => (
-                                ok(serde_json::json!({ "deleted": name, "layers": r })),
+                                ok(serde_json::json!({
+                                    "deleted": name,
+                                    "layers": r.layers,
+                                    "reparented": r.reparented,
+                                    "new_parent": r.new_parent,
+                                })),
                                 false,
                             ),
                             Err(e) => (fail(500, &e), false),
@@ -458,6 +469,7 @@ impl Vmm {
                     VmEvent::ExpectMatched(line) => Outcome::Expected(line),
                     VmEvent::Ready => continue,
                     VmEvent::Fatal(msg) => Outcome::Fatal(msg),
+                    VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
                 });
             }
             if let Some(i) = signal_idx {
@@ -469,6 +481,16 @@ impl Vmm {
                 if fds[i].revents & libc::POLLIN != 0 {
                     if let Some((stream, parsed)) = server.accept_command() {
                         match parsed {
+                            Ok(Command::Exec { .. }) if !self.config.guest.has_agent() => {
+                                let msg = format!(
+                                    "VM {} runs the test guest, which has no exec agent (exec needs a Linux guest)",
+                                    self.config.name
+                                );
+                                crate::control::server::respond(
+                                    &stream,
+                                    &ApiResponse::error(409, msg),
+                                );
+                            }
                             Ok(Command::Exec { cmd, timeout_s }) => {
                                 let timeout = timeout_s
                                     .map(Duration::from_secs)
