@@ -114,8 +114,14 @@ pub struct VmProcess {
 
 impl VmProcess {
     pub fn start(home: &Home, name: &str, args: &[&str]) -> VmProcess {
+        VmProcess::start_env(home, name, args, &[])
+    }
+
+    /// `start` with extra environment variables for rewind.
+    pub fn start_env(home: &Home, name: &str, args: &[&str], env: &[(&str, &str)]) -> VmProcess {
         let mut child = home
             .cmd()
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -241,6 +247,12 @@ impl VmProcess {
         status
     }
 
+    /// Stops the VM through the API; its status and every line it printed.
+    pub fn stop_and_collect(self) -> (Option<i32>, Vec<String>) {
+        let _ = self.api("PUT", "/vm/stop", None);
+        self.wait_exit()
+    }
+
     pub fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
         let status = self.child.wait().ok().and_then(|s| s.code());
         if let Some(r) = self.reader.take() {
@@ -348,4 +360,45 @@ pub fn boot_linux(
     let ready = ready.expect("userspace started");
     assert_eq!(lines[ready], "REWIND-READY", "{}", lines.join("\n"));
     (vm, lines)
+}
+
+/// The first tick of the test guest's vCPU 0 in `line` ("tick N ok",
+/// "cpu0 tick N ok" or, in disk mode, "tick N disk ok").
+pub fn first_tick(line: &str) -> Option<u64> {
+    if let Some((0, n)) = parse_tick(line) {
+        return Some(n);
+    }
+    line.strip_prefix("tick ")?
+        .strip_suffix(" disk ok")?
+        .parse()
+        .ok()
+}
+
+/// The tick vCPU 0 had done when snapshot `snap` of `vm` was taken, read by
+/// restoring it: a restored guest's first tick line is that tick + 1. Tests
+/// compare against this instead of hoping a snapshot lands within one tick
+/// of the line they saw.
+pub fn snapshot_tick(home: &Home, vm: &str, snap: &str) -> u64 {
+    let clone = format!("{vm}-{snap}-tick");
+    let o = home.run(&[
+        "restore",
+        snap,
+        "--vm",
+        vm,
+        "--name",
+        &clone,
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--expect",
+        "^(cpu0 )?tick [0-9]+ (disk )?ok$",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
+    let first = stdout(&o)
+        .lines()
+        .find_map(first_tick)
+        .unwrap_or_else(|| panic!("restore {snap} printed no tick: {}", stdout(&o)));
+    assert!(first > 0, "restore {snap}: {}", stdout(&o));
+    first - 1
 }
