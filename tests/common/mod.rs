@@ -402,3 +402,46 @@ pub fn snapshot_tick(home: &Home, vm: &str, snap: &str) -> u64 {
     assert!(first > 0, "restore {snap}: {}", stdout(&o));
     first - 1
 }
+
+/// Copies the files of snapshot directory `from` to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `rewind restore DIR` fails with one line of stderr containing `needle`.
+pub fn restore_fails(home: &Home, dir: &Path, needle: &str) {
+    let o = home.run(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--name",
+        "r",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        matches!(o.status.code(), Some(1) | Some(2)),
+        "status {:?}: {err}",
+        o.status
+    );
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("PVM host") && !l.contains("VM name"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+/// Rewrites the file at `path` through `f`.
+pub fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    f(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
