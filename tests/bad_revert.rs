@@ -198,6 +198,17 @@ fn damaged_bundles_are_refused_by_revert_and_the_vm_runs_on() {
     revert_refused(&vm, "host-kind", other_host_kind());
     restore_fails(&home, &d, other_host_kind());
 
+    // A guest whose TSC ran at another rate would keep time wrongly here.
+    let d = variant("tsc");
+    edit_manifest(&d, |m| {
+        m["host"]["tsc_khz"] = (m["host"]["tsc_khz"].as_u64().unwrap() * 2).into()
+    });
+    revert_refused(&vm, "tsc", "TSC runs at");
+    if is_pvm_host() {
+        // KVM_CAP_TSC_CONTROL is 0 here: nothing can scale it either.
+        restore_fails(&home, &d, "cannot scale it");
+    }
+
     // After all that, a good snapshot still reverts, exactly.
     let from = vm.lines().len();
     vm.api_ok("PUT", "/snapshots/good/revert", None);

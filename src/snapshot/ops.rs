@@ -29,6 +29,11 @@ pub struct Target<'a> {
     pub host: HostKind,
     /// This host's `KVM_GET_SUPPORTED_CPUID`.
     pub supported_cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    /// The TSC frequency the target's vCPUs run at (a revert) or get (a
+    /// restore), when KVM says.
+    pub tsc_khz: Option<u32>,
+    /// Whether a restore can run the guest's TSC at its saved rate here.
+    pub can_scale_tsc: bool,
     /// The VM a revert rewrites in place; None for a restore.
     pub running: Option<Running<'a>>,
 }
@@ -36,8 +41,6 @@ pub struct Target<'a> {
 pub struct Running<'a> {
     pub config: &'a VmConfig,
     pub disks: usize,
-    /// The TSC frequency its vCPUs run at.
-    pub tsc_khz: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,14 +231,19 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
                 ours,
             });
         }
-        let saved = state.vcpus.first().and_then(|v| v.tsc_khz);
-        if tsc_differs(saved, run.tsc_khz) {
-            return Err(tsc_error(
-                dir,
-                saved,
-                run.tsc_khz,
-                ": a revert cannot change it, use rewind restore",
-            ));
+    }
+    // The manifest's figure (readable, what a user sees) and every vCPU's.
+    let saved = std::iter::once(manifest.host.tsc_khz).chain(state.vcpus.iter().map(|v| v.tsc_khz));
+    for saved in saved {
+        if tsc_differs(saved, target.tsc_khz) {
+            let how = if target.running.is_some() {
+                ": a revert cannot change it, use rewind restore"
+            } else if target.can_scale_tsc {
+                continue;
+            } else {
+                " and KVM here cannot scale it"
+            };
+            return Err(tsc_error(dir, saved, target.tsc_khz, how));
         }
     }
     Ok(Bundle {

@@ -113,6 +113,8 @@ impl Vmm {
         let target = snapshot::ops::Target {
             host: HostKind::detect(),
             supported_cpuid: vm.supported_cpuid.as_slice(),
+            tsc_khz: vm.tsc_khz(),
+            can_scale_tsc: vm.can_scale_tsc(),
             running: None,
         };
         let snapshot::ops::Bundle { state, memory, .. } = snapshot::ops::validate(dir, &target)?;

@@ -330,10 +330,11 @@ impl Vmm {
         let target = ops::Target {
             host: self.host,
             supported_cpuid: self.vm.supported_cpuid.as_slice(),
+            tsc_khz: self.tsc_khz,
+            can_scale_tsc: false,
             running: Some(ops::Running {
                 config: &self.config,
                 disks: self.devices.disks.len(),
-                tsc_khz: self.tsc_khz,
             }),
         };
         let ops::Bundle {
