@@ -233,8 +233,8 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
         }
     }
     // The manifest's figure (readable, what a user sees) and every vCPU's.
-    let saved = std::iter::once(manifest.host.tsc_khz).chain(state.vcpus.iter().map(|v| v.tsc_khz));
-    for saved in saved {
+    let vcpus = state.vcpus.iter().map(|v| v.tsc_khz);
+    for saved in std::iter::once(manifest.host.tsc_khz).chain(vcpus) {
         if tsc_differs(saved, target.tsc_khz) {
             let how = if target.running.is_some() {
                 ": a revert cannot change it, use rewind restore"
