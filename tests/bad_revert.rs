@@ -220,3 +220,89 @@ fn damaged_bundles_are_refused_by_revert_and_the_vm_runs_on() {
     assert_eq!(vm.stop(), Some(0));
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
 }
+
+fn overlay_files(home: &Home, vm: &str) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(home.path.join("vms").join(vm).join("disks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    names
+}
+
+/// With a disk: a refused revert makes no overlay and switches none (the
+/// guest keeps writing where it did), and the guest's disk checks go on.
+#[test]
+fn a_refused_revert_keeps_the_disk_overlays() {
+    if !kvm_available("refused revert with a disk") {
+        return;
+    }
+    let home = Home::new("badrevertdisk");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0x33u8; 8 << 20]).unwrap();
+    let vm = VmProcess::start(
+        &home,
+        "d",
+        &[
+            "run",
+            "--name",
+            "d",
+            "--disk",
+            base.to_str().unwrap(),
+            "--console",
+            "stdio",
+            "--timeout",
+            "300",
+            "--append",
+            "mode=disk period_ms=50 disk_sectors=512",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 2", |l| first_tick(l) == Some(2));
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "good" })),
+    );
+    let k = snapshot_tick(&home, "d", "good");
+    let snaps = home.path.join("vms/d/snapshots");
+    copy_dir(&snaps.join("good"), &snaps.join("short"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("short/memory.bin"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let overlays = overlay_files(&home, "d");
+    let from = vm.lines().len();
+    let r = vm.api("PUT", "/snapshots/short/revert", None);
+    assert_ne!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("memory.bin is"),
+        "{}",
+        r.body
+    );
+    assert_eq!(overlay_files(&home, "d"), overlays, "the overlays changed");
+    assert_eq!(vm.api_ok("GET", "/vm", None)["state"], "running");
+    let last = vm.lines()[..from]
+        .iter()
+        .filter_map(|l| first_tick(l))
+        .max();
+    let i = vm.wait_for(from, "a disk tick after the refused revert", |l| {
+        first_tick(l).is_some() || l.contains("CORRUPT")
+    });
+    assert!(first_tick(&vm.lines()[i]) > last, "{:?}", vm.lines());
+
+    let from = vm.lines().len();
+    vm.api_ok("PUT", "/snapshots/good/revert", None);
+    let i = vm.wait_for(from, "the tick after good", |l| {
+        first_tick(l) == Some(k + 1) || l.contains("CORRUPT")
+    });
+    vm.wait_for(i, "the next tick", |l| {
+        first_tick(l) == Some(k + 2) || l.contains("CORRUPT")
+    });
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
+}
