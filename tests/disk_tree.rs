@@ -42,19 +42,43 @@ fn check_all(home: &Path) {
     }
 }
 
-/// Snapshot now (just after the guest printed tick `k`); returns k.
+thread_local! {
+    /// (VM, snapshot) -> the tick the snapshot holds, as `snap` read it.
+    static HELD: std::cell::RefCell<std::collections::HashMap<(String, String), u64>> =
+        Default::default();
+}
+
+/// The tick snapshot `name` of `vm` holds if `snap` took it, else `k`.
+fn held(vm: &str, name: &str, k: u64) -> u64 {
+    HELD.with(|h| h.borrow().get(&(vm.to_string(), name.to_string())).copied())
+        .unwrap_or(k)
+}
+
+/// Snapshot now (just after the guest printed tick `k`, or a later one
+/// if a revert before landed late); returns the index of that line. The snapshot may land a tick or more later: the tick it
+/// holds is read back (by restoring it) for `revert` and `restore_ok`.
 fn snap(vm: &VmProcess, from: usize, k: u64, name: &str) -> usize {
-    let i = vm.wait_for(from, &format!("tick {k}"), |l| disk_tick(l) == Some(k));
+    let i = vm.wait_for(from, &format!("tick {k}"), |l| {
+        disk_tick(l).is_some_and(|n| n >= k)
+    });
     vm.api_ok(
         "PUT",
         "/snapshots",
         Some(serde_json::json!({ "name": name })),
     );
+    let t = snapshot_tick_in(&vm.home(), &vm.name, name);
+    assert!(t >= k, "{name} holds tick {t}, taken after tick {k}");
+    HELD.with(|h| {
+        h.borrow_mut()
+            .insert((vm.name.clone(), name.to_string()), t)
+    });
     i
 }
 
-/// Reverts to `name` taken at tick `k`: the next tick line must be k+1.
+/// Reverts to `name` taken at tick `k`: the next tick line must be the one
+/// after the tick it holds.
 fn revert(vm: &VmProcess, name: &str, k: u64) -> usize {
+    let k = held(&vm.name, name, k);
     let from = vm.lines().len();
     vm.api_ok("PUT", &format!("/snapshots/{name}/revert"), None);
     let i = vm.wait_for(from, &format!("tick after revert to {name}"), |l| {
@@ -78,6 +102,7 @@ fn restore_ok(home: &Home, name: &str, k: u64, clone: &str) {
 }
 
 fn restore_ok_from(home: &Home, vm: &str, name: &str, k: u64, clone: &str) {
+    let k = held(vm, name, k);
     let o = home.run(&[
         "restore",
         name,

@@ -152,6 +152,12 @@ impl VmProcess {
         self.lines.0.lock().unwrap().clone()
     }
 
+    /// The $REWIND_HOME this VM runs in.
+    pub fn home(&self) -> PathBuf {
+        let vm_dir = self.socket.parent().unwrap();
+        vm_dir.parent().unwrap().parent().unwrap().to_path_buf()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -379,21 +385,33 @@ pub fn first_tick(line: &str) -> Option<u64> {
 /// compare against this instead of hoping a snapshot lands within one tick
 /// of the line they saw.
 pub fn snapshot_tick(home: &Home, vm: &str, snap: &str) -> u64 {
+    snapshot_tick_in(&home.path, vm, snap)
+}
+
+/// `snapshot_tick` for the $REWIND_HOME at `home`. The clone's folder is
+/// removed after, so no overlay of it keeps depending on the snapshot.
+pub fn snapshot_tick_in(home: &Path, vm: &str, snap: &str) -> u64 {
     let clone = format!("{vm}-{snap}-tick");
-    let o = home.run(&[
-        "restore",
-        snap,
-        "--vm",
-        vm,
-        "--name",
-        &clone,
-        "--console",
-        "stdio",
-        "--timeout",
-        "60",
-        "--expect",
-        "^(cpu0 )?tick [0-9]+ (disk )?ok$",
-    ]);
+    let mut cmd = Command::new(BIN);
+    cmd.env("REWIND_HOME", home).stdin(Stdio::null());
+    let o = cmd
+        .args([
+            "restore",
+            snap,
+            "--vm",
+            vm,
+            "--name",
+            &clone,
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "^(cpu0 )?tick [0-9]+ (disk )?ok$",
+        ])
+        .output()
+        .expect("rewind binary runs");
+    let _ = std::fs::remove_dir_all(home.join("vms").join(&clone));
     assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
     let first = stdout(&o)
         .lines()
