@@ -3,17 +3,12 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-fn take_snapshot(home: &Home) -> PathBuf {
+/// Snapshot "good" taken while the guest is paused, then the VM stopped:
+/// every tick line it printed came before the snapshot, so the last one
+/// is the tick the snapshot holds. Returns the bundle and that tick.
+fn take_snapshot(home: &Home) -> (PathBuf, u64) {
     let vm = VmProcess::start(
         home,
         "v",
@@ -31,45 +26,16 @@ fn take_snapshot(home: &Home) -> PathBuf {
     );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
+    vm.api_ok("PUT", "/vm/pause", None);
     let r = vm.api_ok(
         "PUT",
         "/snapshots",
         Some(serde_json::json!({ "name": "good" })),
     );
-    assert_eq!(vm.stop(), Some(0));
-    PathBuf::from(r["path"].as_str().unwrap())
-}
-
-fn restore_fails(home: &Home, dir: &Path, needle: &str) {
-    let o = home.run(&[
-        "restore",
-        dir.to_str().unwrap(),
-        "--name",
-        "r",
-        "--console",
-        "none",
-        "--timeout",
-        "10",
-    ]);
-    let err = stderr(&o);
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(
-        matches!(o.status.code(), Some(1) | Some(2)),
-        "status {:?}: {err}",
-        o.status
-    );
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.contains("PVM host") && !l.contains("VM name"))
-        .collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
-}
-
-fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
-    let mut bytes = std::fs::read(path).unwrap();
-    f(&mut bytes);
-    std::fs::write(path, bytes).unwrap();
+    let (status, lines) = vm.stop_and_collect();
+    assert_eq!(status, Some(0));
+    let k = ticks_of(&lines, 0).last().copied().unwrap();
+    (PathBuf::from(r["path"].as_str().unwrap()), k)
 }
 
 #[test]
@@ -78,7 +44,7 @@ fn broken_bundles_are_refused_with_one_clear_line() {
         return;
     }
     let home = Home::new("badsnap");
-    let good = take_snapshot(&home);
+    let (good, k) = take_snapshot(&home);
     let variant = |name: &str| {
         let d = home.path.join("variants").join(name);
         copy_dir(&good, &d);
@@ -144,10 +110,14 @@ fn broken_bundles_are_refused_with_one_clear_line() {
         "--timeout",
         "60",
         "--expect",
-        "^tick 4 ok$",
+        &format!("^tick {} ok$", k + 2),
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stdout(&o).starts_with("tick 3 ok\n"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).starts_with(&format!("tick {} ok\n", k + 1)),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -223,29 +193,34 @@ fn snapshot_errors_from_a_running_vm() {
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")));
 }
 
+/// For every point of a snapshot's creation (see src/snapshot/stall.rs),
+/// kill -9 rewind while it is stopped there: the kill lands inside the
+/// operation for certain, and earlier snapshots restore exactly.
 #[test]
 fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
     if !kvm_available("kill_during_snapshot") {
         return;
     }
     let home = Home::new("kill9");
-    // A big region makes each snapshot take long enough to be killed inside.
-    let args = [
-        "--console",
-        "stdio",
-        "--timeout",
-        "300",
-        "--mem",
-        "1024",
-        "--append",
-        "period_ms=50 region=384",
-    ];
-    let mut killed_inside = 0;
-    for round in 0..6u64 {
-        let name = format!("v{round}");
-        let mut full = vec!["run", "--name", name.as_str()];
-        full.extend_from_slice(&args);
-        let vm = VmProcess::start(&home, &name, &full);
+    for phase in rewind::snapshot::stall::PHASES {
+        let name = format!("v-{phase}");
+        let stall = format!("{phase}:victim");
+        let vm = VmProcess::start_env(
+            &home,
+            &name,
+            &[
+                "run",
+                "--name",
+                &name,
+                "--console",
+                "stdio",
+                "--timeout",
+                "300",
+                "--append",
+                "period_ms=50 region=8",
+            ],
+            &[("REWIND_TEST_STALL_AT", &stall)],
+        );
         vm.socket_ready();
         vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
         vm.api_ok(
@@ -253,41 +228,25 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
             "/snapshots",
             Some(serde_json::json!({ "name": "before" })),
         );
+        let k = snapshot_tick(&home, &name, "before");
         let snapper = snapshot_in_background(&home, &name, "victim");
-        // Kill at a different moment of the capture each round.
-        std::thread::sleep(std::time::Duration::from_millis(3 + round * 40));
-        let pid = vm.pid();
+        let marker = home.path.join(format!("stalled-at-{phase}"));
+        wait_for_path(&marker, &format!("the stall at {phase}"));
         // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let (_, _) = vm.wait_exit();
-        if !snapper.join().unwrap() {
-            killed_inside += 1;
-        }
-        let snaps = home.path.join("vms").join(&name).join("snapshots");
+        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+        let _ = vm.wait_exit();
+        assert!(
+            !snapper.join().unwrap(),
+            "{phase}: the snapshot finished although rewind was killed inside it"
+        );
+        std::fs::remove_file(&marker).unwrap();
         // Only whole snapshots are listed: "victim" exists completely or not at all.
         let o = home.run(&["snapshot", "list", "--vm", &name]);
         assert!(!stdout(&o).contains("BROKEN"), "{}", stdout(&o));
-        if snaps.join("victim").exists() {
-            let o = home.run(&[
-                "restore",
-                "victim",
-                "--vm",
-                &name,
-                "--name",
-                &format!("{name}-victim"),
-                "--console",
-                "stdio",
-                "--timeout",
-                "60",
-                "--expect",
-                "tick [0-9]+ ok",
-            ]);
-            assert_eq!(
-                o.status.code(),
-                Some(0),
-                "victim of round {round}: {}",
-                stderr(&o)
-            );
+        let victim = home.path.join("vms").join(&name).join("snapshots/victim");
+        assert_eq!(victim.exists(), *phase == "published", "{phase}");
+        if victim.exists() {
+            snapshot_tick(&home, &name, "victim");
         }
         let o = home.run(&[
             "restore",
@@ -301,17 +260,16 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
             "--timeout",
             "60",
             "--expect",
-            "^tick 4 ok$",
+            &format!("^tick {} ok$", k + 2),
         ]);
-        assert_eq!(o.status.code(), Some(0), "round {round}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0), "{phase}: {}", stderr(&o));
         assert!(
-            stdout(&o).starts_with("tick 3 ok\n"),
-            "round {round}: {}",
+            stdout(&o).starts_with(&format!("tick {} ok\n", k + 1)),
+            "{phase}: {}",
             stdout(&o)
         );
         assert!(!stdout(&o).contains("CORRUPT"));
     }
-    eprintln!("kill -9 landed inside the snapshot in {killed_inside} of 6 rounds");
 }
 
 #[test]

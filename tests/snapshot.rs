@@ -73,25 +73,9 @@ fn cycle(cpus: usize, mem_mib: u64) {
     let listed = vm.api_ok("GET", "/snapshots", None);
     assert_eq!(listed["snapshots"][0]["name"], "s1", "{listed}");
 
-    let later = wait_all_cpus(&vm, cpus, seen, k + 3);
-    let rev = vm.api_ok("PUT", "/snapshots/s1/revert", None);
-    assert_eq!(
-        rev["full"], false,
-        "revert to the latest snapshot copies only dirty pages: {rev}"
-    );
-    for cpu in 0..cpus {
-        vm.wait_for(later, &format!("cpu{cpu} back at tick {}", k + 1), |l| {
-            parse_tick(l) == Some((cpu, k + 1))
-        });
-        assert_eq!(
-            first_after_drop(&ticks_of(&vm.lines(), cpu)),
-            Some(k + 1),
-            "cpu{cpu}: {:?}",
-            vm.lines()
-        );
-    }
-
-    // Restore in a fresh process: the order of state restore is tested for real here.
+    // Restore in a fresh process: the order of state restore is tested for
+    // real here. Its first tick per vCPU is the one after the tick s1 holds
+    // (at least k: the snapshot came after tick k, maybe a tick or more later).
     let clone = VmProcess::start(
         &home,
         "clone1",
@@ -109,23 +93,48 @@ fn cycle(cpus: usize, mem_mib: u64) {
         ],
     );
     clone.socket_ready();
-    let at = wait_all_cpus(&clone, cpus, 0, k + 3);
+    let mut held = Vec::new();
     for cpu in 0..cpus {
+        let i = clone.wait_for(0, &format!("clone cpu{cpu} tick"), |l| {
+            parse_tick(l).is_some_and(|(c, _)| c == cpu)
+        });
+        let first = parse_tick(&clone.lines()[i]).unwrap().1;
+        assert!(first > k, "clone cpu{cpu}: {:?}", clone.lines());
+        held.push(first - 1);
+    }
+    let top = *held.iter().max().unwrap();
+    wait_all_cpus(&clone, cpus, 0, top + 3);
+
+    // Revert in place goes back to the same point as the restore.
+    let later = wait_all_cpus(&vm, cpus, seen, top + 3);
+    let rev = vm.api_ok("PUT", "/snapshots/s1/revert", None);
+    assert_eq!(
+        rev["full"], false,
+        "revert to the latest snapshot copies only dirty pages: {rev}"
+    );
+    for (cpu, &kc) in held.iter().enumerate() {
+        vm.wait_for(later, &format!("cpu{cpu} back at tick {}", kc + 1), |l| {
+            parse_tick(l) == Some((cpu, kc + 1))
+        });
         assert_eq!(
-            ticks_of(&clone.lines(), cpu).first(),
-            Some(&(k + 1)),
-            "clone cpu{cpu}: {:?}",
-            clone.lines()
+            first_after_drop(&ticks_of(&vm.lines(), cpu)),
+            Some(kc + 1),
+            "cpu{cpu}: {:?}",
+            vm.lines()
         );
     }
-    // A snapshot of the restored guest restores too.
+
+    // A snapshot of the restored guest restores too. Taken paused and the
+    // clone stopped at once, every tick it printed came before s2: the last
+    // one per vCPU is what s2 holds.
+    clone.api_ok("PUT", "/vm/pause", None);
     clone.api_ok(
         "PUT",
         "/snapshots",
         Some(serde_json::json!({ "name": "s2" })),
     );
-    let k2 = k + 3;
-    let _ = at;
+    let (status, clone_lines) = clone.stop_and_collect();
+    assert_eq!(status, Some(0));
     let grandchild = VmProcess::start(
         &home,
         "clone2",
@@ -142,8 +151,11 @@ fn cycle(cpus: usize, mem_mib: u64) {
             "600",
         ],
     );
-    wait_all_cpus(&grandchild, cpus, 0, k2 + 2);
     for cpu in 0..cpus {
+        let k2 = *ticks_of(&clone_lines, cpu).last().unwrap();
+        grandchild.wait_for(0, &format!("clone2 cpu{cpu} tick {}", k2 + 2), |l| {
+            parse_tick(l) == Some((cpu, k2 + 2))
+        });
         assert_eq!(
             ticks_of(&grandchild.lines(), cpu).first(),
             Some(&(k2 + 1)),
@@ -153,8 +165,6 @@ fn cycle(cpus: usize, mem_mib: u64) {
     }
     let orig_lines = vm.lines();
     assert_eq!(vm.stop(), Some(0));
-    let clone_lines = clone.lines();
-    assert_eq!(clone.stop(), Some(0));
     let gc_lines = grandchild.lines();
     assert_eq!(grandchild.stop(), Some(0));
     assert_clean(&orig_lines, "original");
@@ -210,22 +220,34 @@ fn revert_between_two_snapshots_uses_full_copy_and_stays_exact() {
         "/snapshots",
         Some(serde_json::json!({ "name": "b" })),
     );
-    let i = vm.wait_for(i, "tick 6", |l| l == "tick 6 ok");
+    // The ticks a and b hold (a snapshot may land a tick after the line seen).
+    let (ka, kb) = (
+        snapshot_tick(&home, "v", "a"),
+        snapshot_tick(&home, "v", "b"),
+    );
+    let i = vm.wait_for(i, "two ticks past b", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n >= kb + 2)
+    });
     let r = vm.api_ok("PUT", "/snapshots/a/revert", None);
     assert_eq!(r["full"], true, "a is not the baseline any more: {r}");
-    let i = vm.wait_for(i + 1, "tick 3 after revert to a", |l| {
-        parse_tick(l).is_some_and(|(_, n)| n <= 3)
+    let i = vm.wait_for(i + 1, "the tick after a", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n <= ka + 1)
     });
-    assert_eq!(vm.lines()[i], "tick 3 ok");
+    assert_eq!(vm.lines()[i], format!("tick {} ok", ka + 1));
+    let i = vm.wait_for(i, "two ticks past b", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n >= kb + 2)
+    });
     let r = vm.api_ok("PUT", "/snapshots/b/revert", None);
     assert_eq!(r["full"], true);
-    let i = vm.wait_for(i + 1, "tick 5 after revert to b", |l| {
-        parse_tick(l).is_some_and(|(_, n)| n <= 5)
+    let i = vm.wait_for(i + 1, "the tick after b", |l| {
+        parse_tick(l).is_some_and(|(_, n)| n <= kb + 1)
     });
-    assert_eq!(vm.lines()[i], "tick 5 ok");
+    assert_eq!(vm.lines()[i], format!("tick {} ok", kb + 1));
     let r = vm.api_ok("PUT", "/snapshots/b/revert", None);
     assert_eq!(r["full"], false, "b is the baseline now: {r}");
-    let i = vm.wait_for(i + 1, "tick 5 again", |l| l == "tick 5 ok");
+    let i = vm.wait_for(i + 1, "the tick after b again", |l| {
+        parse_tick(l) == Some((0, kb + 1))
+    });
     let lines = vm.lines();
     assert!(i > 0);
     assert_eq!(vm.stop(), Some(0));
@@ -298,12 +320,17 @@ fn ten_clones_at_once_all_continue() {
     );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
+    // Paused, then stopped: its last tick line is the tick the snapshot holds.
+    vm.api_ok("PUT", "/vm/pause", None);
     vm.api_ok(
         "PUT",
         "/snapshots",
         Some(serde_json::json!({ "name": "s" })),
     );
-    assert_eq!(vm.stop(), Some(0));
+    let (status, lines) = vm.stop_and_collect();
+    assert_eq!(status, Some(0));
+    let k = *ticks_of(&lines, 0).last().unwrap();
+    let expect = format!("^tick {} ok$", k + 6);
     let clones: Vec<VmProcess> = (0..10)
         .map(|i| {
             let name = format!("c{i}");
@@ -322,7 +349,7 @@ fn ten_clones_at_once_all_continue() {
                     "--timeout",
                     "120",
                     "--expect",
-                    "^tick 8 ok$",
+                    &expect,
                 ],
             )
         })
@@ -331,7 +358,17 @@ fn ten_clones_at_once_all_continue() {
         let name = c.name.clone();
         let (status, lines) = c.wait_exit();
         assert_eq!(status, Some(0), "{name}: {lines:?}");
-        assert_eq!(ticks_of(&lines, 0), (3..=8).collect::<Vec<_>>(), "{name}");
+        // Ticks may follow the matching line before the VM stops.
+        let ticks = ticks_of(&lines, 0);
+        assert_eq!(
+            ticks.get(..6),
+            Some(&(k + 1..=k + 6).collect::<Vec<_>>()[..]),
+            "{name}"
+        );
+        assert!(
+            ticks.windows(2).all(|w| w[1] == w[0] + 1),
+            "{name}: {ticks:?}"
+        );
         assert_clean(&lines, &name);
     }
 }

@@ -56,6 +56,20 @@ impl Vm {
         })
     }
 
+    /// The TSC frequency new vCPUs of this VM get (the VM-wide
+    /// KVM_GET_TSC_KHZ, Linux 6.0+), or None where KVM does not say.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+        // SAFETY: KVM_GET_TSC_KHZ takes no argument and only returns a value.
+        let khz = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_GET_TSC_KHZ()) };
+        u32::try_from(khz).ok().filter(|&k| k > 0)
+    }
+
+    /// Whether KVM can run a vCPU's TSC at another rate than the host's.
+    pub fn can_scale_tsc(&self) -> bool {
+        self.kvm.check_extension(Cap::TscControl)
+    }
+
     /// How many vCPUs KVM allows in one VM.
     pub fn max_vcpus(&self) -> u32 {
         self.kvm.check_extension_int(Cap::MaxVcpus).max(1) as u32

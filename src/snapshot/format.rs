@@ -352,9 +352,18 @@ fn read_bounded(path: &Path, kind: &'static str, limit: u64) -> Result<Vec<u8>, 
 
 /// Reads and decodes a `state.bin` written by [`write_state_file`].
 pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    read_state_file_summed(path).map(|(value, _, _)| value)
+}
+
+/// Like [`read_state_file`], also returning the file's length and the
+/// CRC-64/XZ of all of it (header included), as a manifest records them.
+pub fn read_state_file_summed<T: DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, u64, u64), FormatError> {
     let limit = (HEADER_LEN + MAX_STATE_BODY_LEN) as u64;
     let bytes = read_bounded(path, "state file", limit)?;
-    decode_state_from(&bytes, &state_file_origin(path))
+    let value = decode_state_from(&bytes, &state_file_origin(path))?;
+    Ok((value, bytes.len() as u64, crc64_xz(&bytes)))
 }
 
 /// Writes `value` as pretty JSON (with trailing newline) atomically.

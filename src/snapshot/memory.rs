@@ -82,11 +82,13 @@ fn is_zero(page: &[u8]) -> bool {
 /// non-zero), so the cost follows what the guest touched, not its size.
 /// Returns the number of data bytes written. The caller syncs the file
 /// (after the guest has resumed, so the pause excludes the disk flush).
+/// `snapshot` names the snapshot for the test-only stall points.
 pub fn write_full(
     mem: &GuestMemory,
     mem_bytes: u64,
     populated: &[Vec<u64>],
     path: &Path,
+    snapshot: &str,
 ) -> Result<u64, MemoryFileError> {
     let err = |source| MemoryFileError::Write {
         path: path.display().to_string(),
@@ -126,6 +128,9 @@ pub fn write_full(
             }
             file.write_all_at(&bytes[start * page..p * page], base + (start * page) as u64)
                 .map_err(err)?;
+            if written == 0 {
+                super::stall::point("memory-write-started", snapshot);
+            }
             written += ((p - start) * page) as u64;
         }
     }

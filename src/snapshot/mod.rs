@@ -7,6 +7,7 @@ pub mod layers;
 pub mod memory;
 pub mod ops;
 pub mod persist;
+pub mod stall;
 pub mod state;
 pub mod store;
 

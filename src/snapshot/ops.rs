@@ -1,34 +1,333 @@
-//! Reading a snapshot bundle back, with one clear error for each way it can
-//! be broken.
+//! Reading a snapshot bundle back. Every check a bundle must pass before it
+//! may touch a VM is here, in [`validate`], used by both revert and
+//! restore: a revert refused here leaves the running VM exactly as it was.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
-use super::format::read_state_file;
-use super::state::{MachineState, Manifest, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
+use super::format::read_state_file_summed;
+use super::state::{
+    feature_leaves, host_features, host_kind_name, missing_cpu_features, MachineState, Manifest,
+    MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
+};
 use super::store::{read_manifest, StoreError};
+use crate::config::VmConfig;
+use crate::kvm::host::HostKind;
 use crate::vmm::VmmError;
 
-pub fn load(dir: &Path) -> Result<(Manifest, MachineState), VmmError> {
+/// A bundle that passed [`validate`]: its memory file is open (and of the
+/// right length), so what was checked is what gets read.
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub state: MachineState,
+    pub memory: File,
+}
+
+/// Where a bundle is about to be loaded.
+pub struct Target<'a> {
+    pub host: HostKind,
+    /// This host's `KVM_GET_SUPPORTED_CPUID`.
+    pub supported_cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    /// The TSC frequency the target's vCPUs run at (a revert) or get (a
+    /// restore), when KVM says.
+    pub tsc_khz: Option<u32>,
+    /// Whether a restore can run the guest's TSC at its saved rate here.
+    pub can_scale_tsc: bool,
+    /// The VM a revert rewrites in place; None for a restore.
+    pub running: Option<Running<'a>>,
+}
+
+pub struct Running<'a> {
+    pub config: &'a VmConfig,
+    pub disks: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{0} is not a snapshot directory")]
+    NotADirectory(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "snapshot {dir} has format version {found}, this rewind reads version {MANIFEST_VERSION}"
+    )]
+    Version { dir: String, found: u32 },
+    #[error("snapshot {dir} is corrupt: {STATE_FILE} does not match its manifest ({what})")]
+    StateMismatch { dir: String, what: String },
+    #[error("snapshot {dir} is incomplete: {MEMORY_FILE} is missing")]
+    MemoryMissing { dir: String },
+    #[error("snapshot {dir}: cannot open {MEMORY_FILE}: {source}")]
+    MemoryOpen { dir: String, source: std::io::Error },
+    #[error("snapshot {dir} is corrupt: {MEMORY_FILE} is {found} bytes, expected {expected} (truncated or from another VM)")]
+    MemoryLength {
+        dir: String,
+        found: u64,
+        expected: u64,
+    },
+    #[error("snapshot {dir} is corrupt: {what}")]
+    Inconsistent { dir: String, what: String },
+    #[error("snapshot {dir}: disk {index}: {reason}")]
+    Disk {
+        dir: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("snapshot {dir} is of a VM with {theirs}, this one has {ours}: use rewind restore")]
+    OtherMachine {
+        dir: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("snapshot {dir} was taken on a {found:?} KVM host, this is a {current:?} host: a guest set up for {found:?} may run instructions this host cannot; boot it here instead")]
+    HostKind {
+        dir: String,
+        found: String,
+        current: String,
+    },
+    #[error("snapshot {dir} needs CPU features this host lacks: {features} (taken on {model:?})")]
+    CpuFeatures {
+        dir: String,
+        features: String,
+        model: String,
+    },
+    #[error("snapshot {dir}: its guest's TSC runs at {saved} kHz, this host's at {host} kHz{how}")]
+    Tsc {
+        dir: String,
+        saved: u32,
+        host: u32,
+        how: &'static str,
+    },
+}
+
+impl From<BundleError> for VmmError {
+    fn from(e: BundleError) -> VmmError {
+        match e {
+            // Keeps "no such snapshot" a 404 / usage error.
+            BundleError::Store(s) => VmmError::Store(s),
+            other => VmmError::Snapshot(other.to_string()),
+        }
+    }
+}
+
+/// A bundle's manifest and state, each checked on its own and against the
+/// other (what `snapshot info` needs; [`validate`] checks the rest).
+pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
+    let name = dir.display().to_string();
     if !dir.is_dir() {
-        return Err(VmmError::Snapshot(format!(
-            "{} is not a snapshot directory",
-            dir.display()
-        )));
+        return Err(BundleError::NotADirectory(name));
     }
     let manifest = read_manifest(dir)?;
     if manifest.version != MANIFEST_VERSION {
-        return Err(VmmError::Snapshot(format!(
-            "snapshot {} has format version {}, this rewind reads version {MANIFEST_VERSION}",
-            dir.display(),
-            manifest.version
-        )));
+        return Err(BundleError::Version {
+            dir: name,
+            found: manifest.version,
+        });
     }
-    let state: MachineState = read_state_file(&dir.join(STATE_FILE)).map_err(StoreError::from)?;
-    if !dir.join(MEMORY_FILE).is_file() {
-        return Err(VmmError::Snapshot(format!(
-            "snapshot {} is incomplete: {MEMORY_FILE} is missing",
-            dir.display()
-        )));
+    // The file's own header (magic, version, length, CRC) first: its errors
+    // say more than a mismatch with the manifest would.
+    let (state, len, crc): (MachineState, u64, u64) =
+        read_state_file_summed(&dir.join(STATE_FILE)).map_err(StoreError::from)?;
+    if len != manifest.state_bytes {
+        return Err(BundleError::StateMismatch {
+            dir: name,
+            what: format!("{len} bytes, state_bytes says {}", manifest.state_bytes),
+        });
+    }
+    if crc != manifest.state_crc64 {
+        return Err(BundleError::StateMismatch {
+            dir: name,
+            what: format!(
+                "CRC-64 {crc:#018x}, state_crc64 says {:#018x}",
+                manifest.state_crc64
+            ),
+        });
     }
     Ok((manifest, state))
+}
+
+/// Checks everything about the bundle in `dir` that can be checked without
+/// touching the target VM: files, lengths, checksums, internal consistency,
+/// disk layers, this host, and (for a revert) the running VM's shape.
+pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
+    let (manifest, state) = load(dir)?;
+    let name = || dir.display().to_string();
+    let inconsistent = |what: String| BundleError::Inconsistent { dir: name(), what };
+
+    let mem_path = dir.join(MEMORY_FILE);
+    let memory = File::open(&mem_path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            BundleError::MemoryMissing { dir: name() }
+        } else {
+            BundleError::MemoryOpen {
+                dir: name(),
+                source,
+            }
+        }
+    })?;
+    let found = memory
+        .metadata()
+        .map_err(|source| BundleError::MemoryOpen {
+            dir: name(),
+            source,
+        })?
+        .len();
+    let expected = crate::memory::ram_end(state.config.mem_bytes());
+    if manifest.memory_file_len != expected {
+        return Err(inconsistent(format!(
+            "the manifest's memory_file_len {} is not that of a {} MiB VM ({expected})",
+            manifest.memory_file_len, state.config.mem_mib
+        )));
+    }
+    if found != expected {
+        return Err(BundleError::MemoryLength {
+            dir: name(),
+            found,
+            expected,
+        });
+    }
+    if state.vcpus.len() != state.config.cpus as usize {
+        return Err(inconsistent(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            state.config.cpus
+        )));
+    }
+    if state.devices.virtio.len() != state.disks.len() {
+        return Err(inconsistent(format!(
+            "{} virtio states for {} disks",
+            state.devices.virtio.len(),
+            state.disks.len()
+        )));
+    }
+    for (index, d) in state.disks.iter().enumerate() {
+        let disk_err = |reason: String| BundleError::Disk {
+            dir: name(),
+            index,
+            reason,
+        };
+        if !d.frozen.is_file() {
+            return Err(disk_err(format!(
+                "its layer {} is missing",
+                d.frozen.display()
+            )));
+        }
+        d.base.verify().map_err(|e| disk_err(e.to_string()))?;
+    }
+
+    check_host(dir, &manifest, &state, target)?;
+    if let Some(run) = &target.running {
+        let shape = |c: &VmConfig, disks: usize| {
+            format!("{} MiB, {} vCPUs and {disks} disks", c.mem_mib, c.cpus)
+        };
+        let (theirs, ours) = (
+            shape(&state.config, state.disks.len()),
+            shape(run.config, run.disks),
+        );
+        if theirs != ours {
+            return Err(BundleError::OtherMachine {
+                dir: name(),
+                theirs,
+                ours,
+            });
+        }
+    }
+    // The manifest's figure (readable, what a user sees) and every vCPU's.
+    let vcpus = state.vcpus.iter().map(|v| v.tsc_khz);
+    for saved in std::iter::once(manifest.host.tsc_khz).chain(vcpus) {
+        if tsc_differs(saved, target.tsc_khz) {
+            let how = if target.running.is_some() {
+                ": a revert cannot change it, use rewind restore"
+            } else if target.can_scale_tsc {
+                continue;
+            } else {
+                " and KVM here cannot scale it"
+            };
+            return Err(tsc_error(dir, saved, target.tsc_khz, how));
+        }
+    }
+    Ok(Bundle {
+        dir: dir.to_path_buf(),
+        manifest,
+        state,
+        memory,
+    })
+}
+
+/// The host kind and the CPU features the guest was given, as the manifest
+/// records them and as the vCPU states in state.bin hold them.
+fn check_host(
+    dir: &Path,
+    manifest: &Manifest,
+    state: &MachineState,
+    target: &Target,
+) -> Result<(), BundleError> {
+    let current = host_kind_name(target.host);
+    let found = &manifest.host.kind;
+    // A guest set up for PVM (features hidden, quirks on) runs anywhere;
+    // one set up for hardware KVM may rely on what PVM cannot emulate.
+    if *found != current && *found != host_kind_name(HostKind::Pvm) {
+        return Err(BundleError::HostKind {
+            dir: dir.display().to_string(),
+            found: found.clone(),
+            current,
+        });
+    }
+    let given: Vec<_> = state
+        .vcpus
+        .iter()
+        .map(|v| feature_leaves(&v.cpuid))
+        .collect();
+    let mut needed: Vec<&[_]> = vec![&manifest.host.cpu_features];
+    needed.extend(given.iter().map(Vec::as_slice));
+    let offered = host_features(target.host, target.supported_cpuid);
+    let missing = missing_cpu_features(&needed, &offered);
+    if !missing.is_empty() {
+        return Err(BundleError::CpuFeatures {
+            dir: dir.display().to_string(),
+            features: missing.join(", "),
+            model: manifest.host.cpu_model.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// KVM itself leaves a guest's TSC unscaled within 250 ppm of the host's.
+const TSC_TOLERANCE_PPM: u64 = 250;
+
+/// True when a guest whose TSC ran at `saved` kHz would see time run at a
+/// different rate on a vCPU running at `host` kHz.
+pub fn tsc_differs(saved: Option<u32>, host: Option<u32>) -> bool {
+    match (saved, host) {
+        (Some(s), Some(h)) => {
+            u64::from(s.abs_diff(h)) * 1_000_000 > u64::from(h) * TSC_TOLERANCE_PPM
+        }
+        _ => false,
+    }
+}
+
+pub fn tsc_error(
+    dir: &Path,
+    saved: Option<u32>,
+    host: Option<u32>,
+    how: &'static str,
+) -> BundleError {
+    BundleError::Tsc {
+        dir: dir.display().to_string(),
+        saved: saved.unwrap_or(0),
+        host: host.unwrap_or(0),
+        how,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tsc_differs;
+
+    #[test]
+    fn tsc_tolerance_is_250_ppm() {
+        assert!(!tsc_differs(Some(2_000_000), Some(2_000_400)));
+        assert!(tsc_differs(Some(2_000_000), Some(2_001_000)));
+        assert!(!tsc_differs(None, Some(2_000_000)));
+    }
 }

@@ -34,8 +34,9 @@ pub struct DevicesState {
 #[derive(Serialize, Deserialize)]
 pub struct MachineState {
     pub config: VmConfig,
-    /// What the capturing host's KVM offered (`KVM_GET_SUPPORTED_CPUID`):
-    /// a restore host must offer at least these features.
+    /// What the capturing host's KVM offered (`KVM_GET_SUPPORTED_CPUID`),
+    /// for the record: a guest relies only on its vCPUs' own CPUID, which
+    /// is what a restore host is checked against (see ops.rs).
     pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
@@ -71,13 +72,37 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostIdentity {
+    /// `hardware` or `pvm` (see `HostKind`).
     pub kind: String,
     pub cpu_vendor: String,
     pub cpu_model: String,
+    /// The guest's TSC frequency (vCPU 0), when KVM reported one.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
+    /// The CPUID feature bits the guest's vCPUs were given: a host must
+    /// offer all of them, or the guest may run instructions that fault.
+    #[serde(default)]
+    pub cpu_features: Vec<CpuidFeatures>,
+}
+
+/// The feature-flag registers of one CPUID leaf (other registers zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidFeatures {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
 }
 
 impl HostIdentity {
-    pub fn current(kind: crate::kvm::host::HostKind) -> HostIdentity {
+    /// This host, and what vCPU 0 of the guest was given (`tsc_khz`, `cpuid`).
+    pub fn current(
+        kind: crate::kvm::host::HostKind,
+        tsc_khz: Option<u32>,
+        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    ) -> HostIdentity {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let field = |name: &str| {
             cpuinfo
@@ -88,50 +113,261 @@ impl HostIdentity {
                 .unwrap_or_default()
         };
         HostIdentity {
-            kind: format!("{kind:?}").to_lowercase(),
+            kind: host_kind_name(kind),
             cpu_vendor: field("vendor_id"),
             cpu_model: field("model name"),
+            tsc_khz,
+            cpu_features: feature_leaves(cpuid),
         }
     }
 }
 
-/// CPUID feature leaves a guest may rely on: (leaf, subleaf).
-const FEATURE_LEAVES: &[(u32, u32)] = &[(1, 0), (7, 0), (0xd, 1), (0x8000_0001, 0)];
+pub fn host_kind_name(kind: crate::kvm::host::HostKind) -> String {
+    format!("{kind:?}").to_lowercase()
+}
 
-/// Feature bits the snapshot's vCPUs were given that this host's KVM does
-/// not offer: restoring there would let the guest run instructions that fault.
-pub fn missing_cpu_features(
-    snapshot: &[kvm_bindings::kvm_cpuid_entry2],
-    host: &[kvm_bindings::kvm_cpuid_entry2],
-) -> Vec<String> {
-    let find = |set: &[kvm_bindings::kvm_cpuid_entry2], leaf, sub| {
-        set.iter()
-            .find(|e| e.function == leaf && e.index == sub)
-            .copied()
-    };
-    let mut missing = Vec::new();
-    for &(leaf, sub) in FEATURE_LEAVES {
-        let Some(s) = find(snapshot, leaf, sub) else {
+/// CPUID leaves holding feature flags: (leaf, subleaf, and per register
+/// eax, ebx, ecx, edx the bits that are flags). Left out: fields that are
+/// sizes, counts or IDs; bits rewind sets per VM (leaf 1 ECX 31 hypervisor,
+/// EDX 28 HTT); and bits KVM derives from guest control registers (leaf 1
+/// ECX 27 OSXSAVE, leaf 7 ECX 4 OSPKE), which no host "supports".
+const FEATURE_LEAVES: &[(u32, u32, [u32; 4])] = &[
+    (1, 0, [0, 0, !((1 << 31) | (1 << 27)), !(1 << 28)]),
+    (7, 0, [0, !0, !(1 << 4), !0]),
+    (7, 1, [!0, 0, 0, !0]),
+    // XCR0 bits the guest may enable (EAX low, EDX high).
+    (0xd, 0, [!0, 0, 0, !0]),
+    // XSAVEOPT/XSAVEC/XGETBV1/XSAVES/XFD, and IA32_XSS bits.
+    (0xd, 1, [!0, 0, !0, !0]),
+    (0x4000_0001, 0, [!0, 0, 0, 0]),
+    (0x8000_0001, 0, [0, 0, !0, !0]),
+    (0x8000_0007, 0, [0, 0, 0, !0]),
+];
+
+fn find(
+    set: &[kvm_bindings::kvm_cpuid_entry2],
+    leaf: u32,
+    sub: u32,
+) -> Option<kvm_bindings::kvm_cpuid_entry2> {
+    set.iter()
+        .find(|e| e.function == leaf && e.index == sub)
+        .copied()
+}
+
+/// The feature flags in `cpuid` (a vCPU's CPUID), leaf by leaf.
+pub fn feature_leaves(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuidFeatures> {
+    FEATURE_LEAVES
+        .iter()
+        .filter_map(|&(leaf, subleaf, [a, b, c, d])| {
+            let e = find(cpuid, leaf, subleaf)?;
+            Some(CpuidFeatures {
+                leaf,
+                subleaf,
+                eax: e.eax & a,
+                ebx: e.ebx & b,
+                ecx: e.ecx & c,
+                edx: e.edx & d,
+            })
+        })
+        .collect()
+}
+
+/// Names for the flags a guest is likeliest to rely on; others are shown
+/// as `cpuid LEAF.SUB REG bit N`.
+const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
+    (1, 0, 2, 0, "sse3"),
+    (1, 0, 2, 1, "pclmulqdq"),
+    (1, 0, 2, 9, "ssse3"),
+    (1, 0, 2, 12, "fma"),
+    (1, 0, 2, 13, "cx16"),
+    (1, 0, 2, 19, "sse4.1"),
+    (1, 0, 2, 20, "sse4.2"),
+    (1, 0, 2, 21, "x2apic"),
+    (1, 0, 2, 22, "movbe"),
+    (1, 0, 2, 23, "popcnt"),
+    (1, 0, 2, 24, "tsc-deadline"),
+    (1, 0, 2, 25, "aes"),
+    (1, 0, 2, 26, "xsave"),
+    (1, 0, 2, 28, "avx"),
+    (1, 0, 2, 29, "f16c"),
+    (1, 0, 2, 30, "rdrand"),
+    (1, 0, 3, 25, "sse"),
+    (1, 0, 3, 26, "sse2"),
+    (7, 0, 1, 0, "fsgsbase"),
+    (7, 0, 1, 3, "bmi1"),
+    (7, 0, 1, 5, "avx2"),
+    (7, 0, 1, 8, "bmi2"),
+    (7, 0, 1, 9, "erms"),
+    (7, 0, 1, 16, "avx512f"),
+    (7, 0, 1, 17, "avx512dq"),
+    (7, 0, 1, 18, "rdseed"),
+    (7, 0, 1, 19, "adx"),
+    (7, 0, 1, 28, "avx512cd"),
+    (7, 0, 1, 29, "sha"),
+    (7, 0, 1, 30, "avx512bw"),
+    (7, 0, 1, 31, "avx512vl"),
+    (7, 0, 2, 1, "avx512vbmi"),
+    (7, 0, 2, 3, "pku"),
+    (7, 0, 2, 8, "gfni"),
+    (7, 0, 2, 9, "vaes"),
+    (7, 0, 2, 10, "vpclmulqdq"),
+    (7, 0, 2, 11, "avx512vnni"),
+    (7, 0, 2, 22, "rdpid"),
+    (7, 0, 3, 4, "fsrm"),
+    (7, 0, 3, 14, "serialize"),
+    (7, 0, 3, 22, "amx-bf16"),
+    (7, 0, 3, 24, "amx-tile"),
+    (7, 0, 3, 25, "amx-int8"),
+    (7, 1, 0, 4, "avx-vnni"),
+    (7, 1, 0, 5, "avx512-bf16"),
+    (0xd, 0, 0, 2, "xcr0 avx state"),
+    (0xd, 0, 0, 5, "xcr0 avx512 opmask state"),
+    (0xd, 0, 0, 6, "xcr0 avx512 zmm_hi256 state"),
+    (0xd, 0, 0, 7, "xcr0 avx512 hi16_zmm state"),
+    (0xd, 0, 0, 9, "xcr0 pkru state"),
+    (0xd, 0, 0, 17, "xcr0 amx tilecfg state"),
+    (0xd, 0, 0, 18, "xcr0 amx tiledata state"),
+    (0xd, 1, 0, 0, "xsaveopt"),
+    (0xd, 1, 0, 1, "xsavec"),
+    (0xd, 1, 0, 2, "xgetbv1"),
+    (0xd, 1, 0, 3, "xsaves"),
+    (0xd, 1, 0, 4, "xfd"),
+    (0x8000_0001, 0, 2, 5, "lzcnt"),
+    (0x8000_0001, 0, 3, 20, "nx"),
+    (0x8000_0001, 0, 3, 26, "pdpe1gb"),
+    (0x8000_0001, 0, 3, 27, "rdtscp"),
+    (0x8000_0007, 0, 3, 8, "invariant-tsc"),
+];
+
+/// The feature flags a guest can be given here. On hardware KVM that is
+/// `KVM_GET_SUPPORTED_CPUID`. On PVM it is not: that list holds little more
+/// than what KVM itself emulates, while guest ring 3 runs on the host CPU
+/// natively and a vCPU's CPUID reads back the host's own flags (measured:
+/// supported leaf 1 ECX 0x81202000, a vCPU's 0xf7f83203), so the CPU's
+/// own CPUID counts too.
+pub fn host_features(
+    kind: crate::kvm::host::HostKind,
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Vec<CpuidFeatures> {
+    let mut offered = feature_leaves(supported);
+    if kind != crate::kvm::host::HostKind::Pvm {
+        return offered;
+    }
+    for &(leaf, subleaf, [a, b, c, d]) in FEATURE_LEAVES {
+        // The hypervisor range describes the outer hypervisor, not PVM.
+        if (0x4000_0000..0x5000_0000).contains(&leaf) {
+            continue;
+        }
+        let Some(raw) = raw_cpuid(leaf, subleaf) else {
             continue;
         };
-        let h = find(host, leaf, sub).unwrap_or_default();
-        // Leaf 1 ECX bit 31 (hypervisor) and the APIC ID / count fields in EBX
-        // are set by rewind per VM, not taken from the host.
-        let (ecx_mask, ebx_mask) = if leaf == 1 {
-            (!(1u32 << 31), 0)
-        } else {
-            (!0, !0)
+        let i = match offered
+            .iter()
+            .position(|f| f.leaf == leaf && f.subleaf == subleaf)
+        {
+            Some(i) => i,
+            None => {
+                offered.push(CpuidFeatures {
+                    leaf,
+                    subleaf,
+                    eax: 0,
+                    ebx: 0,
+                    ecx: 0,
+                    edx: 0,
+                });
+                offered.len() - 1
+            }
         };
-        for (reg, sv, hv) in [
-            ("ebx", s.ebx & ebx_mask, h.ebx),
-            ("ecx", s.ecx & ecx_mask, h.ecx),
-            ("edx", s.edx, h.edx),
-        ] {
-            let lacking = sv & !hv;
-            if lacking != 0 {
-                missing.push(format!("cpuid {leaf:#x}.{sub} {reg} bits {lacking:#x}"));
+        let f = &mut offered[i];
+        f.eax |= raw.eax & a;
+        f.ebx |= raw.ebx & b;
+        f.ecx |= raw.ecx & c;
+        f.edx |= raw.edx & d;
+    }
+    offered
+}
+
+/// This CPU's own CPUID leaf, if it has that leaf.
+fn raw_cpuid(leaf: u32, subleaf: u32) -> Option<std::arch::x86_64::CpuidResult> {
+    use std::arch::x86_64::__cpuid_count;
+    // CPUID is available on every x86-64 CPU; the leaf's range is checked
+    // against the range's maximum first.
+    let max = __cpuid_count(leaf & 0x8000_0000, 0).eax;
+    (leaf <= max).then(|| __cpuid_count(leaf, subleaf))
+}
+
+/// Features in any of `needed` that `host` does not offer, by name,
+/// without repeats.
+pub fn missing_cpu_features(needed: &[&[CpuidFeatures]], host: &[CpuidFeatures]) -> Vec<String> {
+    let mut missing: Vec<String> = Vec::new();
+    for f in needed.iter().flat_map(|set| set.iter()) {
+        let h = host
+            .iter()
+            .find(|h| h.leaf == f.leaf && h.subleaf == f.subleaf)
+            .copied()
+            .unwrap_or(CpuidFeatures {
+                leaf: f.leaf,
+                subleaf: f.subleaf,
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            });
+        for (r, (reg, want, have)) in [
+            ("eax", f.eax, h.eax),
+            ("ebx", f.ebx, h.ebx),
+            ("ecx", f.ecx, h.ecx),
+            ("edx", f.edx, h.edx),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut lacking = want & !have;
+            while lacking != 0 {
+                let bit = lacking.trailing_zeros();
+                lacking &= lacking - 1;
+                let name = FEATURE_NAMES
+                    .iter()
+                    .find(|n| (n.0, n.1, n.2, n.3) == (f.leaf, f.subleaf, r, bit))
+                    .map(|n| n.4.to_string())
+                    .unwrap_or_else(|| {
+                        format!("cpuid {:#x}.{} {reg} bit {bit}", f.leaf, f.subleaf)
+                    });
+                if !missing.contains(&name) {
+                    missing.push(name);
+                }
             }
         }
     }
     missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{missing_cpu_features, CpuidFeatures};
+
+    fn leaf(leaf: u32, subleaf: u32, eax: u32, edx: u32) -> CpuidFeatures {
+        CpuidFeatures {
+            leaf,
+            subleaf,
+            eax,
+            ebx: 0,
+            ecx: 0,
+            edx,
+        }
+    }
+
+    #[test]
+    fn missing_features_are_named_once_each() {
+        // XSAVEC (bit 1) and XSAVES (bit 3) of leaf 0xd.1 EAX, which the
+        // check once ignored, and a bit without a name.
+        let needed = [leaf(0xd, 1, 0b1011, 0), leaf(7, 0, 0, 1)];
+        let again = [leaf(0xd, 1, 0b1000, 0)];
+        let host = [leaf(0xd, 1, 0b0001, 0)];
+        assert_eq!(
+            missing_cpu_features(&[&needed, &again], &host),
+            ["xsavec", "xsaves", "cpuid 0x7.0 edx bit 0"]
+        );
+        assert!(missing_cpu_features(&[&host], &host).is_empty());
+    }
 }

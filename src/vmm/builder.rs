@@ -109,47 +109,26 @@ impl Vmm {
     /// mapped copy-on-write from the snapshot, state applied in place.
     pub fn restore(dir: &Path, name: &str, opts: &RunOptions) -> Result<Vmm, VmmError> {
         let started = Instant::now();
-        let (manifest, state) = snapshot::ops::load(dir)?;
+        let vm = Vm::new()?;
+        let target = snapshot::ops::Target {
+            host: HostKind::detect(),
+            supported_cpuid: vm.supported_cpuid.as_slice(),
+            tsc_khz: vm.tsc_khz(),
+            can_scale_tsc: vm.can_scale_tsc(),
+            running: None,
+        };
+        let snapshot::ops::Bundle { state, memory, .. } = snapshot::ops::validate(dir, &target)?;
         let mut config = state.config.clone();
         config.name = name.to_string();
-        let vm = Vm::new()?;
         config.validate(host_mem_mib(), vm.max_vcpus())?;
-        let missing =
-            snapshot::state::missing_cpu_features(&state.host_cpuid, vm.supported_cpuid.as_slice());
-        if !missing.is_empty() {
-            return Err(VmmError::Snapshot(format!(
-                "snapshot {} needs CPU features this host lacks ({}): restore it on a host like the one that took it ({})",
-                dir.display(),
-                missing.join(", "),
-                manifest.host.cpu_model
-            )));
-        }
         let mem_path = dir.join(snapshot::state::MEMORY_FILE);
         let mem = snapshot::memory::map_private(&mem_path, config.mem_bytes())
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-        let populated = std::fs::File::open(&mem_path)
-            .map(|f| snapshot::memory::data_bitmap(&f, &mem))
-            .map_err(|e| VmmError::Snapshot(format!("cannot read {}: {e}", mem_path.display())))?;
+        let populated = snapshot::memory::data_bitmap(&memory, &mem);
         // VM-wide state first: the irqchips must exist in their saved state
         // before vCPU LAPICs and pending events are applied on top.
         vm.restore_state(&state.vm)?;
         let vcpu_states = &state.vcpus;
-        if vcpu_states.len() != config.cpus as usize {
-            return Err(VmmError::Snapshot(format!(
-                "snapshot {} is corrupt: {} vCPU states for {} vCPUs",
-                dir.display(),
-                vcpu_states.len(),
-                config.cpus
-            )));
-        }
-        if state.devices.virtio.len() != state.disks.len() {
-            return Err(VmmError::Snapshot(format!(
-                "snapshot {} is corrupt: {} virtio states for {} disks",
-                dir.display(),
-                state.devices.virtio.len(),
-                state.disks.len()
-            )));
-        }
         let lowers = state
             .disks
             .iter()
@@ -163,6 +142,14 @@ impl Vmm {
             Some(dir.to_path_buf()),
             lowers,
             |index, fd, _| {
+                let saved = vcpu_states[index].tsc_khz;
+                let host = fd.get_tsc_khz().ok();
+                if snapshot::ops::tsc_differs(saved, host) {
+                    // Only KVM_CAP_TSC_CONTROL hosts can scale a guest's TSC.
+                    fd.set_tsc_khz(saved.unwrap_or(0)).map_err(|_| {
+                        snapshot::ops::tsc_error(dir, saved, host, " and KVM here cannot scale it")
+                    })?;
+                }
                 let refused = crate::kvm::vcpu_state::apply(fd, &vcpu_states[index])
                     .map_err(|e| VmmError::Snapshot(format!("vCPU {index}: {e}")))?;
                 report_refused_msrs(index, &refused);
@@ -256,12 +243,16 @@ impl Vmm {
         )?;
 
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        let mut tsc_khz = None;
         for index in 0..config.cpus as usize {
             let fd = vm
                 .fd
                 .create_vcpu(index as u64)
                 .map_err(kvm_err("create a vCPU"))?;
             configure_vcpu(index, &fd, &vm.supported_cpuid)?;
+            if index == 0 {
+                tsc_khz = fd.get_tsc_khz().ok();
+            }
             let ctx = VcpuContext {
                 index,
                 pio: pio.clone(),
@@ -294,6 +285,7 @@ impl Vmm {
             populated,
             msr_indices,
             has_xsave,
+            tsc_khz,
         })
     }
 }

@@ -168,6 +168,8 @@ pub struct Vmm {
     pub(crate) populated: Vec<Vec<u64>>,
     pub(crate) msr_indices: Vec<u32>,
     pub(crate) has_xsave: bool,
+    /// vCPU 0's TSC frequency: a revert must not change it under the guest.
+    pub(crate) tsc_khz: Option<u32>,
 }
 
 /// The devices whose state a snapshot carries.

@@ -15,7 +15,7 @@ use crate::snapshot::state::{
     DevicesState, HostIdentity, MachineState, Manifest, MANIFEST_FILE, MANIFEST_VERSION,
     MEMORY_FILE, STATE_FILE,
 };
-use crate::snapshot::{format, fsutil, memory as snapmem, ops, store, Persist};
+use crate::snapshot::{format, fsutil, memory as snapmem, ops, stall, store, Persist};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
@@ -207,6 +207,7 @@ impl Vmm {
                 .map_err(snap_err)?;
             next.push((path, size));
         }
+        stall::point("overlays-created", name);
         let was_running = !self.paused;
         let pause_start = Instant::now();
         self.pause()?;
@@ -224,6 +225,7 @@ impl Vmm {
                     size: *size,
                 });
             }
+            stall::point("overlay-switched", name);
             let state = MachineState {
                 disks,
                 config: self.config.clone(),
@@ -233,21 +235,28 @@ impl Vmm {
                 devices: self.capture_devices(),
             };
             let frozen_paths: Vec<PathBuf> = state.disks.iter().map(|d| d.frozen.clone()).collect();
+            let vcpu0 = state
+                .vcpus
+                .first()
+                .map(|v| (v.tsc_khz, v.cpuid.clone()))
+                .unwrap_or_default();
             let body = encode_state(&state).map_err(snap_err)?;
             let mem_bytes = snapmem::write_full(
                 &self.mem,
                 self.config.mem_bytes(),
                 &self.populated,
                 &tmp.join(MEMORY_FILE),
+                name,
             )
             .map_err(snap_err)?;
-            Ok::<_, VmmError>((body, mem_bytes, frozen_paths))
+            stall::point("memory-written", name);
+            Ok::<_, VmmError>((body, mem_bytes, frozen_paths, vcpu0))
         });
         if was_running {
             self.resume()?;
         }
         let pause_ms = ms(pause_start);
-        let (body, mem_bytes, frozen_paths) = match captured {
+        let (body, mem_bytes, frozen_paths, vcpu0) = match captured {
             Ok(c) => c,
             Err(e) => {
                 // Overlays not switched to are unused; one the VM now writes
@@ -278,6 +287,7 @@ impl Vmm {
         fsutil::atomic_write(&state_path, &body)
             .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))?;
         let state_bytes = body.len() as u64;
+        stall::point("state-written", name);
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
@@ -289,7 +299,7 @@ impl Vmm {
                 .unwrap_or(0),
             config: self.config.clone(),
             kernel: kernel_identity(&self.config.kernel),
-            host: HostIdentity::current(self.host),
+            host: HostIdentity::current(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
             memory_file_len: crate::memory::ram_end(self.config.mem_bytes()),
@@ -299,7 +309,9 @@ impl Vmm {
             disk_layers: frozen_paths.clone(),
         };
         format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
+        stall::point("before-publish", name);
         store::publish(tmp, final_dir)?;
+        stall::point("published", name);
         self.baseline = Some(final_dir.to_path_buf());
         Ok(SnapshotReport {
             name: name.to_string(),
@@ -310,32 +322,31 @@ impl Vmm {
         })
     }
 
-    /// Puts the running VM back to snapshot `name` in place.
+    /// Puts the running VM back to snapshot `name` in place. The bundle is
+    /// validated whole first: a refused revert leaves the VM as it was.
     pub fn revert(&mut self, name: &str) -> Result<RevertReport, VmmError> {
         let t0 = Instant::now();
         let dir = store::resolve(name, Some(&self.config.name))?;
-        let (_, state) = ops::load(&dir)?;
-        if state.config.mem_mib != self.config.mem_mib || state.config.cpus != self.config.cpus {
-            return Err(snap_err(format!(
-                "snapshot {name} is of a VM with {} MiB and {} vCPUs, this one has {} MiB and {} vCPUs: use rewind restore",
-                state.config.mem_mib, state.config.cpus, self.config.mem_mib, self.config.cpus
-            )));
-        }
+        let target = ops::Target {
+            host: self.host,
+            supported_cpuid: self.vm.supported_cpuid.as_slice(),
+            tsc_khz: self.tsc_khz,
+            can_scale_tsc: false,
+            running: Some(ops::Running {
+                config: &self.config,
+                disks: self.devices.disks.len(),
+            }),
+        };
+        let ops::Bundle {
+            state,
+            memory: file,
+            ..
+        } = ops::validate(&dir, &target)?;
         let mem_path = dir.join(MEMORY_FILE);
-        let file = std::fs::File::open(&mem_path)
-            .map_err(|e| snap_err(format!("cannot open {}: {e}", mem_path.display())))?;
-        if state.disks.len() != self.devices.disks.len() {
-            return Err(snap_err(format!(
-                "snapshot {name} has {} disks, this VM has {}: use rewind restore",
-                state.disks.len(),
-                self.devices.disks.len()
-            )));
-        }
         // Fresh overlays on the snapshot's frozen layers, made before the pause.
         let vm_dir = crate::paths::vm_dir(&self.config.name);
         let mut fresh = Vec::new();
         for (d, snap) in self.devices.disks.iter().zip(&state.disks) {
-            snap.base.verify().map_err(snap_err)?;
             let path = super::disks::overlay_path(&vm_dir, d.index);
             crate::disk::create_overlay(
                 &path,

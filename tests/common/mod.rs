@@ -118,8 +118,14 @@ pub struct VmProcess {
 
 impl VmProcess {
     pub fn start(home: &Home, name: &str, args: &[&str]) -> VmProcess {
+        VmProcess::start_env(home, name, args, &[])
+    }
+
+    /// `start` with extra environment variables for rewind.
+    pub fn start_env(home: &Home, name: &str, args: &[&str], env: &[(&str, &str)]) -> VmProcess {
         let mut child = home
             .cmd()
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -148,6 +154,12 @@ impl VmProcess {
 
     pub fn lines(&self) -> Vec<String> {
         self.lines.0.lock().unwrap().clone()
+    }
+
+    /// The $REWIND_HOME this VM runs in.
+    pub fn home(&self) -> PathBuf {
+        let vm_dir = self.socket.parent().unwrap();
+        vm_dir.parent().unwrap().parent().unwrap().to_path_buf()
     }
 
     pub fn pid(&self) -> u32 {
@@ -243,6 +255,12 @@ impl VmProcess {
             let _ = r.join();
         }
         status
+    }
+
+    /// Stops the VM through the API; its status and every line it printed.
+    pub fn stop_and_collect(self) -> (Option<i32>, Vec<String>) {
+        let _ = self.api("PUT", "/vm/stop", None);
+        self.wait_exit()
     }
 
     pub fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
@@ -365,4 +383,100 @@ pub fn boot_linux(
         lines.join("\n")
     );
     (vm, lines)
+}
+
+/// The first tick of the test guest's vCPU 0 in `line` ("tick N ok",
+/// "cpu0 tick N ok" or, in disk mode, "tick N disk ok").
+pub fn first_tick(line: &str) -> Option<u64> {
+    if let Some((0, n)) = parse_tick(line) {
+        return Some(n);
+    }
+    line.strip_prefix("tick ")?
+        .strip_suffix(" disk ok")?
+        .parse()
+        .ok()
+}
+
+/// The tick vCPU 0 had done when snapshot `snap` of `vm` was taken, read by
+/// restoring it: a restored guest's first tick line is that tick + 1. Tests
+/// compare against this instead of hoping a snapshot lands within one tick
+/// of the line they saw.
+pub fn snapshot_tick(home: &Home, vm: &str, snap: &str) -> u64 {
+    snapshot_tick_in(&home.path, vm, snap)
+}
+
+/// `snapshot_tick` for the $REWIND_HOME at `home`. The clone's folder is
+/// removed after, so no overlay of it keeps depending on the snapshot.
+pub fn snapshot_tick_in(home: &Path, vm: &str, snap: &str) -> u64 {
+    let clone = format!("{vm}-{snap}-tick");
+    let mut cmd = Command::new(BIN);
+    cmd.env("REWIND_HOME", home).stdin(Stdio::null());
+    let o = cmd
+        .args([
+            "restore",
+            snap,
+            "--vm",
+            vm,
+            "--name",
+            &clone,
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "^(cpu0 )?tick [0-9]+ (disk )?ok$",
+        ])
+        .output()
+        .expect("rewind binary runs");
+    let _ = std::fs::remove_dir_all(home.join("vms").join(&clone));
+    assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
+    let first = stdout(&o)
+        .lines()
+        .find_map(first_tick)
+        .unwrap_or_else(|| panic!("restore {snap} printed no tick: {}", stdout(&o)));
+    assert!(first > 0, "restore {snap}: {}", stdout(&o));
+    first - 1
+}
+
+/// Copies the files of snapshot directory `from` to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `rewind restore DIR` fails with one line of stderr containing `needle`.
+pub fn restore_fails(home: &Home, dir: &Path, needle: &str) {
+    let o = home.run(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--name",
+        "r",
+        "--console",
+        "none",
+        "--timeout",
+        "10",
+    ]);
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        matches!(o.status.code(), Some(1) | Some(2)),
+        "status {:?}: {err}",
+        o.status
+    );
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("PVM host") && !l.contains("VM name"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+/// Rewrites the file at `path` through `f`.
+pub fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    f(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
 }
