@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use regex::Regex;
 
@@ -30,7 +31,7 @@ impl std::str::FromStr for ConsoleTarget {
 }
 
 struct Inner {
-    out: Option<Box<dyn Write + Send>>,
+    out: Option<Arc<Sink>>,
     line: Vec<u8>,
     expect: Option<Regex>,
     matched: bool,
@@ -50,6 +51,112 @@ const PANIC_MARK: &str = "Kernel panic - not syncing";
 /// microvm kernel), so it halts its CPUs for good after this line; rewind
 /// takes the line as the power-off and ends the VM with status 0.
 const POWER_OFF_MARKS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
+
+/// Console output waiting for the writer thread. vCPU threads only append
+/// here, so a host stdout nobody reads (a pipe, a stopped terminal) never
+/// blocks a vCPU, which must stay pausable and stoppable: what does not
+/// fit is dropped, counted, and replaced by one marker line.
+struct Sink {
+    state: Mutex<SinkState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SinkState {
+    pending: Vec<u8>,
+    /// Bytes dropped since the last marker.
+    dropped: u64,
+    /// The writer thread holds bytes taken from `pending`.
+    writing: bool,
+    closed: bool,
+}
+
+/// Most console output kept waiting for a slow reader.
+pub const SINK_LIMIT: usize = 1 << 20;
+
+/// How long a VM that ends waits for its console output to be read.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(1);
+
+impl Sink {
+    fn start(mut out: Box<dyn Write + Send>) -> io::Result<Arc<Sink>> {
+        let sink = Arc::new(Sink {
+            state: Mutex::new(SinkState::default()),
+            changed: Condvar::new(),
+        });
+        let shared = sink.clone();
+        // Detached: it may be blocked in write() for good when nobody reads,
+        // and must not keep the process from exiting.
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || shared.write_loop(&mut *out))?;
+        Ok(sink)
+    }
+
+    fn write_loop(&self, out: &mut dyn Write) {
+        loop {
+            let chunk = {
+                let mut st = lock(&self.state);
+                while st.pending.is_empty() && !st.closed {
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.pending.is_empty() {
+                    return;
+                }
+                st.writing = true;
+                std::mem::take(&mut st.pending)
+            };
+            // The guest must not stall or die because the host's stdout is gone.
+            let _ = out.write_all(&chunk).and_then(|_| out.flush());
+            lock(&self.state).writing = false;
+            self.changed.notify_all();
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut st = lock(&self.state);
+        if st.dropped > 0 {
+            let marker = format!(
+                "\r\n[rewind: {} bytes of console output dropped: nobody was reading it]\r\n",
+                st.dropped
+            );
+            if st.pending.len() + marker.len() + bytes.len() > SINK_LIMIT {
+                st.dropped += bytes.len() as u64;
+                return;
+            }
+            st.pending.extend_from_slice(marker.as_bytes());
+            st.dropped = 0;
+        }
+        if st.pending.len() + bytes.len() > SINK_LIMIT {
+            st.dropped += bytes.len() as u64;
+            return;
+        }
+        st.pending.extend_from_slice(bytes);
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Waits until everything queued was written, or `limit` passes.
+    fn flush(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut st = lock(&self.state);
+        while !st.pending.is_empty() || st.writing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
+}
 
 /// Shared by every device that prints (UART, debug console).
 pub struct Console {
@@ -72,6 +179,7 @@ impl Console {
             ConsoleTarget::None => None,
             ConsoleTarget::File(p) => Some(Box::new(File::create(p)?)),
         };
+        let out = out.map(Sink::start).transpose()?;
         Ok(Arc::new(Console {
             inner: Mutex::new(Inner {
                 out,
@@ -90,11 +198,20 @@ impl Console {
         lock(&self.inner).panic.clone()
     }
 
+    /// Waits (at most `limit`) until the output so far has been written,
+    /// so a VM that ends does not lose its last lines to a reader that is
+    /// reading, and does not hang on one that is not.
+    pub fn flush(&self, limit: Duration) {
+        let sink = lock(&self.inner).out.clone();
+        if let Some(sink) = sink {
+            sink.flush(limit);
+        }
+    }
+
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut inner = lock(&self.inner);
-        if let Some(out) = inner.out.as_mut() {
-            // The guest must not stall or die because the host's stdout is gone.
-            let _ = out.write_all(bytes).and_then(|_| out.flush());
+        if let Some(out) = &inner.out {
+            out.push(bytes);
         }
         for &b in bytes {
             if b == b'\n' {
@@ -120,6 +237,14 @@ impl Console {
             } else if inner.line.len() < MAX_LINE {
                 inner.line.push(b);
             }
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(sink) = &lock(&self.inner).out {
+            sink.close();
         }
     }
 }

@@ -189,29 +189,69 @@ impl Vmm {
     }
 
     /// Pauses every vCPU (requests go out to all first, then we wait, so the
-    /// pause costs one round trip, not N).
+    /// pause costs one round trip, not N). All or nothing: if one vCPU does
+    /// not answer, every vCPU is asked to run again (a late one carries out
+    /// its queued pause and then this resume, in order) and the VM stays
+    /// running, so `paused` always says what the vCPUs will be doing.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         let t = Instant::now();
-        if !self.paused {
-            for v in &self.vcpus {
-                v.request_pause()?;
-            }
-            for v in &self.vcpus {
-                v.wait_paused()?;
-            }
-            self.paused = true;
+        if self.paused {
+            return Ok(t.elapsed());
         }
-        Ok(t.elapsed())
+        let mut first_err = None;
+        let mut tickets = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            match v.request_pause() {
+                Ok(ticket) => tickets.push(Some(ticket)),
+                Err(e) => {
+                    tickets.push(None);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let mut answered = vec![false; self.vcpus.len()];
+        for (i, (v, ticket)) in self.vcpus.iter().zip(&tickets).enumerate() {
+            let Some(ticket) = ticket else { continue };
+            match v.wait_paused(*ticket) {
+                Ok(()) => answered[i] = true,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some(err) = first_err else {
+            self.paused = true;
+            return Ok(t.elapsed());
+        };
+        for (v, answered) in self.vcpus.iter().zip(answered) {
+            // Only the vCPUs that answered are waited for: the others'
+            // replies come late and are dropped by their sequence number.
+            if let Ok(ticket) = v.request_resume() {
+                if answered {
+                    let _ = v.wait_resumed(ticket);
+                }
+            }
+        }
+        Err(err.into())
     }
 
+    /// Resumes every vCPU. A vCPU that does not answer still has the resume
+    /// queued and runs once it reads it, so the VM counts as running.
     pub fn resume(&mut self) -> Result<(), VmmError> {
-        if self.paused {
-            for v in &self.vcpus {
-                v.resume()?;
-            }
-            self.paused = false;
+        if !self.paused {
+            return Ok(());
         }
-        Ok(())
+        let tickets: Vec<_> = self.vcpus.iter().map(|v| v.request_resume()).collect();
+        self.paused = false;
+        let mut result = Ok(());
+        for (v, ticket) in self.vcpus.iter().zip(tickets) {
+            if let Err(e) = ticket.and_then(|t| v.wait_resumed(t)) {
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+            }
+        }
+        result
     }
 
     fn feed_console(&mut self) {
@@ -521,6 +561,7 @@ impl Drop for Vmm {
         for v in &mut self.vcpus {
             v.stop();
         }
+        self.console.flush(crate::console::FLUSH_LIMIT);
     }
 }
 

@@ -1,0 +1,111 @@
+//! A VM stays controllable whatever its console and guest do, and a run
+//! ends with the status and the files a user expects.
+
+mod common;
+use common::*;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// Waits up to `limit` for `child` to exit; kills it and fails otherwise.
+fn exit_within(child: &mut Child, limit: Duration, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: rewind did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn api(home: &Home, vm: &str, method: &str, path: &str) -> (u16, serde_json::Value, Duration) {
+    let t = Instant::now();
+    let r = rewind::control::client::request(
+        &home.socket(vm),
+        method,
+        path,
+        None,
+        Some(Duration::from_secs(60)),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (r.status, r.body, t.elapsed())
+}
+
+/// A pipe of one page, so a guest that prints fills it at once.
+fn small_pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned from here on.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: plain fcntl on an fd we own.
+    let size = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(size >= 4096, "cannot shrink the pipe");
+    (r, w)
+}
+
+fn bytes_in_pipe(r: &OwnedFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut n) };
+    n as usize
+}
+
+#[test]
+fn a_console_nobody_reads_does_not_stop_pause_snapshot_or_stop() {
+    if !kvm_available("unread console") {
+        return;
+    }
+    let home = Home::new("unread");
+    let (read_end, write_end) = small_pipe();
+    let mut child = home
+        .cmd()
+        .args([
+            "run",
+            "--name",
+            "u",
+            "--console",
+            "stdio",
+            "--timeout",
+            "300",
+            "--append",
+            "period_ms=1 region=0",
+        ])
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // The guest prints a line per millisecond: the page fills until a line
+    // ("tick NNN ok\n", 12 bytes or more) no longer fits, and from then on
+    // each line is a write nobody will ever take.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bytes_in_pipe(&read_end) <= 4096 - 12 {
+        assert!(Instant::now() < deadline, "the console pipe never filled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for_path(&home.socket("u"), "api.sock");
+    // A pause may land between two lines; the vCPU blocks on the next one
+    // as soon as it runs again, so later rounds meet a blocked vCPU.
+    for round in 0..3 {
+        let (status, body, took) = api(&home, "u", "PUT", "/vm/pause");
+        assert_eq!(status, 200, "pause {round}: {body}");
+        assert!(took < Duration::from_secs(5), "pause took {took:?}");
+        if round == 2 {
+            let (status, body, _) = api(&home, "u", "PUT", "/snapshots");
+            assert_eq!(status, 200, "snapshot: {body}");
+        }
+        let (status, body, _) = api(&home, "u", "PUT", "/vm/resume");
+        assert_eq!(status, 200, "resume {round}: {body}");
+    }
+    let (status, body, _) = api(&home, "u", "PUT", "/vm/stop");
+    assert_eq!(status, 200, "stop: {body}");
+    let code = exit_within(&mut child, Duration::from_secs(10), "stop");
+    assert_eq!(code, Some(0));
+    drop(read_end);
+}
