@@ -40,6 +40,8 @@ struct Inner {
     panic: Option<String>,
     /// Whether the guest's `REWIND-READY` line was reported yet.
     ready_seen: bool,
+    /// Whether a `POWER_OFF_MARKS` line ends the VM (Linux guests only).
+    power_off_line: bool,
 }
 
 const READY_LINE: &str = "REWIND-READY";
@@ -49,7 +51,9 @@ const PANIC_MARK: &str = "Kernel panic - not syncing";
 /// The last lines Linux prints on `poweroff`/`halt` once every device is shut
 /// down. A kernel without ACPI has no power-off register to write (rewind's
 /// microvm kernel), so it halts its CPUs for good after this line; rewind
-/// takes the line as the power-off and ends the VM with status 0.
+/// takes the line as the power-off and ends the VM with status 0, for Linux
+/// guests only (`watch_power_off_line`). A kernel with ACPI writes the
+/// sleep register right after the line, which ends the VM the same way.
 const POWER_OFF_MARKS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
 
 /// Console output waiting for the writer thread. vCPU threads only append
@@ -188,9 +192,15 @@ impl Console {
                 matched: false,
                 panic: None,
                 ready_seen: false,
+                power_off_line: false,
             }),
             events,
         }))
+    }
+
+    /// Makes Linux's final `reboot: Power down` line end the VM.
+    pub fn watch_power_off_line(&self) {
+        lock(&self.inner).power_off_line = true;
     }
 
     /// The guest kernel's panic line, if it panicked.
@@ -220,7 +230,7 @@ impl Console {
                 if inner.panic.is_none() && text.contains(PANIC_MARK) {
                     inner.panic = Some(text.clone());
                 }
-                if POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
+                if inner.power_off_line && POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
                     self.events.send(VmEvent::GuestExit(0));
                 }
                 if !inner.ready_seen && text == READY_LINE {
@@ -371,6 +381,9 @@ mod tests {
     fn the_kernels_last_power_off_line_ends_the_vm() {
         let (tx, rx) = vm_event_channel().unwrap();
         let c = Console::new(&ConsoleTarget::None, None, tx).unwrap();
+        c.write_bytes(b"[   1.5] reboot: Power down\n");
+        assert!(rx.drain().is_empty(), "only watched for Linux guests");
+        c.watch_power_off_line();
         c.write_bytes(b"echo reboot: Power down now\n[   1.5] reboot: Power do");
         assert!(rx.drain().is_empty());
         c.write_bytes(b"wn\r\n");

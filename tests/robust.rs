@@ -109,3 +109,24 @@ fn a_console_nobody_reads_does_not_stop_pause_snapshot_or_stop() {
     assert_eq!(code, Some(0));
     drop(read_end);
 }
+
+#[test]
+fn a_test_guest_printing_linuxs_power_off_line_runs_on() {
+    if !kvm_available("power-off line") {
+        return;
+    }
+    let home = Home::new("poweroff-line");
+    let o = home.run(&[
+        "run",
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--append",
+        "period_ms=20 region=0 exit_after=3 status=5 say=[____1.5]_reboot:_Power_down",
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("[    1.5] reboot: Power down\n"), "{out}");
+    assert!(out.contains("tick 3 ok\n"), "{out}");
+    assert_eq!(o.status.code(), Some(5), "{out}{}", stderr(&o));
+}

@@ -13,6 +13,8 @@
  *                   (disk: vCPU 0, the only one working) did tick N
  *   status=N        exit status for exit, exitport and exit_after
  *   insn=int3|fwait|popcnt|mxcsr   insn: which ring-0 instruction to probe
+ *   say=TEXT        print TEXT (`_` for a space) after REWIND-READY: lets a
+ *                   test show that rewind does not act on what any guest says
  */
 #include <stdint.h>
 
@@ -110,6 +112,15 @@ static void say(const char *s)
 	emit(&l);
 }
 
+/* One command-line word, `_` standing for a space. */
+static void say_word(const char *w)
+{
+	struct line l = { .len = 0 };
+	for (; *w && *w != ' ' && l.len < sizeof(l.buf) - 1; w++)
+		l.buf[l.len++] = *w == '_' ? ' ' : *w;
+	emit(&l);
+}
+
 static __attribute__((noreturn)) void guest_exit(uint32_t status)
 {
 	mmio_write32(DBG_EXIT, status);
@@ -143,6 +154,7 @@ struct options {
 	const char *mode;
 	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
 	const char *insn;
+	const char *say;
 };
 
 static int word_is(const char *w, const char *name)
@@ -172,6 +184,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->disk_sectors = parse_u64(c + 13);
 		else if (starts_with(c, "insn="))
 			o->insn = c + 5;
+		else if (starts_with(c, "say="))
+			o->say = c + 4;
 		while (*c && *c != ' ')
 			c++;
 	}
@@ -467,7 +481,8 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 {
 	const char *cmdline = (const char *)(uintptr_t)(*(const uint32_t *)(zp + 0x228));
 	struct options o = {
-		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = ""
+		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = "",
+		.say = ""
 	};
 	parse_cmdline(cmdline, &o);
 	if (o.period_ms == 0 || o.period_ms > 4000)
@@ -478,6 +493,8 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 	/* disk says it itself, once the disk holds tick 0's pattern. */
 	if (cpu == 0 && !word_is(o.mode, "disk"))
 		say("REWIND-READY");
+	if (cpu == 0 && *o.say)
+		say_word(o.say);
 	if (word_is(o.mode, "verify"))
 		run_verify(cpu, ncpus, zp, &o);
 	if (cpu != 0)

@@ -195,6 +195,11 @@ impl Vmm {
         let (events_tx, events) = vm_event_channel().map_err(io_err("the event channel"))?;
         let console = Console::new(&opts.console, opts.expect.clone(), events_tx.clone())
             .map_err(io_err("the console output"))?;
+        // Only a Linux kernel's last line means it powered off; any other
+        // guest may print those words and run on.
+        if matches!(config.kernel, crate::config::KernelSource::File(_)) {
+            console.watch_power_off_line();
+        }
 
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
