@@ -130,3 +130,53 @@ fn a_test_guest_printing_linuxs_power_off_line_runs_on() {
     assert!(out.contains("tick 3 ok\n"), "{out}");
     assert_eq!(o.status.code(), Some(5), "{out}{}", stderr(&o));
 }
+
+#[test]
+fn a_termination_signal_exits_128_plus_its_number_and_stop_exits_0() {
+    if !kvm_available("signals") {
+        return;
+    }
+    let home = Home::new("signals");
+    for (signal, code) in [
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGHUP, 129),
+    ] {
+        let name = format!("sig{signal}");
+        let vm = VmProcess::start(
+            &home,
+            &name,
+            &[
+                "run",
+                "--name",
+                &name,
+                "--console",
+                "stdio",
+                "--timeout",
+                "60",
+            ],
+        );
+        vm.socket_ready();
+        vm.wait_for(0, "REWIND-READY", |l| l == "REWIND-READY");
+        // SAFETY: signals our own child process.
+        assert_eq!(unsafe { libc::kill(vm.pid() as i32, signal) }, 0);
+        let (status, _) = vm.wait_exit();
+        assert_eq!(status, Some(code), "signal {signal}");
+    }
+    let vm = VmProcess::start(
+        &home,
+        "api-stop",
+        &[
+            "run",
+            "--name",
+            "api-stop",
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "REWIND-READY", |l| l == "REWIND-READY");
+    assert_eq!(vm.stop(), Some(0));
+}

@@ -78,6 +78,8 @@ pub enum Outcome {
     },
     Fatal(String),
     Stopped,
+    /// Ended by this termination signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -89,6 +91,8 @@ impl Outcome {
             Outcome::Reset | Outcome::Expected(_) | Outcome::Stopped => 0,
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::TripleFault { .. } | Outcome::Fatal(_) => 1,
+            // The shell's convention, so a script can tell a kill from a stop.
+            Outcome::Signal(signo) => 128 + signo,
         }
     }
 
@@ -98,7 +102,8 @@ impl Outcome {
             Outcome::GuestExit(_)
             | Outcome::ExecDone(_)
             | Outcome::Expected(_)
-            | Outcome::Stopped => None,
+            | Outcome::Stopped
+            | Outcome::Signal(_) => None,
             Outcome::Reset => Some("guest requested a reset; VM ended".into()),
             Outcome::Timeout(d) => Some(format!("timed out after {:.1} s", d.as_secs_f64())),
             Outcome::TripleFault { cpu } => Some(format!(
@@ -500,9 +505,11 @@ impl Vmm {
                     VmEvent::Fatal(msg) => Outcome::Fatal(msg),
                 });
             }
-            if let Some(i) = signal_idx {
+            if let (Some(i), Some(signals)) = (signal_idx, signals) {
                 if fds[i].revents & libc::POLLIN != 0 {
-                    return Ok(Outcome::Stopped);
+                    if let Some(signo) = signals.read() {
+                        return Ok(Outcome::Signal(signo));
+                    }
                 }
             }
             if let (Some(i), Some(server)) = (control_idx, control) {
@@ -590,6 +597,22 @@ impl SignalFd {
             return Err(std::io::Error::last_os_error());
         }
         Ok(SignalFd { fd })
+    }
+
+    /// The pending signal's number, if one is pending.
+    pub fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `len` bytes into `info`, which is that large.
+        let got = unsafe {
+            libc::read(
+                self.fd,
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                len,
+            )
+        };
+        (got as usize == len).then_some(info.ssi_signo as i32)
     }
 }
 
