@@ -180,3 +180,96 @@ fn a_termination_signal_exits_128_plus_its_number_and_stop_exits_0() {
     vm.wait_for(0, "REWIND-READY", |l| l == "REWIND-READY");
     assert_eq!(vm.stop(), Some(0));
 }
+
+fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_vm_that_ends_leaves_only_the_disk_layers_its_snapshots_need() {
+    if !kvm_available("live overlay cleanup") {
+        return;
+    }
+    let home = Home::new("overlays");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+    let b = base.to_str().unwrap();
+    let disk_args = |name: &'static str| {
+        vec![
+            "run",
+            "--name",
+            name,
+            "--disk",
+            b,
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--append",
+            "mode=disk period_ms=20",
+        ]
+    };
+    let vm = VmProcess::start(&home, "d", &disk_args("d"));
+    vm.socket_ready();
+    vm.wait_for(0, "tick 2", |l| l == "tick 2 disk ok");
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+    );
+    assert_eq!(vm.stop(), Some(0));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.path.join("vms/d/snapshots/s/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let mut layers: Vec<std::path::PathBuf> = manifest["disk_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().into())
+        .collect();
+    layers.sort();
+    assert_eq!(files_in(&home.path.join("vms/d/disks")), layers);
+
+    let vm = VmProcess::start(
+        &home,
+        "r",
+        &[
+            "restore",
+            "s",
+            "--vm",
+            "d",
+            "--name",
+            "r",
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 3", |l| l == "tick 3 disk ok");
+    assert_eq!(vm.stop(), Some(0));
+    assert_eq!(
+        files_in(&home.path.join("vms/r/disks")),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    let vm = VmProcess::start(&home, "e", &disk_args("e"));
+    vm.socket_ready();
+    vm.wait_for(0, "tick 1", |l| l == "tick 1 disk ok");
+    // SAFETY: signals our own child process.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(vm.wait_exit().0, Some(143));
+    assert_eq!(
+        files_in(&home.path.join("vms/e/disks")),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
