@@ -273,3 +273,57 @@ fn a_vm_that_ends_leaves_only_the_disk_layers_its_snapshots_need() {
         Vec::<std::path::PathBuf>::new()
     );
 }
+
+#[test]
+fn a_restored_test_guest_with_resumed_1_says_so_before_its_next_tick() {
+    if !kvm_available("resumed line") {
+        return;
+    }
+    let home = Home::new("resumed");
+    // A 2 s tick: without the wake-up the clone's first line would be the
+    // next tick, up to 2 s after the restore.
+    let vm = VmProcess::start(
+        &home,
+        "o",
+        &[
+            "run",
+            "--name",
+            "o",
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--append",
+            "period_ms=2000 region=1 resumed=1",
+        ],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+    );
+    assert_eq!(vm.stop(), Some(0));
+    let clone = VmProcess::start(
+        &home,
+        "c",
+        &[
+            "restore",
+            "s",
+            "--vm",
+            "o",
+            "--name",
+            "c",
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "^tick 2 ok$",
+        ],
+    );
+    let (status, lines) = clone.wait_exit();
+    assert_eq!(status, Some(0), "{lines:?}");
+    assert_eq!(lines, vec!["resumed", "tick 2 ok"]);
+}

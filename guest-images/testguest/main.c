@@ -13,6 +13,9 @@
  *                   (disk: vCPU 0, the only one working) did tick N
  *   status=N        exit status for exit, exitport and exit_after
  *   insn=int3|fwait|popcnt|mxcsr   insn: which ring-0 instruction to probe
+ *   resumed=1       verify: rewind wakes the guest right after a restore, and
+ *                   it prints `resumed` at once (restore timing without
+ *                   waiting for the next tick)
  *   say=TEXT        print TEXT (`_` for a space) after REWIND-READY: lets a
  *                   test show that rewind does not act on what any guest says
  */
@@ -32,6 +35,8 @@
 #define DISK0_BASE 0xD0001000UL /* first virtio-mmio window rewind places */
 
 extern volatile uint64_t ticks[];
+/* Resume interrupts each vCPU got (entry.S, vector 48). */
+extern volatile uint64_t resumes[];
 /* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
 static volatile uint64_t progress[64];
 
@@ -260,11 +265,23 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 	}
 	/* Regions sit at the top of RAM so that large guests exercise the memory above the 32-bit gap. */
 	volatile uint64_t *region = (volatile uint64_t *)(uintptr_t)(top - need);
-	uint64_t seq = 0, seen = ticks[cpu];
+	uint64_t seq = 0, seen = ticks[cpu], woken = resumes[cpu];
 	write_pattern(region, pages, cpu, 0);
 	for (;;) {
-		while (ticks[cpu] == seen)
+		while (ticks[cpu] == seen && resumes[cpu] == woken)
 			wait_for_interrupt();
+		if (resumes[cpu] != woken) {
+			struct line l = { .len = 0 };
+			woken = resumes[cpu];
+			if (ncpus > 1) {
+				put_str(&l, "cpu");
+				put_u64(&l, cpu);
+				put_str(&l, " ");
+			}
+			put_str(&l, "resumed");
+			emit(&l);
+			continue;
+		}
 		seen = ticks[cpu];
 		seq++;
 		struct line l = { .len = 0 };
