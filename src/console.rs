@@ -390,6 +390,59 @@ mod tests {
         assert_eq!(rx.drain(), vec![VmEvent::GuestExit(0)]);
     }
 
+    /// A reader that stops reading must not block the writer (a vCPU):
+    /// what does not fit is dropped and counted in one marker line.
+    #[test]
+    fn output_nobody_reads_is_bounded_and_marked() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the read end was just created and is owned from here on.
+        let mut reader = unsafe { File::from_raw_fd(fds[0]) };
+        let target = ConsoleTarget::File(format!("/proc/self/fd/{}", fds[1]).into());
+        let (tx, _rx) = vm_event_channel().unwrap();
+        let c = Console::new(&target, None, tx).unwrap();
+        // SAFETY: the console opened its own descriptor of the pipe.
+        unsafe { libc::close(fds[1]) };
+        // Three times the limit while nobody reads: this must return.
+        let total = 3 * SINK_LIMIT;
+        for _ in 0..total / 4096 {
+            c.write_bytes(&[b'x'; 4096]);
+        }
+        let drain = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            while !got.ends_with(b"end\n") {
+                let n = reader.read(&mut buf).unwrap();
+                assert!(n > 0, "the pipe closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        c.flush(Duration::from_secs(10));
+        c.write_bytes(b"end\n");
+        let got = String::from_utf8(drain.join().unwrap()).unwrap();
+        // A marker stands wherever output was dropped (more than one if the
+        // writer got a turn in between); with the bytes kept, it accounts
+        // for every byte written.
+        let kept = got.bytes().filter(|&b| b == b'x').count();
+        let dropped: usize = got
+            .split("[rewind: ")
+            .skip(1)
+            .map(|m| {
+                assert!(m.contains(" bytes of console output dropped: nobody was reading it]\r\n"));
+                m.split(' ').next().unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        assert!(
+            dropped > 0 && kept <= 2 * SINK_LIMIT + (1 << 16),
+            "kept {kept}"
+        );
+        assert_eq!(kept + dropped, total);
+    }
+
     #[test]
     fn escape_keys() {
         let mut p = EscapeParser::default();

@@ -302,16 +302,7 @@ impl ExecLink {
                 }
                 let p = self.pending.remove(&num)?;
                 let msg = format!("the guest agent refused the command: {reason}");
-                match p.waiter {
-                    Waiter::Api(stream) => {
-                        crate::control::server::respond(&stream, &ApiResponse::error(500, msg));
-                        None
-                    }
-                    Waiter::Console => {
-                        eprintln!("rewind: {msg}");
-                        Some(Finished::Console(1))
-                    }
-                }
+                self.fail(p.waiter, 500, msg)
             }
         }
     }
