@@ -75,7 +75,8 @@ struct SinkState {
     closed: bool,
 }
 
-/// Most console output kept waiting for a slow reader.
+/// Most console output queued for a slow reader (the writer thread may
+/// hold as much again, in the write it is blocked in).
 pub const SINK_LIMIT: usize = 1 << 20;
 
 /// How long a VM that ends waits for its console output to be read.
