@@ -96,9 +96,9 @@ pub struct VcpuContext {
 }
 
 /// A request or reply on the wire, with its sequence number.
-pub struct Numbered<T> {
-    pub seq: u64,
-    pub msg: T,
+struct Numbered<T> {
+    seq: u64,
+    msg: T,
 }
 
 pub struct VcpuHandle {
