@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use regex::Regex;
 
@@ -33,7 +34,7 @@ impl std::str::FromStr for ConsoleTarget {
 }
 
 struct Inner {
-    out: Option<Box<dyn Write + Send>>,
+    out: Option<Arc<Sink>>,
     line: Vec<u8>,
     expect: Option<Regex>,
     matched: bool,
@@ -42,6 +43,8 @@ struct Inner {
     panic: Option<String>,
     /// Whether the guest's `REWIND-READY` line was reported yet.
     ready_seen: bool,
+    /// Whether a `POWER_OFF_MARKS` line ends the VM (Linux guests only).
+    power_off_line: bool,
 }
 
 const READY_LINE: &str = "REWIND-READY";
@@ -51,8 +54,132 @@ const PANIC_MARK: &str = "Kernel panic - not syncing";
 /// The last lines Linux prints on `poweroff`/`halt` once every device is shut
 /// down. A kernel without ACPI has no power-off register to write (rewind's
 /// microvm kernel), so it halts its CPUs for good after this line; rewind
-/// takes the line as the power-off and ends the VM with status 0.
+/// takes the line as the power-off and ends the VM with status 0, for Linux
+/// guests only (`watch_power_off_line`). A kernel with ACPI writes the
+/// sleep register right after the line, which ends the VM the same way.
 const POWER_OFF_MARKS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
+
+/// Console output waiting for the writer thread. vCPU threads only append
+/// here, so a host stdout nobody reads (a pipe, a stopped terminal) never
+/// blocks a vCPU, which must stay pausable and stoppable: what does not
+/// fit is dropped, counted, and replaced by one marker line.
+struct Sink {
+    state: Mutex<SinkState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SinkState {
+    pending: Vec<u8>,
+    /// Bytes dropped since the last marker.
+    dropped: u64,
+    /// The writer thread holds bytes taken from `pending`.
+    writing: bool,
+    closed: bool,
+}
+
+/// Most console output queued for a slow reader (the writer thread may
+/// hold as much again, in the write it is blocked in).
+pub const SINK_LIMIT: usize = 1 << 20;
+
+/// How long a VM that ends waits for its console output to be read.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(1);
+
+impl Sink {
+    fn start(mut out: Box<dyn Write + Send>, events: VmEventSender) -> io::Result<Arc<Sink>> {
+        let sink = Arc::new(Sink {
+            state: Mutex::new(SinkState::default()),
+            changed: Condvar::new(),
+        });
+        let shared = sink.clone();
+        // Detached: it may be blocked in write() for good when nobody reads,
+        // and must not keep the process from exiting.
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || shared.write_loop(&mut *out, &events))?;
+        Ok(sink)
+    }
+
+    fn write_loop(&self, out: &mut dyn Write, events: &VmEventSender) {
+        loop {
+            let chunk = {
+                let mut st = lock(&self.state);
+                while st.pending.is_empty() && !st.closed {
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.pending.is_empty() {
+                    return;
+                }
+                st.writing = true;
+                std::mem::take(&mut st.pending)
+            };
+            // Nobody reads any more (`rewind run | head`): end the VM, as
+            // QEMU does on SIGPIPE, instead of running on unseen until the
+            // timeout. Other errors must not stall or kill the guest.
+            let result = out.write_all(&chunk).and_then(|_| out.flush());
+            let mut st = lock(&self.state);
+            st.writing = false;
+            if result.is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe) {
+                st.closed = true;
+                st.pending.clear();
+                drop(st);
+                events.send(VmEvent::ConsoleClosed);
+                self.changed.notify_all();
+                return;
+            }
+            drop(st);
+            self.changed.notify_all();
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return;
+        }
+        if st.dropped > 0 {
+            let marker = format!(
+                "\r\n[rewind: {} bytes of console output dropped: nobody was reading it]\r\n",
+                st.dropped
+            );
+            if st.pending.len() + marker.len() + bytes.len() > SINK_LIMIT {
+                st.dropped += bytes.len() as u64;
+                return;
+            }
+            st.pending.extend_from_slice(marker.as_bytes());
+            st.dropped = 0;
+        }
+        if st.pending.len() + bytes.len() > SINK_LIMIT {
+            st.dropped += bytes.len() as u64;
+            return;
+        }
+        st.pending.extend_from_slice(bytes);
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Waits until everything queued was written, or `limit` passes.
+    fn flush(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut st = lock(&self.state);
+        while !st.pending.is_empty() || st.writing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
+}
 
 /// Shared by every device that prints (UART, debug console).
 pub struct Console {
@@ -76,6 +203,7 @@ impl Console {
             ConsoleTarget::None => None,
             ConsoleTarget::File(p) => Some(Box::new(File::create(p)?)),
         };
+        let out = out.map(|o| Sink::start(o, events.clone())).transpose()?;
         Ok(Arc::new(Console {
             inner: Mutex::new(Inner {
                 out,
@@ -84,9 +212,15 @@ impl Console {
                 matched: false,
                 panic: None,
                 ready_seen: false,
+                power_off_line: false,
             }),
             events,
         }))
+    }
+
+    /// Makes Linux's final `reboot: Power down` line end the VM.
+    pub fn watch_power_off_line(&self) {
+        lock(&self.inner).power_off_line = true;
     }
 
     /// The guest kernel's panic line, if it panicked.
@@ -94,18 +228,20 @@ impl Console {
         lock(&self.inner).panic.clone()
     }
 
+    /// Waits (at most `limit`) until the output so far has been written,
+    /// so a VM that ends does not lose its last lines to a reader that is
+    /// reading, and does not hang on one that is not.
+    pub fn flush(&self, limit: Duration) {
+        let sink = lock(&self.inner).out.clone();
+        if let Some(sink) = sink {
+            sink.flush(limit);
+        }
+    }
+
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut inner = lock(&self.inner);
-        if let Some(out) = inner.out.as_mut() {
-            // Nobody reads any more (`rewind run | head`): end the VM, as
-            // QEMU does on SIGPIPE, instead of running on unseen until the
-            // timeout. Other errors must not stall or kill the guest.
-            if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    inner.out = None;
-                    self.events.send(VmEvent::ConsoleClosed);
-                }
-            }
+        if let Some(out) = &inner.out {
+            out.push(bytes);
         }
         for &b in bytes {
             if b == b'\n' {
@@ -114,7 +250,7 @@ impl Console {
                 if inner.panic.is_none() && text.contains(PANIC_MARK) {
                     inner.panic = Some(text.clone());
                 }
-                if POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
+                if inner.power_off_line && POWER_OFF_MARKS.iter().any(|m| text.ends_with(m)) {
                     self.events.send(VmEvent::GuestExit(0));
                 }
                 // Linux guests print it from the agent while the console
@@ -133,6 +269,14 @@ impl Console {
             } else if inner.line.len() < MAX_LINE {
                 inner.line.push(b);
             }
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(sink) = &lock(&self.inner).out {
+            sink.close();
         }
     }
 }
@@ -259,10 +403,66 @@ mod tests {
     fn the_kernels_last_power_off_line_ends_the_vm() {
         let (tx, rx) = vm_event_channel().unwrap();
         let c = Console::new(&ConsoleTarget::None, None, tx).unwrap();
+        c.write_bytes(b"[   1.5] reboot: Power down\n");
+        assert!(rx.drain().is_empty(), "only watched for Linux guests");
+        c.watch_power_off_line();
         c.write_bytes(b"echo reboot: Power down now\n[   1.5] reboot: Power do");
         assert!(rx.drain().is_empty());
         c.write_bytes(b"wn\r\n");
         assert_eq!(rx.drain(), vec![VmEvent::GuestExit(0)]);
+    }
+
+    /// A reader that stops reading must not block the writer (a vCPU):
+    /// what does not fit is dropped and counted in one marker line.
+    #[test]
+    fn output_nobody_reads_is_bounded_and_marked() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the read end was just created and is owned from here on.
+        let mut reader = unsafe { File::from_raw_fd(fds[0]) };
+        let target = ConsoleTarget::File(format!("/proc/self/fd/{}", fds[1]).into());
+        let (tx, _rx) = vm_event_channel().unwrap();
+        let c = Console::new(&target, None, tx).unwrap();
+        // SAFETY: the console opened its own descriptor of the pipe.
+        unsafe { libc::close(fds[1]) };
+        // Three times the limit while nobody reads: this must return.
+        let total = 3 * SINK_LIMIT;
+        for _ in 0..total / 4096 {
+            c.write_bytes(&[b'x'; 4096]);
+        }
+        let drain = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            while !got.ends_with(b"end\n") {
+                let n = reader.read(&mut buf).unwrap();
+                assert!(n > 0, "the pipe closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        c.flush(Duration::from_secs(10));
+        c.write_bytes(b"end\n");
+        let got = String::from_utf8(drain.join().unwrap()).unwrap();
+        // A marker stands wherever output was dropped (more than one if the
+        // writer got a turn in between); with the bytes kept, it accounts
+        // for every byte written.
+        let kept = got.bytes().filter(|&b| b == b'x').count();
+        let dropped: usize = got
+            .split("[rewind: ")
+            .skip(1)
+            .map(|m| {
+                assert!(m.contains(" bytes of console output dropped: nobody was reading it]\r\n"));
+                m.split(' ').next().unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        assert!(
+            dropped > 0 && kept <= 2 * SINK_LIMIT + (1 << 16),
+            "kept {kept}"
+        );
+        assert_eq!(kept + dropped, total);
     }
 
     #[test]

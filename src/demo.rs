@@ -23,7 +23,9 @@ pub fn run() -> Result<i32, String> {
     println!("rewind demo: the embedded test guest checks all of its 16 MiB data region at every {PERIOD_MS} ms tick\n");
 
     let t = Instant::now();
-    let period = format!("period_ms={PERIOD_MS} region=16");
+    // resumed=1: a restored clone prints "resumed" the moment it runs, so
+    // the restore figure is not padded by the wait for its next tick.
+    let period = format!("period_ms={PERIOD_MS} region=16 resumed=1");
     let vm = ChildVm::spawn(
         &name,
         &args(&[
@@ -83,18 +85,20 @@ pub fn run() -> Result<i32, String> {
             "30",
         ]),
     )?;
-    let first = clone.wait_line(|l| tick_of(l).is_some() || l.contains("CORRUPT"))?;
+    let first =
+        clone.wait_line(|l| l == "resumed" || tick_of(l).is_some() || l.contains("CORRUPT"))?;
     let first_ms = ms(t);
     let second = clone.wait_line(|_| true)?;
+    let second_ms = ms(t);
     println!(
-        "5. restore   {first_ms:>8.2} ms  new process to the clone's first line \"{first}\" (the next timer tick), then \"{second}\""
+        "5. restore   {first_ms:>8.2} ms  new process to the clone's first line \"{first}\" (printed as soon as it runs); \"{second}\" at {second_ms:.0} ms (its next timer tick)"
     );
     let clone_status = clone.stop();
     let vm_status = vm.stop();
 
     let ok = tick_of(&after) == Some(4)
-        && tick_of(&first) == Some(4)
-        && tick_of(&second) == Some(5)
+        && first == "resumed"
+        && tick_of(&second) == Some(4)
         && clone_status == Some(0)
         && vm_status == Some(0);
     // The demo leaves nothing behind (the clone's folder went with its

@@ -96,63 +96,77 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
     let orig = vm.lines();
     assert_eq!(vm.stop(), Some(0));
 
-    // Two clones of the snapshot, each with its own overlay.
+    // Two clones of the snapshot, each with its own overlay. c0 runs until
+    // stopped, so its overlay can be looked at while it exists: a VM that
+    // ends removes its live overlay.
     let expect = format!("^tick {} disk ok$", k + 3);
     let clones: Vec<VmProcess> = (0..2)
-        .map(|k| {
-            let name = format!("c{k}");
-            VmProcess::start(
-                &home,
+        .map(|i| {
+            let name = format!("c{i}");
+            let mut args = vec![
+                "restore",
+                "s",
+                "--vm",
+                "d",
+                "--name",
                 &name,
-                &[
-                    "restore",
-                    "s",
-                    "--vm",
-                    "d",
-                    "--name",
-                    &name,
-                    "--console",
-                    "stdio",
-                    "--timeout",
-                    "120",
-                    "--expect",
-                    &expect,
-                ],
-            )
+                "--console",
+                "stdio",
+                "--timeout",
+                "120",
+            ];
+            if i == 1 {
+                args.extend(["--expect", &expect]);
+            }
+            VmProcess::start(&home, &name, &args)
         })
         .collect();
+    let mut live = None;
     for c in clones {
         let name = c.name.clone();
-        let (status, lines) = c.wait_exit();
+        let (status, lines) = if name == "c0" {
+            c.socket_ready();
+            c.wait_for(0, "three ticks", |l| disk_tick(l) == Some(k + 3));
+            let disks = c.api_ok("GET", "/vm", None)["disks"].clone();
+            live = disks[0].as_str().map(std::path::PathBuf::from);
+            let overlays: Vec<_> = std::fs::read_dir(home.path.join("vms/c0/disks"))
+                .unwrap()
+                .flatten()
+                .collect();
+            assert_eq!(overlays.len(), 1, "the clone has one overlay of its own");
+            qemu_img(&["check", overlays[0].path().to_str().unwrap()]);
+            if let Some(info) = qemu_img(&[
+                "info",
+                "--backing-chain",
+                overlays[0].path().to_str().unwrap(),
+            ]) {
+                assert!(
+                    info.contains(&format!("backing file: {}", base.display())),
+                    "{info}"
+                );
+                assert!(info.contains("vms/d/disks/disk0-"), "{info}");
+            }
+            let status = c.stop();
+            (status, Vec::new())
+        } else {
+            c.wait_exit()
+        };
         assert_eq!(status, Some(0), "{name}: {lines:?}");
         let ticks: Vec<u64> = lines.iter().filter_map(|l| disk_tick(l)).collect();
-        // Ticks may follow the matching line before the VM stops.
-        assert_eq!(
-            ticks.get(..3),
-            Some(&[k + 1, k + 2, k + 3][..]),
-            "{name}: {lines:?}"
-        );
+        if name != "c0" {
+            // Ticks may follow the matching line before the VM stops.
+            assert_eq!(
+                ticks.get(..3),
+                Some(&[k + 1, k + 2, k + 3][..]),
+                "{name}: {lines:?}"
+            );
+        }
     }
     assert!(!orig.iter().any(|l| l.contains("CORRUPT")), "{orig:?}");
     assert_eq!(sha(&base), before, "the base image was written");
     check_all_overlays(&home);
-    let overlays: Vec<_> = std::fs::read_dir(home.path.join("vms/c0/disks"))
-        .unwrap()
-        .flatten()
-        .collect();
-    assert_eq!(overlays.len(), 1, "the clone has one overlay of its own");
-    if let Some(info) = qemu_img(&[
-        "info",
-        "--backing-chain",
-        overlays[0].path().to_str().unwrap(),
-    ]) {
-        assert!(
-            info.contains(&format!("backing file: {}", base.display())),
-            "{info}"
-        );
-        assert!(info.contains("vms/d/disks/disk0-"), "{info}");
-    }
-
+    let live = live.expect("c0 has a disk");
+    assert!(!live.exists(), "c0's live overlay is left behind");
     // A changed or missing base is refused with one clear line naming it.
     std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
     let o = home.run(&[

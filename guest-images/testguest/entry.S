@@ -9,7 +9,7 @@
  *
  * Ring-0 code is emulated instruction by instruction on PVM hosts (about 1.6 us
  * each), so this file does the minimum: per-CPU GDT+TSS, a shared IDT with
- * three gates, LAPIC enable, then iretq to ring 3 where the workload runs
+ * five gates, LAPIC enable, then iretq to ring 3 where the workload runs
  * natively. Ring 3 reaches ring 0 only through #GP: `hlt` waits for the next
  * interrupt, `out dx, al` is proxied, `cli` runs a ring-0 instruction probe.
  */
@@ -21,6 +21,7 @@
         .set LAPIC, 0xFEE00000
         .set TIMER_VECTOR, 32
         .set SPURIOUS_VECTOR, 39
+        .set RESUME_VECTOR, 48          /* rewind's wake-up after a restore (resumed=1) */
 
         .section .text.entry, "ax"
         .globl _start
@@ -92,6 +93,9 @@ _start:
         lea rax, [spurious_isr]
         mov rdi, SPURIOUS_VECTOR
         call set_gate
+        lea rax, [resume_isr]
+        mov rdi, RESUME_VECTOR
+        call set_gate
         lidt [idt_desc]
 
         /* LAPIC: software-enable, periodic timer on TIMER_VECTOR, divide by 1.
@@ -146,6 +150,20 @@ timer_isr:
         mov eax, [rbx + 0x20]
         shr eax, 24
         lock inc qword ptr [ticks + rax * 8]
+        mov dword ptr [rbx + 0xB0], 0
+        pop rbx
+        pop rax
+        iretq
+
+/* Sent by rewind right after a restore: count it, so ring 3 (woken from
+ * `hlt` by this very interrupt) can say at once that it runs again. */
+resume_isr:
+        push rax
+        push rbx
+        mov rbx, LAPIC
+        mov eax, [rbx + 0x20]
+        shr eax, 24
+        lock inc qword ptr [resumes + rax * 8]
         mov dword ptr [rbx + 0xB0], 0
         pop rbx
         pop rax
@@ -224,6 +242,8 @@ idt_desc:
         .balign 4096
         .globl ticks
 ticks:  .skip 8 * MAX_CPUS
+        .globl resumes
+resumes: .skip 8 * MAX_CPUS
         .balign 4096
 idt:    .skip 256 * 16
 gdts:   .skip 64 * MAX_CPUS

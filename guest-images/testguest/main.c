@@ -13,6 +13,11 @@
  *                   (disk: vCPU 0, the only one working) did tick N
  *   status=N        exit status for exit, exitport and exit_after
  *   insn=int3|fwait|popcnt|mxcsr   insn: which ring-0 instruction to probe
+ *   resumed=1       verify: rewind wakes the guest right after a restore, and
+ *                   it prints `resumed` at once (restore timing without
+ *                   waiting for the next tick)
+ *   say=TEXT        print TEXT (`_` for a space) after REWIND-READY: lets a
+ *                   test show that rewind does not act on what any guest says
  */
 #include <stdint.h>
 
@@ -30,6 +35,8 @@
 #define DISK0_BASE 0xD0001000UL /* first virtio-mmio window rewind places */
 
 extern volatile uint64_t ticks[];
+/* Resume interrupts each vCPU got (entry.S, vector 48). */
+extern volatile uint64_t resumes[];
 /* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
 static volatile uint64_t progress[64];
 
@@ -110,6 +117,15 @@ static void say(const char *s)
 	emit(&l);
 }
 
+/* One command-line word, `_` standing for a space. */
+static void say_word(const char *w)
+{
+	struct line l = { .len = 0 };
+	for (; *w && *w != ' ' && l.len < sizeof(l.buf) - 1; w++)
+		l.buf[l.len++] = *w == '_' ? ' ' : *w;
+	emit(&l);
+}
+
 static __attribute__((noreturn)) void guest_exit(uint32_t status)
 {
 	mmio_write32(DBG_EXIT, status);
@@ -143,6 +159,7 @@ struct options {
 	const char *mode;
 	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
 	const char *insn;
+	const char *say;
 };
 
 static int word_is(const char *w, const char *name)
@@ -172,6 +189,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->disk_sectors = parse_u64(c + 13);
 		else if (starts_with(c, "insn="))
 			o->insn = c + 5;
+		else if (starts_with(c, "say="))
+			o->say = c + 4;
 		while (*c && *c != ' ')
 			c++;
 	}
@@ -246,11 +265,23 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 	}
 	/* Regions sit at the top of RAM so that large guests exercise the memory above the 32-bit gap. */
 	volatile uint64_t *region = (volatile uint64_t *)(uintptr_t)(top - need);
-	uint64_t seq = 0, seen = ticks[cpu];
+	uint64_t seq = 0, seen = ticks[cpu], woken = resumes[cpu];
 	write_pattern(region, pages, cpu, 0);
 	for (;;) {
-		while (ticks[cpu] == seen)
+		while (ticks[cpu] == seen && resumes[cpu] == woken)
 			wait_for_interrupt();
+		if (resumes[cpu] != woken) {
+			struct line l = { .len = 0 };
+			woken = resumes[cpu];
+			if (ncpus > 1) {
+				put_str(&l, "cpu");
+				put_u64(&l, cpu);
+				put_str(&l, " ");
+			}
+			put_str(&l, "resumed");
+			emit(&l);
+			continue;
+		}
 		seen = ticks[cpu];
 		seq++;
 		struct line l = { .len = 0 };
@@ -467,7 +498,8 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 {
 	const char *cmdline = (const char *)(uintptr_t)(*(const uint32_t *)(zp + 0x228));
 	struct options o = {
-		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = ""
+		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = "",
+		.say = ""
 	};
 	parse_cmdline(cmdline, &o);
 	if (o.period_ms == 0 || o.period_ms > 4000)
@@ -478,6 +510,8 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 	/* disk says it itself, once the disk holds tick 0's pattern. */
 	if (cpu == 0 && !word_is(o.mode, "disk"))
 		say("REWIND-READY");
+	if (cpu == 0 && *o.say)
+		say_word(o.say);
 	if (word_is(o.mode, "verify"))
 		run_verify(cpu, ncpus, zp, &o);
 	if (cpu != 0)

@@ -4,9 +4,15 @@
 //! message, then signals the thread; the handler sets `immediate_exit` in
 //! this thread's `kvm_run`, so a signal that lands just before `KVM_RUN`
 //! still makes it return at once, and the thread then reads its mailbox.
+//!
+//! Every request carries a sequence number and its reply echoes it. A
+//! request whose wait timed out is still carried out later and its reply
+//! arrives late; the next wait drops it by its number instead of taking it
+//! for the answer to a newer request.
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -72,8 +78,8 @@ pub enum Reply {
 pub enum VcpuError {
     #[error("vCPU {0} thread is gone")]
     Gone(usize),
-    #[error("vCPU {0} did not answer within {REPLY_TIMEOUT:?}")]
-    Timeout(usize),
+    #[error("vCPU {0} did not answer within {1:?}")]
+    Timeout(usize, Duration),
     #[error("vCPU {cpu}: {msg}")]
     Task { cpu: usize, msg: String },
     #[error("cannot start vCPU thread: {0}")]
@@ -89,10 +95,18 @@ pub struct VcpuContext {
     pub events: VmEventSender,
 }
 
+/// A request or reply on the wire, with its sequence number.
+struct Numbered<T> {
+    seq: u64,
+    msg: T,
+}
+
 pub struct VcpuHandle {
     pub index: usize,
-    tx: Sender<Request>,
-    rx: Receiver<Reply>,
+    tx: Sender<Numbered<Request>>,
+    rx: Receiver<Numbered<Reply>>,
+    next_seq: AtomicU64,
+    reply_timeout: Duration,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -110,41 +124,61 @@ impl VcpuHandle {
             index,
             tx,
             rx,
+            next_seq: AtomicU64::new(1),
+            reply_timeout: REPLY_TIMEOUT,
             thread: Some(thread),
         })
     }
 
-    fn send(&self, req: Request) -> Result<(), VcpuError> {
-        self.tx.send(req).map_err(|_| VcpuError::Gone(self.index))?;
+    /// Queues `req` and kicks the thread; returns the number its reply carries.
+    fn send(&self, req: Request) -> Result<Ticket, VcpuError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Numbered { seq, msg: req })
+            .map_err(|_| VcpuError::Gone(self.index))?;
         if let Some(t) = &self.thread {
             // A thread that already exited cannot be kicked and needs no kick.
             let _ = t.kill(kick_signal());
         }
-        Ok(())
+        Ok(Ticket(seq))
     }
 
-    fn wait(&self) -> Result<Reply, VcpuError> {
-        self.rx.recv_timeout(REPLY_TIMEOUT).map_err(|e| match e {
-            RecvTimeoutError::Timeout => VcpuError::Timeout(self.index),
-            RecvTimeoutError::Disconnected => VcpuError::Gone(self.index),
-        })
+    /// The reply to `ticket`, dropping late replies to earlier requests
+    /// (ones whose wait timed out). The thread answers in order, so a
+    /// reply numbered above the ticket cannot come first.
+    fn wait(&self, ticket: Ticket) -> Result<Reply, VcpuError> {
+        let deadline = std::time::Instant::now() + self.reply_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let reply = self.rx.recv_timeout(left).map_err(|e| match e {
+                RecvTimeoutError::Timeout => VcpuError::Timeout(self.index, self.reply_timeout),
+                RecvTimeoutError::Disconnected => VcpuError::Gone(self.index),
+            })?;
+            if reply.seq == ticket.0 {
+                return Ok(reply.msg);
+            }
+        }
     }
 
     /// Asks to pause without waiting, so N vCPUs pause in parallel.
-    pub fn request_pause(&self) -> Result<(), VcpuError> {
+    pub fn request_pause(&self) -> Result<Ticket, VcpuError> {
         self.send(Request::Pause)
     }
 
-    pub fn wait_paused(&self) -> Result<(), VcpuError> {
-        match self.wait()? {
+    pub fn wait_paused(&self, ticket: Ticket) -> Result<(), VcpuError> {
+        match self.wait(ticket)? {
             Reply::Paused => Ok(()),
             _ => Err(VcpuError::Gone(self.index)),
         }
     }
 
-    pub fn resume(&self) -> Result<(), VcpuError> {
-        self.send(Request::Resume)?;
-        match self.wait()? {
+    /// Asks to resume without waiting (see `request_pause`).
+    pub fn request_resume(&self) -> Result<Ticket, VcpuError> {
+        self.send(Request::Resume)
+    }
+
+    pub fn wait_resumed(&self, ticket: Ticket) -> Result<(), VcpuError> {
+        match self.wait(ticket)? {
             Reply::Resumed => Ok(()),
             _ => Err(VcpuError::Gone(self.index)),
         }
@@ -152,8 +186,8 @@ impl VcpuHandle {
 
     /// Runs `task` on the (paused) vCPU thread and waits for it.
     pub fn run_task(&self, task: VcpuTask) -> Result<(), VcpuError> {
-        self.send(Request::Run(task))?;
-        match self.wait()? {
+        let ticket = self.send(Request::Run(task))?;
+        match self.wait(ticket)? {
             Reply::Done(Ok(())) => Ok(()),
             Reply::Done(Err(msg)) => Err(VcpuError::Task {
                 cpu: self.index,
@@ -177,6 +211,10 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// The sequence number a reply must carry to answer one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
 #[derive(PartialEq, Eq, Clone, Copy)]
 enum State {
     Running,
@@ -188,8 +226,8 @@ enum State {
 struct VcpuThread {
     vcpu: VcpuFd,
     ctx: VcpuContext,
-    requests: Receiver<Request>,
-    replies: Sender<Reply>,
+    requests: Receiver<Numbered<Request>>,
+    replies: Sender<Numbered<Reply>>,
     state: State,
 }
 
@@ -202,8 +240,8 @@ impl VcpuThread {
     fn new(
         vcpu: VcpuFd,
         ctx: VcpuContext,
-        requests: Receiver<Request>,
-        replies: Sender<Reply>,
+        requests: Receiver<Numbered<Request>>,
+        replies: Sender<Numbered<Reply>>,
     ) -> Self {
         VcpuThread {
             vcpu,
@@ -222,8 +260,10 @@ impl VcpuThread {
     }
 
     /// Returns false on Stop.
-    fn handle(&mut self, req: Request) -> bool {
-        match req {
+    fn handle(&mut self, req: Numbered<Request>) -> bool {
+        let seq = req.seq;
+        let reply = |msg| Numbered { seq, msg };
+        match req.msg {
             Request::Stop => return false,
             Request::Pause => {
                 if self.state == State::Running {
@@ -233,13 +273,13 @@ impl VcpuThread {
                     let _ = self.vcpu.kvmclock_ctrl();
                     self.state = State::Paused;
                 }
-                let _ = self.replies.send(Reply::Paused);
+                let _ = self.replies.send(reply(Reply::Paused));
             }
             Request::Resume => {
                 if self.state == State::Paused {
                     self.state = State::Running;
                 }
-                let _ = self.replies.send(Reply::Resumed);
+                let _ = self.replies.send(reply(Reply::Resumed));
             }
             Request::Run(task) => {
                 let result = if self.state == State::Running {
@@ -247,7 +287,7 @@ impl VcpuThread {
                 } else {
                     task(&mut self.vcpu)
                 };
-                let _ = self.replies.send(Reply::Done(result));
+                let _ = self.replies.send(reply(Reply::Done(result)));
             }
         }
         true
@@ -365,5 +405,53 @@ impl VcpuThread {
             }
         }
         Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose wait timed out is answered late; that late answer
+    /// must not be taken for the reply to the next request.
+    #[test]
+    fn a_late_reply_is_not_taken_for_the_next_one() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIPPED: /dev/kvm is not usable");
+            return;
+        };
+        register_kick_handler().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let (events, _rx) = crate::events::vm_event_channel().unwrap();
+        let ctx = VcpuContext {
+            index: 0,
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            mem: crate::memory::create_guest_memory(2 << 20).unwrap(),
+            events,
+        };
+        let mut handle = VcpuHandle::spawn(vcpu, ctx).unwrap();
+        handle.reply_timeout = Duration::from_millis(200);
+        // A task that holds the (paused) vCPU thread until we let it go.
+        let (release, held) = channel::<()>();
+        let task: VcpuTask = Box::new(move |_| {
+            let _ = held.recv();
+            Ok(())
+        });
+        assert!(matches!(
+            handle.run_task(task),
+            Err(VcpuError::Timeout(0, _))
+        ));
+        release.send(()).unwrap();
+        // The thread now answers the task (late), then this pause.
+        let ticket = handle.request_pause().unwrap();
+        handle.wait_paused(ticket).unwrap();
+        let failing: VcpuTask = Box::new(|_| Err("second task".into()));
+        match handle.run_task(failing) {
+            Err(VcpuError::Task { msg, .. }) => assert_eq!(msg, "second task"),
+            other => panic!("wrong reply: {other:?}"),
+        }
+        handle.stop();
     }
 }

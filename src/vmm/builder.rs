@@ -158,9 +158,42 @@ impl Vmm {
         )?;
         vmm.restore_devices(&state.devices)?;
         vmm.kick_disks();
+        vmm.wake_restored_test_guest()?;
         vmm.populated = populated;
         vmm.started = started;
         Ok(vmm)
+    }
+
+    /// A restored guest sleeps until its next timer tick, so the first line
+    /// it prints says more about its tick period than about the restore. A
+    /// test guest started with `resumed=1` has a gate on `RESUME_VECTOR`:
+    /// one interrupt per vCPU (after the LAPICs were restored, which would
+    /// clear it) makes each print `resumed` the moment it runs.
+    fn wake_restored_test_guest(&self) -> Result<(), VmmError> {
+        const RESUME_VECTOR: u32 = 48;
+        const MSI_ADDRESS: u32 = 0xfee0_0000;
+        let opted_in = self.config.kernel == crate::config::KernelSource::EmbeddedTestGuest
+            && self
+                .config
+                .cmdline
+                .split_whitespace()
+                .any(|w| w == "resumed=1");
+        if !opted_in {
+            return Ok(());
+        }
+        for cpu in 0..self.config.cpus {
+            // The test guest's APIC IDs are its vCPU indices.
+            let msi = kvm_bindings::kvm_msi {
+                address_lo: MSI_ADDRESS | (cpu << 12),
+                data: RESUME_VECTOR,
+                ..Default::default()
+            };
+            self.vm
+                .fd
+                .signal_msi(msi)
+                .map_err(|e| VmmError::Snapshot(format!("cannot wake the restored guest: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Everything but the per-vCPU setup, which `configure_vcpu` does.
@@ -182,6 +215,11 @@ impl Vmm {
         let (events_tx, events) = vm_event_channel().map_err(io_err("the event channel"))?;
         let console = Console::new(&opts.console, opts.expect.clone(), events_tx.clone())
             .map_err(io_err("the console output"))?;
+        // Only a Linux kernel's last line means it powered off; any other
+        // guest may print those words and run on.
+        if matches!(config.kernel, crate::config::KernelSource::File(_)) {
+            console.watch_power_off_line();
+        }
 
         let mut pio = Bus::default();
         let mut mmio = Bus::default();

@@ -14,6 +14,15 @@ use crate::control::ApiResponse;
 use crate::devices::bus::lock;
 use crate::devices::serial::{Inbox, SerialDevice};
 
+/// Longest line kept from the guest agent: its lines carry small chunks,
+/// so anything longer is garbage, and a guest that never sends a newline
+/// must not grow host memory without bound.
+pub const MAX_AGENT_LINE: usize = 1 << 20;
+
+/// Most output (stdout and stderr together) kept for an API exec, which is
+/// answered with all of it at the end.
+pub const MAX_API_OUTPUT: usize = 16 << 20;
+
 /// Who waits for a command's result.
 pub enum Waiter {
     /// An API client (`rewind exec`): answered with all output at the end.
@@ -44,6 +53,9 @@ pub enum Finished {
 pub struct ExecLink {
     pub inbox: Arc<Inbox>,
     partial: Vec<u8>,
+    /// The line being received passed `MAX_AGENT_LINE`: drop bytes up to
+    /// its newline, so its tail is not read as a line of its own.
+    skipping: bool,
     to_guest: VecDeque<u8>,
     pending: HashMap<u64, Pending>,
     /// Commands waiting for the agent to say it is there.
@@ -57,6 +69,7 @@ impl ExecLink {
         ExecLink {
             inbox,
             partial: Vec::new(),
+            skipping: false,
             to_guest: VecDeque::new(),
             pending: HashMap::new(),
             queued: Vec::new(),
@@ -118,11 +131,45 @@ impl ExecLink {
         self.pending.values().map(|p| p.deadline).min()
     }
 
+    /// Adds what the guest sent to the partial line, leaving out the rest
+    /// of a line that grew too long.
+    fn take_inbox(&mut self) {
+        let mut bytes = self.inbox.take();
+        if self.skipping {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    bytes.drain(..=pos);
+                    self.skipping = false;
+                }
+                None => return,
+            }
+        }
+        self.partial.extend(bytes);
+    }
+
     /// Handles what the guest sent and expired commands.
     pub fn process(&mut self, com2: &std::sync::Mutex<SerialDevice>) -> Finished {
-        self.partial.extend(self.inbox.take());
+        self.take_inbox();
         let mut finished = Finished::Nothing;
-        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+        loop {
+            let Some(pos) = self.partial.iter().position(|&b| b == b'\n') else {
+                if self.partial.len() > MAX_AGENT_LINE {
+                    // Its newline has not come yet: drop it when it does.
+                    self.skipping = true;
+                    let line = std::mem::take(&mut self.partial);
+                    if let Some(done) = self.overlong_line(&line) {
+                        finished = done;
+                    }
+                }
+                break;
+            };
+            if pos > MAX_AGENT_LINE {
+                let line: Vec<u8> = self.partial.drain(..=pos).collect();
+                if let Some(done) = self.overlong_line(&line) {
+                    finished = done;
+                }
+                continue;
+            }
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
             if std::env::var_os("REWIND_TRACE_AGENT").is_some() {
                 eprintln!("rewind: agent <- {:?}", String::from_utf8_lossy(&line));
@@ -165,6 +212,34 @@ impl ExecLink {
         finished
     }
 
+    /// Fails the command a line over `MAX_AGENT_LINE` was about, if its
+    /// start names one.
+    fn overlong_line(&mut self, line: &[u8]) -> Option<Finished> {
+        let head = String::from_utf8_lossy(&line[..line.len().min(64)]).into_owned();
+        let id: u64 = head.split(' ').nth(1)?.parse().ok()?;
+        let p = self.pending.remove(&id)?;
+        self.queued.retain(|(q, _)| *q != id);
+        let msg = format!(
+            "the guest agent sent a line over {} MiB; the command's result is lost",
+            MAX_AGENT_LINE >> 20
+        );
+        self.fail(p.waiter, 502, msg)
+    }
+
+    /// Tells the waiter its command failed with `msg`.
+    fn fail(&mut self, waiter: Waiter, status: u16, msg: String) -> Option<Finished> {
+        match waiter {
+            Waiter::Api(stream) => {
+                crate::control::server::respond(&stream, &ApiResponse::error(status, msg));
+                None
+            }
+            Waiter::Console => {
+                eprintln!("rewind: {msg}");
+                Some(Finished::Console(1))
+            }
+        }
+    }
+
     fn on_message(&mut self, msg: Message) -> Option<Finished> {
         match msg {
             Message::Hello(_) | Message::Pong(_) => {
@@ -180,6 +255,14 @@ impl ExecLink {
                             .and_then(|_| std::io::stdout().flush()),
                         Stream::Stderr => std::io::stderr().write_all(&data),
                     };
+                } else if p.stdout.len() + p.stderr.len() + data.len() > MAX_API_OUTPUT {
+                    let p = self.pending.remove(&id)?;
+                    let msg = format!(
+                        "the command's output passed {} MiB, the most an API exec keeps; \
+                         redirect it to a file in the guest",
+                        MAX_API_OUTPUT >> 20
+                    );
+                    return self.fail(p.waiter, 507, msg);
                 } else {
                     match stream {
                         Stream::Stdout => p.stdout.extend_from_slice(&data),
@@ -219,17 +302,107 @@ impl ExecLink {
                 }
                 let p = self.pending.remove(&num)?;
                 let msg = format!("the guest agent refused the command: {reason}");
-                match p.waiter {
-                    Waiter::Api(stream) => {
-                        crate::control::server::respond(&stream, &ApiResponse::error(500, msg));
-                        None
-                    }
-                    Waiter::Console => {
-                        eprintln!("rewind: {msg}");
-                        Some(Finished::Console(1))
-                    }
-                }
+                self.fail(p.waiter, 500, msg)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::serial::{SerialOut, UartEvents};
+    use std::io::Read;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Link {
+        link: ExecLink,
+        guest: SerialOut,
+        com2: Mutex<SerialDevice>,
+    }
+
+    impl Link {
+        fn new() -> Link {
+            let inbox = Inbox::new().unwrap();
+            let guest = SerialOut::Inbox(inbox.clone());
+            let com2 = Mutex::new(SerialDevice::new(
+                EventFd::new(0).unwrap(),
+                guest.clone(),
+                UartEvents { drained: None },
+            ));
+            Link {
+                link: ExecLink::new(inbox),
+                guest,
+                com2,
+            }
+        }
+
+        /// Starts `cmd` for an API client; returns its id and the client's end.
+        fn start(&mut self, cmd: &str) -> (u64, UnixStream) {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            theirs
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let id = self.link.next_id;
+            self.link.start(
+                cmd.into(),
+                Duration::from_secs(60),
+                Waiter::Api(ours),
+                &self.com2,
+            );
+            (id, theirs)
+        }
+
+        /// What the guest agent sends, in pieces the inbox takes whole.
+        fn guest_sends(&mut self, bytes: &[u8]) {
+            for chunk in bytes.chunks(256 << 10) {
+                self.guest.write_all(chunk).unwrap();
+                self.link.process(&self.com2);
+                assert!(self.link.partial.len() <= MAX_AGENT_LINE);
+            }
+        }
+    }
+
+    fn answer(mut client: UnixStream) -> String {
+        let mut text = String::new();
+        client
+            .read_to_string(&mut text)
+            .expect("the exec caller got an answer");
+        text
+    }
+
+    #[test]
+    fn a_line_without_end_is_bounded_and_fails_its_command() {
+        let mut l = Link::new();
+        let (id, client) = l.start("yes | tr -d '\\n'");
+        l.guest_sends(b"HELLO rewind-agent 1\n");
+        let mut line = format!("OUTH {id} ").into_bytes();
+        line.resize(3 * MAX_AGENT_LINE, b'4');
+        l.guest_sends(&line);
+        let text = answer(client);
+        assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+        assert!(text.contains("a line over 1 MiB"), "{text}");
+        // The rest of the long line is dropped, and the link goes on.
+        let (id2, client2) = l.start("true");
+        l.guest_sends(format!("4444\nEXIT {id2} 0\n").as_bytes());
+        let text = answer(client2);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("\"status\":0"), "{text}");
+    }
+
+    #[test]
+    fn an_api_exec_keeps_at_most_16_mib_of_output() {
+        let mut l = Link::new();
+        let (id, client) = l.start("cat /dev/zero");
+        l.guest_sends(b"HELLO rewind-agent 1\n");
+        let chunk = format!("OUTH {id} {}\n", "00".repeat(256 << 10));
+        for _ in 0..(MAX_API_OUTPUT / (256 << 10) + 1) {
+            l.guest_sends(chunk.as_bytes());
+        }
+        let text = answer(client);
+        assert!(text.starts_with("HTTP/1.1 507"), "{text}");
+        assert!(text.contains("passed 16 MiB"), "{text}");
+        assert!(l.link.pending.is_empty());
     }
 }

@@ -4,8 +4,10 @@
 mod builder;
 pub mod disks;
 mod exec;
+mod signals;
 mod snapshots;
 
+pub use signals::SignalFd;
 pub use snapshots::{RevertReport, SnapshotReport};
 
 use std::os::fd::AsRawFd;
@@ -80,6 +82,8 @@ pub enum Outcome {
     Stopped,
     /// Whoever read the console went away (`rewind run | head`).
     ConsoleClosed,
+    /// Ended by this termination signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -94,6 +98,8 @@ impl Outcome {
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::TripleFault { .. } | Outcome::Fatal(_) => 1,
             Outcome::ConsoleClosed => EXIT_CONSOLE_CLOSED,
+            // The shell's convention, so a script can tell a kill from a stop.
+            Outcome::Signal(signo) => 128 + signo,
         }
     }
 
@@ -104,7 +110,8 @@ impl Outcome {
             | Outcome::ExecDone(_)
             | Outcome::Expected(_)
             | Outcome::Stopped
-            | Outcome::ConsoleClosed => None,
+            | Outcome::ConsoleClosed
+            | Outcome::Signal(_) => None,
             Outcome::Reset => Some("guest requested a reset; VM ended".into()),
             Outcome::Timeout(d) => Some(format!("timed out after {:.1} s", d.as_secs_f64())),
             Outcome::TripleFault { cpu } => Some(format!(
@@ -197,29 +204,69 @@ impl Vmm {
     }
 
     /// Pauses every vCPU (requests go out to all first, then we wait, so the
-    /// pause costs one round trip, not N).
+    /// pause costs one round trip, not N). All or nothing: if one vCPU does
+    /// not answer, every vCPU is asked to run again (a late one carries out
+    /// its queued pause and then this resume, in order) and the VM stays
+    /// running, so `paused` always says what the vCPUs will be doing.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         let t = Instant::now();
-        if !self.paused {
-            for v in &self.vcpus {
-                v.request_pause()?;
-            }
-            for v in &self.vcpus {
-                v.wait_paused()?;
-            }
-            self.paused = true;
+        if self.paused {
+            return Ok(t.elapsed());
         }
-        Ok(t.elapsed())
+        let mut first_err = None;
+        let mut tickets = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            match v.request_pause() {
+                Ok(ticket) => tickets.push(Some(ticket)),
+                Err(e) => {
+                    tickets.push(None);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let mut answered = vec![false; self.vcpus.len()];
+        for (i, (v, ticket)) in self.vcpus.iter().zip(&tickets).enumerate() {
+            let Some(ticket) = ticket else { continue };
+            match v.wait_paused(*ticket) {
+                Ok(()) => answered[i] = true,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some(err) = first_err else {
+            self.paused = true;
+            return Ok(t.elapsed());
+        };
+        for (v, answered) in self.vcpus.iter().zip(answered) {
+            // Only the vCPUs that answered are waited for: the others'
+            // replies come late and are dropped by their sequence number.
+            if let Ok(ticket) = v.request_resume() {
+                if answered {
+                    let _ = v.wait_resumed(ticket);
+                }
+            }
+        }
+        Err(err.into())
     }
 
+    /// Resumes every vCPU. A vCPU that does not answer still has the resume
+    /// queued and runs once it reads it, so the VM counts as running.
     pub fn resume(&mut self) -> Result<(), VmmError> {
-        if self.paused {
-            for v in &self.vcpus {
-                v.resume()?;
-            }
-            self.paused = false;
+        if !self.paused {
+            return Ok(());
         }
-        Ok(())
+        let tickets: Vec<_> = self.vcpus.iter().map(|v| v.request_resume()).collect();
+        self.paused = false;
+        let mut result = Ok(());
+        for (v, ticket) in self.vcpus.iter().zip(tickets) {
+            if let Err(e) = ticket.and_then(|t| v.wait_resumed(t)) {
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+            }
+        }
+        result
     }
 
     fn feed_console(&mut self) {
@@ -474,9 +521,11 @@ impl Vmm {
                     VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
                 });
             }
-            if let Some(i) = signal_idx {
+            if let (Some(i), Some(signals)) = (signal_idx, signals) {
                 if fds[i].revents & libc::POLLIN != 0 {
-                    return Ok(Outcome::Stopped);
+                    if let Some(signo) = signals.read() {
+                        return Ok(Outcome::Signal(signo));
+                    }
                 }
             }
             if let (Some(i), Some(server)) = (control_idx, control) {
@@ -545,40 +594,14 @@ impl Drop for Vmm {
         for v in &mut self.vcpus {
             v.stop();
         }
-    }
-}
-
-/// SIGINT, SIGTERM and SIGHUP as a pollable fd, so a `kill` or Ctrl-C (when
-/// the console is not raw) ends the VM through the normal exit path and the
-/// terminal is restored. Must be created before any thread so the mask is
-/// inherited.
-pub struct SignalFd {
-    pub fd: i32,
-}
-
-impl SignalFd {
-    pub fn new() -> std::io::Result<SignalFd> {
-        // SAFETY: sigset_t is plain data initialised by sigemptyset.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: all calls get valid pointers to `set`.
-        let fd = unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGHUP);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
+        self.console.flush(crate::console::FLUSH_LIMIT);
+        // The live overlays hold only writes since the last snapshot, revert
+        // or restore: no snapshot refers to them (a snapshot freezes its
+        // layer and moves the VM to a fresh one) and nothing reopens them
+        // once the VM is gone, so each run or restore would leave one behind.
+        for d in &self.devices.disks {
+            let path = lock(&d.disk).path().to_path_buf();
+            let _ = std::fs::remove_file(path);
         }
-        Ok(SignalFd { fd })
-    }
-}
-
-impl Drop for SignalFd {
-    fn drop(&mut self) {
-        // SAFETY: closes the fd this struct owns.
-        unsafe { libc::close(self.fd) };
     }
 }
