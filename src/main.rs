@@ -205,6 +205,7 @@ impl From<VmmError> for Failure {
         match e {
             VmmError::Config(_)
             | VmmError::Load(_)
+            | VmmError::Bundle(_)
             | VmmError::Disk(DiskSetupError::Disk(
                 DiskError::BaseMissing { .. } | DiskError::BaseChanged { .. },
             )) => Failure::Usage(e.to_string()),

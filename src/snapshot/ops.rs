@@ -103,9 +103,9 @@ pub enum BundleError {
 impl From<BundleError> for VmmError {
     fn from(e: BundleError) -> VmmError {
         match e {
-            // Keeps "no such snapshot" a 404 / usage error.
-            BundleError::Store(s) => VmmError::Store(s),
-            other => VmmError::Snapshot(other.to_string()),
+            // Keeps "no such snapshot" a 404.
+            BundleError::Store(s @ StoreError::NotFound { .. }) => VmmError::Store(s),
+            other => VmmError::Bundle(other),
         }
     }
 }

@@ -56,6 +56,10 @@ pub enum VmmError {
     Bus(#[from] crate::devices::bus::BusError),
     #[error("{0}")]
     Snapshot(String),
+    /// A snapshot refused before anything was touched (corrupt, or not for
+    /// this VM or host): the caller's choice of snapshot, not our failure.
+    #[error(transparent)]
+    Bundle(crate::snapshot::ops::BundleError),
     #[error(transparent)]
     Store(#[from] crate::snapshot::store::StoreError),
     #[error(transparent)]
@@ -131,6 +135,7 @@ fn error_status(e: &VmmError) -> u16 {
     match e {
         VmmError::Store(crate::snapshot::store::StoreError::NotFound { .. }) => 404,
         VmmError::Store(crate::snapshot::store::StoreError::Exists(_)) => 409,
+        VmmError::Bundle(_) => 422,
         _ => 500,
     }
 }
