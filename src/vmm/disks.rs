@@ -114,6 +114,21 @@ pub fn overlay_path(vm_dir: &Path, index: usize) -> PathBuf {
     disks_dir(vm_dir).join(format!("disk{index}-{nanos:x}.qcow2"))
 }
 
+/// How `overlay` names `lower` in its header: by file name when they share a
+/// directory (so the directory can be moved or copied whole), else by its
+/// canonical path (valid from any directory; a relative name would be read
+/// against the overlay's).
+pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
+    let same_dir = match (overlay.parent(), lower.parent()) {
+        (Some(a), Some(b)) => crate::snapshot::layers::same_file(a, b),
+        _ => false,
+    };
+    match lower.file_name() {
+        Some(name) if same_dir => PathBuf::from(name),
+        _ => std::fs::canonicalize(lower).unwrap_or_else(|_| lower.to_path_buf()),
+    }
+}
+
 /// The Linux command-line form of the devices, for kernels without ACPI.
 pub fn cmdline_devices(devices: &[MmioDevice]) -> String {
     devices
@@ -147,7 +162,12 @@ pub fn attach(
     })?;
     let overlay = overlay_path(vm_dir, index);
     let virtual_size = virtual_size(lower, lower_format)?;
-    disk::create_overlay(&overlay, lower, lower_format, virtual_size)?;
+    disk::create_overlay(
+        &overlay,
+        &backing_name(&overlay, lower),
+        lower_format,
+        virtual_size,
+    )?;
     let opened = Disk::open(&overlay)?;
     let size = opened.size();
     let disk = Arc::new(Mutex::new(opened));
