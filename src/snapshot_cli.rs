@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use crate::{api, Failure};
 use rewind::snapshot::state::Manifest;
-use rewind::snapshot::{layers, store};
+use rewind::snapshot::{bundle, layers, store};
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
@@ -42,6 +42,16 @@ pub enum SnapshotCmd {
         /// captured, and what was it waiting for?).
         #[arg(long)]
         vcpus: bool,
+    },
+    /// Write a standalone copy of a snapshot to DIR: its memory, state and
+    /// one qcow2 layer per disk (everything above the base image), named
+    /// relative to DIR, so DIR can be moved or copied anywhere the base images
+    /// are at the same paths, then started with `rewind restore DIR`.
+    Export {
+        name: String,
+        dir: PathBuf,
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Delete a snapshot.
     Delete {
@@ -137,6 +147,22 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
+        SnapshotCmd::Export { name, dir, vm } => {
+            let src =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            if dir.exists() {
+                return Err(Failure::Usage(format!("{} already exists", dir.display())));
+            }
+            let disk_bytes =
+                bundle::export(&src, &dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!(
+                "exported {} to {} (disk layers {:.1} MiB); start it with: rewind restore {}",
+                src.display(),
+                dir.display(),
+                mib(disk_bytes),
+                dir.display()
+            );
+        }
         SnapshotCmd::Delete { name, vm } => {
             let dir =
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -215,7 +241,7 @@ fn print_node(
     let disk: u64 = m
         .disk_layers
         .iter()
-        .map(|l| layers::allocated_bytes(l))
+        .map(|l| layers::allocated_bytes(&bundle::layer_path(path, l)))
         .sum();
     let mark = if current.is_some_and(|c| c == path) {
         "*"
@@ -255,12 +281,13 @@ pub fn disk(cmd: DiskCmd) -> Result<i32, Failure> {
                         .map_err(|e| Failure::Usage(e.to_string()))?;
                     let m =
                         store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-                    m.disk_layers.get(disk).cloned().ok_or_else(|| {
+                    let layer = m.disk_layers.get(disk).ok_or_else(|| {
                         Failure::Usage(format!(
                             "snapshot {s} has {} disks, no disk {disk}",
                             m.disk_layers.len()
                         ))
-                    })?
+                    })?;
+                    bundle::layer_path(&dir, layer)
                 }
                 (None, Some(v)) => {
                     if api(v, "GET", "/vm", None).is_ok() {

@@ -188,3 +188,124 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     }
     eprintln!("checked at {:?}", t0.elapsed());
 }
+
+#[test]
+fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
+    if !kvm_available("exported disk snapshot") {
+        return;
+    }
+    let home = Home::new("bundle");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0x7Eu8; 4 << 20]).unwrap();
+    let vm = VmProcess::start(
+        &home,
+        "t",
+        &[
+            "run",
+            "--name",
+            "t",
+            "--mem",
+            "32",
+            "--disk",
+            base.to_str().unwrap(),
+            "--console",
+            "stdio",
+            "--timeout",
+            "600",
+            "--append",
+            "mode=disk period_ms=30 disk_sectors=64",
+        ],
+    );
+    vm.socket_ready();
+    // Three snapshots a few ticks apart: the last one's disk is a chain of three layers.
+    let mut lo = 0;
+    for (n, k) in [2u64, 4, 6].into_iter().enumerate() {
+        vm.wait_for(0, &format!("tick {k}"), |l| disk_tick(l) == Some(k));
+        lo = max_tick(&vm.lines());
+        vm.api_ok(
+            "PUT",
+            "/snapshots",
+            Some(serde_json::json!({ "name": format!("s{n}") })),
+        );
+    }
+    assert_eq!(vm.stop(), Some(0));
+
+    let exported = home.path.join("out/bundle");
+    let o = home.run(&[
+        "snapshot",
+        "export",
+        "s2",
+        "--vm",
+        "t",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = home.run(&[
+        "snapshot",
+        "export",
+        "s2",
+        "--vm",
+        "t",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "export onto an existing directory"
+    );
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+
+    // Moved to another folder, with the VM it came from (store, layers) gone.
+    let moved = home.path.join("elsewhere/moved");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&exported, &moved).unwrap();
+    std::fs::remove_dir_all(home.path.join("vms/t")).unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(&moved)
+        .unwrap()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["disk0.qcow2", "manifest.json", "memory.bin", "state.bin"]
+    );
+    // And a plain copy of the moved one.
+    let copied = home.path.join("copied");
+    std::fs::create_dir_all(&copied).unwrap();
+    for f in &files {
+        std::fs::copy(moved.join(f), copied.join(f)).unwrap();
+    }
+
+    for (dir, clone) in [(&moved, "r-moved"), (&copied, "r-copied")] {
+        let o = home.run(&[
+            "restore",
+            dir.to_str().unwrap(),
+            "--name",
+            clone,
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "disk (ok|CORRUPT)",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{clone}: {}", stderr(&o));
+        let out = stdout(&o);
+        let first = out.lines().find(|l| disk_tick(l).is_some()).unwrap_or("");
+        assert!(
+            first.ends_with(" disk ok") && disk_tick(first).unwrap() > lo,
+            "{clone} (snapshot taken at tick >= {lo}): {out}"
+        );
+        qemu_check(&dir.join("disk0.qcow2"));
+        for f in std::fs::read_dir(home.path.join("vms").join(clone).join("disks"))
+            .unwrap()
+            .flatten()
+        {
+            qemu_check(&f.path());
+        }
+        let chain = rewind::disk::backing_chain(&dir.join("disk0.qcow2")).unwrap();
+        assert_eq!(chain.len(), 2, "{chain:?}");
+        assert_eq!(chain[1].0, base);
+    }
+}

@@ -157,9 +157,12 @@ pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
 /// first, in one rename, so a crash leaves it whole or gone; an interrupted
 /// release leaves a valid chain and at worst an unreferenced layer.
 pub fn delete_with_layers(dir: &Path) -> Result<super::layers::LayerReport, StoreError> {
-    let layers = read_manifest(dir)
+    let layers: Vec<PathBuf> = read_manifest(dir)
         .map(|m| m.disk_layers)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .map(|l| super::bundle::layer_path(dir, l))
+        .collect();
     delete(dir)?;
     super::layers::release(&layers).map_err(|e| StoreError::Io {
         path: dir.to_path_buf(),

@@ -155,7 +155,7 @@ impl Vmm {
         let lowers = state
             .disks
             .iter()
-            .map(|d| (d.base.clone(), d.frozen.clone()))
+            .map(|d| (d.base.clone(), snapshot::bundle::layer_path(dir, &d.frozen)))
             .collect();
         let mut vmm = Vmm::assemble(
             vm,

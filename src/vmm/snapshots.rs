@@ -352,9 +352,10 @@ impl Vmm {
         for (d, snap) in self.devices.disks.iter().zip(&state.disks) {
             snap.base.verify().map_err(snap_err)?;
             let path = super::disks::overlay_path(&vm_dir, d.index);
+            let layer = crate::snapshot::bundle::layer_path(&dir, &snap.frozen);
             crate::disk::create_overlay(
                 &path,
-                &super::disks::backing_name(&path, &snap.frozen),
+                &super::disks::backing_name(&path, &layer),
                 crate::disk::ImageFormat::Qcow2,
                 snap.size,
             )
