@@ -1,6 +1,6 @@
 //! Merging layers of a chain without ever leaving a corrupt or half-merged image behind.
 //!
-//! # Crash-safety procedure (shared by `commit`, `stream` and `rebase`)
+//! # Crash-safety procedure (shared by `commit`, `stream`, `rebase` and `collapse`)
 //!
 //! No image that any chain references is ever modified in place. Each operation:
 //!
