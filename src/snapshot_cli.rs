@@ -155,6 +155,8 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             }
             let disk_bytes =
                 bundle::export(&src, &dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            // `restore` reads an argument without a '/' as a snapshot name.
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             println!(
                 "exported {} to {} (disk layers {:.1} MiB); start it with: rewind restore {}",
                 src.display(),
