@@ -41,18 +41,17 @@ fn qemu_check(path: &Path) {
     }
 }
 
+/// The snapshot's disk layer: its manifest names it relative to the snapshot directory, so the
+/// VM's directory can be moved whole.
 fn layer_of(home: &Home, snap: &str) -> PathBuf {
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            home.path
-                .join("vms/t/snapshots")
-                .join(snap)
-                .join("manifest.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    PathBuf::from(m["disk_layers"][0].as_str().unwrap())
+    let dir = home.path.join("vms/t/snapshots").join(snap);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let name = Path::new(m["disk_layers"][0].as_str().unwrap());
+    assert_eq!(name.parent(), Some(Path::new("../../disks")), "{name:?}");
+    home.path
+        .join("vms/t/disks")
+        .join(name.file_name().unwrap())
 }
 
 /// Reverts to `snap`, taken when the guest had printed at least tick `lo`; `stale` picks the
@@ -255,11 +254,45 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     );
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
 
-    // Moved to another folder, with the VM it came from (store, layers) gone.
+    // The VM's whole directory (snapshots and layers) moved to another REWIND_HOME: its
+    // snapshots still restore by name there.
+    let home2 = Home::new("bundle-home2");
+    std::fs::create_dir_all(home2.path.join("vms")).unwrap();
+    std::fs::rename(home.path.join("vms/t"), home2.path.join("vms/t")).unwrap();
+    let o = home2.run(&[
+        "restore",
+        "s1",
+        "--vm",
+        "t",
+        "--name",
+        "r-home2",
+        "--console",
+        "stdio",
+        "--timeout",
+        "60",
+        "--expect",
+        "disk (ok|CORRUPT)",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(" disk ok") && !stdout(&o).contains("CORRUPT"),
+        "{}",
+        stdout(&o)
+    );
+    for vm in ["t", "r-home2"] {
+        for f in std::fs::read_dir(home2.path.join("vms").join(vm).join("disks"))
+            .unwrap()
+            .flatten()
+        {
+            qemu_check(&f.path());
+        }
+    }
+
+    // The bundle moved to another folder, with the VM it came from (store, layers) gone.
     let moved = home.path.join("elsewhere/moved");
     std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
     std::fs::rename(&exported, &moved).unwrap();
-    std::fs::remove_dir_all(home.path.join("vms/t")).unwrap();
+    std::fs::remove_dir_all(home2.path.join("vms/t")).unwrap();
     let mut files: Vec<String> = std::fs::read_dir(&moved)
         .unwrap()
         .flatten()

@@ -43,13 +43,27 @@ pub enum BundleError {
 }
 
 /// A disk layer named in a snapshot: a relative name is relative to the
-/// snapshot directory (an exported bundle), an absolute one is used as is.
+/// snapshot directory (`diskN.qcow2` in a bundle, `../../disks/FILE` in a
+/// VM's store), an absolute one is used as is. The result has no `..`, so it
+/// stays valid after the snapshot directory is gone (delete releases the
+/// layers after removing the directory).
 pub fn layer_path(snapshot_dir: &Path, layer: &Path) -> PathBuf {
     if layer.is_absolute() {
-        layer.to_path_buf()
-    } else {
-        snapshot_dir.join(layer)
+        return layer.to_path_buf();
     }
+    // Canonical, so no symlink makes dropping a `..` below wrong.
+    let dir = std::fs::canonicalize(snapshot_dir).unwrap_or_else(|_| snapshot_dir.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in dir.join(layer).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Writes a standalone copy of the snapshot in `src` to `dest` (which must

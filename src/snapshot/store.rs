@@ -72,8 +72,14 @@ pub fn resolve(name_or_path: &str, vm: Option<&str>) -> Result<PathBuf, StoreErr
     }
 }
 
+/// Disk layers come back as paths: a manifest names them relative to its
+/// directory when they are in the same VM directory or bundle.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, StoreError> {
-    Ok(read_json_file(&dir.join(MANIFEST_FILE))?)
+    let mut m: Manifest = read_json_file(&dir.join(MANIFEST_FILE))?;
+    for layer in &mut m.disk_layers {
+        *layer = super::bundle::layer_path(dir, layer);
+    }
+    Ok(m)
 }
 
 /// Every complete snapshot of `vm` (or of every VM), oldest first.

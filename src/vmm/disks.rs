@@ -129,6 +129,23 @@ pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
     }
 }
 
+/// How a snapshot in `snapshot_dir` names a disk layer: relative when both
+/// are in one VM directory (`VM/snapshots/NAME`, `VM/disks/FILE`), so that
+/// directory can be moved or copied whole; absolute otherwise (the boot
+/// cache keeps its snapshots elsewhere).
+pub fn layer_name_in(snapshot_dir: &Path, layer: &Path) -> PathBuf {
+    let grandparent = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let same_vm = match (grandparent(snapshot_dir), grandparent(layer)) {
+        (Some(a), Some(b)) => crate::snapshot::layers::same_file(&a, &b),
+        _ => false,
+    };
+    let folder = layer.parent().and_then(Path::file_name);
+    match (same_vm, folder, layer.file_name()) {
+        (true, Some(folder), Some(file)) => Path::new("../..").join(folder).join(file),
+        _ => layer.to_path_buf(),
+    }
+}
+
 /// The Linux command-line form of the devices, for kernels without ACPI.
 pub fn cmdline_devices(devices: &[MmioDevice]) -> String {
     devices

@@ -229,14 +229,16 @@ impl Vmm {
         let parent = self.baseline.take();
         let captured = self.take_dirty().and_then(|_| {
             let mut disks = Vec::new();
+            let mut frozen_paths = Vec::new();
             let disks_and_next = self.devices.disks.iter().zip(&next);
             for ((d, (_, size)), p) in disks_and_next.zip(prepared) {
                 let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
                 disks.push(super::disks::DiskSnapshot {
                     base: d.base.clone(),
-                    frozen,
+                    frozen: super::disks::layer_name_in(final_dir, &frozen),
                     size: *size,
                 });
+                frozen_paths.push(frozen);
             }
             let state = MachineState {
                 disks,
@@ -246,7 +248,6 @@ impl Vmm {
                 vcpus: self.capture_vcpus()?,
                 devices: self.capture_devices(),
             };
-            let frozen_paths: Vec<PathBuf> = state.disks.iter().map(|d| d.frozen.clone()).collect();
             let body = encode_state(&state).map_err(snap_err)?;
             let mem_bytes = snapmem::write_full(
                 &self.mem,
@@ -311,7 +312,10 @@ impl Vmm {
             state_crc64: crc64_xz(&body),
             pause_ms,
             total_ms: ms(t0),
-            disk_layers: frozen_paths.clone(),
+            disk_layers: frozen_paths
+                .iter()
+                .map(|f| super::disks::layer_name_in(final_dir, f))
+                .collect(),
         };
         format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
         store::publish(tmp, final_dir)?;
