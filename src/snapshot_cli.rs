@@ -243,7 +243,7 @@ fn print_node(
     let disk: u64 = m
         .disk_layers
         .iter()
-        .map(|l| layers::allocated_bytes(&bundle::layer_path(path, l)))
+        .map(|l| layers::allocated_bytes(l))
         .sum();
     let mark = if current.is_some_and(|c| c == path) {
         "*"
@@ -283,13 +283,12 @@ pub fn disk(cmd: DiskCmd) -> Result<i32, Failure> {
                         .map_err(|e| Failure::Usage(e.to_string()))?;
                     let m =
                         store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-                    let layer = m.disk_layers.get(disk).ok_or_else(|| {
+                    m.disk_layers.get(disk).cloned().ok_or_else(|| {
                         Failure::Usage(format!(
                             "snapshot {s} has {} disks, no disk {disk}",
                             m.disk_layers.len()
                         ))
-                    })?;
-                    bundle::layer_path(&dir, layer)
+                    })?
                 }
                 (None, Some(v)) => {
                     if api(v, "GET", "/vm", None).is_ok() {

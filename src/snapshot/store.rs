@@ -163,12 +163,10 @@ pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
 /// first, in one rename, so a crash leaves it whole or gone; an interrupted
 /// release leaves a valid chain and at worst an unreferenced layer.
 pub fn delete_with_layers(dir: &Path) -> Result<super::layers::LayerReport, StoreError> {
-    let layers: Vec<PathBuf> = read_manifest(dir)
+    // Resolved while the directory exists: a relative name means nothing after.
+    let layers = read_manifest(dir)
         .map(|m| m.disk_layers)
-        .unwrap_or_default()
-        .iter()
-        .map(|l| super::bundle::layer_path(dir, l))
-        .collect();
+        .unwrap_or_default();
     delete(dir)?;
     super::layers::release(&layers).map_err(|e| StoreError::Io {
         path: dir.to_path_buf(),

@@ -41,7 +41,9 @@ pub enum DiskSetupError {
 }
 
 /// What a snapshot keeps of one disk: the frozen top layer (whose backing
-/// chain ends at `base`), and the base's identity, checked on restore.
+/// chain ends at `base`; relative to the snapshot directory unless absolute,
+/// see `snapshot::bundle::layer_path`), and the base's identity, checked on
+/// restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSnapshot {
     pub base: BaseIdentity,
