@@ -179,11 +179,13 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     restore_and_check(&home, "s3", lo[3], "r-early");
     restore_and_check(&home, "s296", lo[296], "r-late");
     eprintln!("restored at {:?}", t0.elapsed());
-    for f in std::fs::read_dir(home.path.join("vms/t/disks"))
-        .unwrap()
-        .flatten()
-    {
-        qemu_check(&f.path());
+    for vm in ["t", "r-early", "r-late"] {
+        for f in std::fs::read_dir(home.path.join("vms").join(vm).join("disks"))
+            .unwrap()
+            .flatten()
+        {
+            qemu_check(&f.path());
+        }
     }
     eprintln!("checked at {:?}", t0.elapsed());
 }
