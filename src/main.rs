@@ -276,8 +276,20 @@ fn build_config(args: &RunArgs) -> Result<VmConfig, Failure> {
         mem_mib: args.mem,
         cpus: args.cpus,
         acpi: guest == GuestKind::Linux && !args.no_acpi,
-        disks: args.disks.clone(),
+        disks: canonical_disks(&args.disks)?,
     })
+}
+
+/// Overlays name their base by this path and snapshots keep it, so it must not depend on the
+/// directory rewind was started from (a relative name would be resolved against the overlay's).
+fn canonical_disks(disks: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+    disks
+        .iter()
+        .map(|d| {
+            std::fs::canonicalize(d)
+                .map_err(|e| Failure::Usage(format!("--disk {}: {e}", d.display())))
+        })
+        .collect()
 }
 
 fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {

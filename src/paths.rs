@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Always absolute: overlays, snapshots and manifests store paths under it,
+/// and a relative one would be read against whatever directory reads it.
 pub fn rewind_home() -> PathBuf {
     if let Some(home) = std::env::var_os("REWIND_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(home);
+        return absolute(PathBuf::from(home));
     }
     let base = std::env::var_os("XDG_DATA_HOME")
         .filter(|h| !h.is_empty())
@@ -14,6 +16,14 @@ pub fn rewind_home() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     base.join("rewind")
+}
+
+/// Canonical when it exists (symlinks resolved, so two spellings of one
+/// home agree); otherwise joined to the current directory.
+fn absolute(path: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&path)
+        .or_else(|_| std::path::absolute(&path))
+        .unwrap_or(path)
 }
 
 pub fn vms_dir() -> PathBuf {

@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use crate::{api, Failure};
 use rewind::snapshot::state::Manifest;
-use rewind::snapshot::{layers, store};
+use rewind::snapshot::{bundle, layers, store};
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
@@ -42,6 +42,16 @@ pub enum SnapshotCmd {
         /// captured, and what was it waiting for?).
         #[arg(long)]
         vcpus: bool,
+    },
+    /// Write a standalone copy of a snapshot to DIR: its memory, state and
+    /// one qcow2 layer per disk (everything above the base image), named
+    /// relative to DIR, so DIR can be moved or copied anywhere the base images
+    /// are at the same paths, then started with `rewind restore DIR`.
+    Export {
+        name: String,
+        dir: PathBuf,
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Delete a snapshot.
     Delete {
@@ -136,6 +146,24 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                     println!("virtio: {v:?}");
                 }
             }
+        }
+        SnapshotCmd::Export { name, dir, vm } => {
+            let src =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            if dir.exists() {
+                return Err(Failure::Usage(format!("{} already exists", dir.display())));
+            }
+            let disk_bytes =
+                bundle::export(&src, &dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            // `restore` reads an argument without a '/' as a snapshot name.
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            println!(
+                "exported {} to {} (disk layers {:.1} MiB); start it with: rewind restore {}",
+                src.display(),
+                dir.display(),
+                mib(disk_bytes),
+                dir.display()
+            );
         }
         SnapshotCmd::Delete { name, vm } => delete(&name, vm.as_deref())?,
     }

@@ -248,3 +248,143 @@ fn qcow2_base_and_missing_disk() {
         stderr(&o)
     );
 }
+
+/// `rewind ARGS` started in `cwd` with `REWIND_HOME` exactly as given (maybe relative).
+fn rewind_in(cwd: &Path, home: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    c.current_dir(cwd)
+        .env("REWIND_HOME", home)
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Polls the console file until the guest has printed disk tick `k` (or `vm` ended).
+fn wait_console(path: &Path, k: u64, vm: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let want = format!("tick {k} disk ok");
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(!text.contains("CORRUPT"), "{text}");
+        if text.lines().any(|l| l == want) {
+            return;
+        }
+        if let Some(status) = vm.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(vm.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the VM ended ({status}) before {want:?}: {err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {want:?} in {}: {text}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Boots the test guest in disk mode with `disk` as typed, from `cwd`, snapshots it after tick 2,
+/// stops it and restores the snapshot in a new process: its disk ticks must go on.
+fn boot_snapshot_restore(cwd: &Path, home: &str, abs_home: &Path, disk: &str) {
+    let console = cwd.join("console.txt");
+    let mut vm = rewind_in(
+        cwd,
+        home,
+        &[
+            "run",
+            "--name",
+            "r",
+            "--disk",
+            disk,
+            "--console",
+            console.to_str().unwrap(),
+            "--timeout",
+            "120",
+            "--append",
+            "mode=disk period_ms=50 disk_sectors=64",
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_console(&console, 2, &mut vm);
+    let o = rewind_in(cwd, home, &["snapshot", "create", "s", "--vm", "r"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "snapshot: {}", stderr(&o));
+    let o = rewind_in(cwd, home, &["stop", "--vm", "r"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "stop: {}", stderr(&o));
+    let out = vm.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = rewind_in(
+        cwd,
+        home,
+        &[
+            "restore",
+            "s",
+            "--vm",
+            "r",
+            "--name",
+            "r2",
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            "disk (ok|CORRUPT)",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "restore: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains(" disk ok") && !stdout(&o).contains("CORRUPT"),
+        "{}",
+        stdout(&o)
+    );
+    // Every file rewind wrote names its backing file by an absolute path
+    // or a name in its own directory, so it is valid from any cwd.
+    for vm in ["r", "r2"] {
+        for f in std::fs::read_dir(abs_home.join("vms").join(vm).join("disks"))
+            .unwrap()
+            .flatten()
+        {
+            qemu_img(&["check", f.path().to_str().unwrap()]);
+        }
+    }
+}
+
+#[test]
+fn relative_disk_path_boots_snapshots_and_restores() {
+    if !kvm_available("relative --disk") {
+        return;
+    }
+    let home = Home::new("reldisk");
+    let cwd = home.path.join("work");
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::write(cwd.join("base.img"), vec![0x3Cu8; 4 << 20]).unwrap();
+    boot_snapshot_restore(&cwd, home.path.to_str().unwrap(), &home.path, "base.img");
+}
+
+#[test]
+fn relative_rewind_home_keeps_disk_snapshots_working() {
+    if !kvm_available("relative REWIND_HOME") {
+        return;
+    }
+    let home = Home::new("relhome");
+    let base = home.path.join("base.img");
+    std::fs::write(&base, vec![0x4Du8; 4 << 20]).unwrap();
+    boot_snapshot_restore(
+        &home.path,
+        "state",
+        &home.path.join("state"),
+        base.to_str().unwrap(),
+    );
+}

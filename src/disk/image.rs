@@ -80,10 +80,12 @@ pub struct BaseIdentity {
 }
 
 impl BaseIdentity {
+    /// Records the canonical path: overlays name their base by it, and a relative name would
+    /// be resolved against the overlay's directory, not the one it was typed in.
     pub fn capture(path: &Path) -> Result<Self> {
         let meta = base_metadata(path)?;
         Ok(BaseIdentity {
-            path: path.to_path_buf(),
+            path: fs::canonicalize(path).map_err(|e| DiskError::io("resolve", path, e))?,
             size: meta.size(),
             mtime_ns: mtime_ns(&meta),
             format: probe(path)?,

@@ -1,6 +1,6 @@
 //! Merging layers of a chain without ever leaving a corrupt or half-merged image behind.
 //!
-//! # Crash-safety procedure (shared by `commit`, `stream` and `rebase`)
+//! # Crash-safety procedure (shared by `commit`, `stream`, `rebase` and `collapse`)
 //!
 //! No image that any chain references is ever modified in place. Each operation:
 //!
@@ -24,8 +24,8 @@
 //! running overlay sits directly on is therefore kept until that VM's next snapshot or shutdown.
 
 use super::chain::{
-    cluster_size, create_qcow2, open_alone, open_chain, read_backing, resolve_backing, Layer,
-    COPY_CHUNK,
+    backing_chain, cluster_size, create_qcow2, open_alone, open_chain, read_backing,
+    resolve_backing, Layer, COPY_CHUNK,
 };
 use super::fsutil::{self, parent_dir, same_file, temp_path};
 use super::image::{probe, ImageFormat};
@@ -185,6 +185,63 @@ pub(crate) fn rebase_with_hook(overlay: &Path, new_backing: &Path, hook: Hook<'_
         copy_from: u64::MAX,
         backing: Some((name.to_string(), format)),
         target: overlay,
+    };
+    run(plan, hook)
+}
+
+/// Writes at `target` one qcow2 layer that reads exactly like the chain under `top` and is backed
+/// directly by `base` (a member of that chain, named by its canonical path): every layer between
+/// them is folded in. `target` may be `top` itself (the old inode stays readable for whoever has
+/// it open, and the new file keeps the old one's permissions) or a new file elsewhere (a
+/// standalone copy of a snapshot's disk).
+///
+/// This is what keeps chains short: a chain of any depth becomes one layer on its base, and
+/// images on top of `top` keep reading the same bytes through it.
+pub fn collapse(top: &Path, base: &Path, target: &Path) -> Result<()> {
+    collapse_with_hook(top, base, target, &mut |_| Ok(()))
+}
+
+pub(crate) fn collapse_with_hook(
+    top: &Path,
+    base: &Path,
+    target: &Path,
+    hook: Hook<'_>,
+) -> Result<()> {
+    let chain = backing_chain(top)?;
+    let Some(at) = chain.iter().position(|(p, _)| same_file(p, base)) else {
+        return Err(DiskError::NotBackingFile {
+            child: top.to_path_buf(),
+            parent: base.to_path_buf(),
+        });
+    };
+    if at == 0 {
+        return Err(DiskError::IsBase {
+            path: top.to_path_buf(),
+        });
+    }
+    let base_name = fs::canonicalize(base).ctx("resolve", base)?;
+    let base_name = base_name.to_str().map(str::to_string).ok_or_else(|| {
+        DiskError::io(
+            "store backing name of",
+            target,
+            std::io::Error::other("base path is not valid UTF-8"),
+        )
+    })?;
+    let alloc = chain[..at]
+        .iter()
+        .map(|(p, _)| open_alone(p))
+        .collect::<Result<Vec<_>>>()?;
+    let view = open_chain(top, false)?;
+    let plan = Plan {
+        // Past the end of the shortest folded layer the view reads zeroes, which the base
+        // underneath must not show through.
+        copy_from: alloc.iter().map(|l| l.size()).min().unwrap_or(0),
+        cluster_size: cluster_size(&alloc[0]),
+        view,
+        view_path: top,
+        alloc,
+        backing: Some((base_name, chain[at].1)),
+        target,
     };
     run(plan, hook)
 }

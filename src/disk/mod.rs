@@ -16,8 +16,10 @@
 //! Lifecycle, as the main crate is expected to drive it:
 //! - VM creation: `BaseIdentity::capture(base)`, `create_overlay(vm_dir/x.qcow2, base, ..)`,
 //!   `Disk::open`. Before every later open: `BaseIdentity::verify`.
-//! - `snapshot create`: before pausing, `create_overlay(next, current, Qcow2, size)`; in the
-//!   pause, `Disk::switch_overlay(next)` (~0.15 ms); after resuming, `make_durable(frozen)`.
+//! - `snapshot create`: before pausing, `create_overlay(next, current, Qcow2, size)` and
+//!   `Disk::prepare_switch(next)`; in the pause, `Disk::switch_prepared`; after resuming,
+//!   `make_durable(frozen)`, then `collapse` the frozen layer onto the base if its chain is
+//!   deeper than `COLLAPSE_DEPTH`, which bounds both chain depth and the files a VM holds open.
 //! - revert/restore/clone: `create_overlay(fresh, snapshot_layer, Qcow2, size)` + `Disk::open`.
 //! - delete snapshot S (layer L): for each image directly on L, `stream(child)`, then delete L.
 //!   Alternatively, if L has exactly one dependent C, `commit(C, L)`, `rebase` C's dependents
@@ -42,12 +44,18 @@ use std::path::{Path, PathBuf};
 pub use chain::{backing_chain, export_flat};
 pub use fsutil::{cleanup_temps, make_durable};
 pub use image::{probe, BaseIdentity, ImageFormat};
-pub use merge::{commit, rebase, stream};
-pub use overlay::{create_overlay, Disk};
+pub use merge::{collapse, commit, rebase, stream};
+pub use overlay::{create_overlay, Disk, PreparedSwitch};
 
 /// Deepest backing chain we accept; deeper chains are almost certainly loops through symlinks or
 /// hand-edited headers, and walking them would open an unbounded number of files.
 pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// A frozen layer with more qcow2 layers than this under it (itself included) is collapsed onto
+/// its base after a snapshot, so no chain rewind makes grows past it. Smaller means less read
+/// indirection and fewer open files, larger means the full diff is copied less often (once per
+/// this many snapshots in a row).
+pub const COLLAPSE_DEPTH: usize = 16;
 
 pub type Result<T> = std::result::Result<T, DiskError>;
 

@@ -1,6 +1,6 @@
 //! Creating overlays and the writable `Disk` a running VM uses.
 
-use super::chain::{self, create_qcow2, open_chain, resolve_backing, Layer};
+use super::chain::{self, create_qcow2, open_chain, open_layer, resolve_backing, Layer};
 use super::fsutil::{self, file_id, parent_dir, temp_path};
 use super::image::ImageFormat;
 use super::{DiskError, IoContext, Result};
@@ -63,8 +63,7 @@ pub fn create_overlay(
 /// requires exclusive access to invalidate cluster mappings.
 #[derive(Debug)]
 pub struct Disk {
-    /// Always `Some` between calls; only `switch_overlay` takes it out for an instant (imago
-    /// needs the old top by value to use it as the new top's backing layer).
+    /// Always `Some`; an `Option` only so a lost layer is an error, never a panic.
     top: Option<Layer>,
     path: PathBuf,
     size: u64,
@@ -176,16 +175,18 @@ impl Disk {
         }
     }
 
-    /// The disk-side half of `snapshot create`, run inside the VM pause.
-    ///
-    /// `next` must be an overlay already created (outside the pause, with `create_overlay`)
-    /// whose backing file is this disk's current file. The current file is flushed, made
-    /// read-only and becomes a backing layer; writes go to `next` from now on. The old layer is
-    /// reused as the backing layer without reopening it, which keeps the switch well below a
-    /// millisecond. Returns the frozen file's path; call `make_durable` on it after resuming.
+    /// The disk-side half of `snapshot create`: `prepare_switch` then `switch_prepared`.
     pub fn switch_overlay(&mut self, next: &Path) -> Result<PathBuf> {
-        // Validate everything that can fail before touching the running layer.
-        let mut new_top = Qcow2::<File>::open_path(next, true).ctx("open qcow2 image", next)?;
+        let prepared = self.prepare_switch(next)?;
+        self.switch_prepared(prepared)
+    }
+
+    /// Everything of an overlay switch that can be done while the guest runs: `next` must be an
+    /// overlay already created (with `create_overlay`) whose backing file is this disk's current
+    /// file. Its backing chain below the current file is opened afresh here: those layers are
+    /// frozen, and after a collapse they are fewer than the handles the running disk holds.
+    pub fn prepare_switch(&self, next: &Path) -> Result<PreparedSwitch> {
+        let new_top = Qcow2::<File>::open_path(next, true).ctx("open qcow2 image", next)?;
         let backs_onto_us = new_top.implicit_backing_file().is_some_and(|name| {
             let resolved = resolve_backing(next, Path::new(name));
             matches!((file_id(&resolved), file_id(&self.path)), (Ok(a), Ok(b)) if a == b)
@@ -205,13 +206,36 @@ impl Disk {
                 actual: new_size,
             });
         }
+        let below = match chain::read_backing(&self.path)? {
+            Some(b) => Some(open_chain_as(&b.path, b.format)?),
+            None => None,
+        };
+        Ok(PreparedSwitch {
+            new_top,
+            next: next.to_path_buf(),
+            below,
+        })
+    }
+
+    /// The part of `snapshot create` run inside the VM pause. The current file is flushed,
+    /// reopened read-only on the prepared chain and becomes the backing layer of the new top;
+    /// writes go to the new top from now on, and every handle the old top held is closed, so
+    /// the files open stay bounded by the depth of the chain on disk. Returns the frozen file's
+    /// path; call `make_durable` on it after resuming.
+    pub fn switch_prepared(&mut self, prepared: PreparedSwitch) -> Result<PathBuf> {
+        let PreparedSwitch {
+            mut new_top,
+            next,
+            below,
+        } = prepared;
         self.top()?.flush().ctx("flush", &self.path)?;
+        // Opened after the flush: the metadata on disk is complete only now.
+        let frozen_layer = open_layer(&self.path, ImageFormat::Qcow2, below, false)?;
 
         // Infallible from here on, so the disk can never be left without a top layer.
-        let old = self.top.take();
-        new_top.set_backing(old);
+        new_top.set_backing(Some(frozen_layer));
         self.top = Some(Layer::new(new_top));
-        let frozen = std::mem::replace(&mut self.path, next.to_path_buf());
+        let frozen = std::mem::replace(&mut self.path, next);
         // Read-only marks the layer as part of a snapshot; failure is harmless (we never write
         // it again through this Disk) so it must not fail the switch.
         let _ = fs::set_permissions(&frozen, fs::Permissions::from_mode(0o444));
@@ -219,7 +243,30 @@ impl Disk {
     }
 }
 
-/// `top` is only ever `None` inside `switch_overlay`, between two infallible statements.
+/// What `Disk::prepare_switch` opened, for `Disk::switch_prepared`.
+pub struct PreparedSwitch {
+    new_top: Qcow2<File>,
+    next: PathBuf,
+    below: Option<Layer>,
+}
+
+impl std::fmt::Debug for PreparedSwitch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedSwitch")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the chain under `path`, whose format is known from the header naming it (a raw base is
+/// never probed: the guest could have written a qcow2 header into it).
+fn open_chain_as(path: &Path, format: ImageFormat) -> Result<Layer> {
+    match format {
+        ImageFormat::Raw => open_layer(path, ImageFormat::Raw, None, false),
+        ImageFormat::Qcow2 => open_chain(path, false),
+    }
+}
+
 fn lost(path: &Path) -> DiskError {
     DiskError::io("use", path, io::Error::other("disk has no open top layer"))
 }

@@ -1,6 +1,7 @@
 //! Snapshots: what a capture contains, how it is written and read.
 
 pub mod boot_cache;
+pub mod bundle;
 pub mod format;
 pub mod fsutil;
 pub mod layers;

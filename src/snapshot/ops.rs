@@ -206,10 +206,12 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             index,
             reason,
         };
-        if !d.frozen.is_file() {
+        // Layer names are relative to the snapshot directory (it can move).
+        let layer = super::bundle::layer_path(dir, &d.frozen);
+        if !layer.is_file() {
             return Err(disk_err(format!(
                 "its layer {} is missing",
-                d.frozen.display()
+                layer.display()
             )));
         }
         d.base.verify().map_err(|e| disk_err(e.to_string()))?;

@@ -65,7 +65,8 @@ pub struct Manifest {
     pub state_crc64: u64,
     pub pause_ms: f64,
     pub total_ms: f64,
-    /// Each disk's frozen qcow2 layer (their backing chains end at the bases).
+    /// Each disk's frozen qcow2 layer (their backing chains end at the bases);
+    /// a relative name is relative to the snapshot directory.
     #[serde(default)]
     pub disk_layers: Vec<std::path::PathBuf>,
 }

@@ -72,8 +72,14 @@ pub fn resolve(name_or_path: &str, vm: Option<&str>) -> Result<PathBuf, StoreErr
     }
 }
 
+/// Disk layers come back as paths: a manifest names them relative to its
+/// directory when they are in the same VM directory or bundle.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, StoreError> {
-    Ok(read_json_file(&dir.join(MANIFEST_FILE))?)
+    let mut m: Manifest = read_json_file(&dir.join(MANIFEST_FILE))?;
+    for layer in &mut m.disk_layers {
+        *layer = super::bundle::layer_path(dir, layer);
+    }
+    Ok(m)
 }
 
 /// Every complete snapshot of `vm` (or of every VM), oldest first.
@@ -171,6 +177,7 @@ pub struct DeleteReport {
 /// rename; an interrupted release leaves a valid chain and at worst an
 /// unreferenced layer.
 pub fn delete_with_layers(dir: &Path) -> Result<DeleteReport, StoreError> {
+    // Resolved while the directory exists: a relative name means nothing after.
     let manifest = read_manifest(dir).ok();
     let layers = manifest
         .as_ref()
@@ -207,7 +214,7 @@ fn reparent_children(dir: &Path, grandparent: Option<&str>) -> Result<Vec<PathBu
     let grand_path = grandparent.map(|g| parent_path(dir, g));
     let mut moved = Vec::new();
     for (child, m) in list(None) {
-        let Ok(mut m) = m else { continue };
+        let Ok(m) = m else { continue };
         let is_child = m.parent.as_deref().is_some_and(|p| {
             let p = parent_path(&child, p);
             p == dir || super::layers::same_file(&p, dir)
@@ -215,6 +222,9 @@ fn reparent_children(dir: &Path, grandparent: Option<&str>) -> Result<Vec<PathBu
         if !is_child || super::layers::same_file(&child, dir) {
             continue;
         }
+        // Rewritten as stored, not as `list` resolved it: the layer names
+        // stay relative, so the child's VM directory can still move.
+        let mut m: Manifest = read_json_file(&child.join(MANIFEST_FILE))?;
         // Named the way snapshot create names parents: bare within one VM.
         m.parent = grand_path.as_ref().map(|g| {
             if g.parent().is_some() && g.parent() == child.parent() {

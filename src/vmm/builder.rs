@@ -43,9 +43,11 @@ impl Vmm {
             }
         }
         let mut lowers = Vec::new();
-        for base in &config.disks {
+        for base in &mut config.disks {
             let identity = crate::disk::BaseIdentity::capture(base)
                 .map_err(|e| VmmError::Disk(DiskSetupError::Disk(e)))?;
+            // Library callers may pass relative paths; the overlay stores this one.
+            *base = identity.path.clone();
             lowers.push((identity, base.clone()));
         }
         let mmio_devices: Vec<_> = (0..lowers.len()).map(disks::mmio_device).collect();
@@ -132,7 +134,7 @@ impl Vmm {
         let lowers = state
             .disks
             .iter()
-            .map(|d| (d.base.clone(), d.frozen.clone()))
+            .map(|d| (d.base.clone(), snapshot::bundle::layer_path(dir, &d.frozen)))
             .collect();
         let mut vmm = Vmm::assemble(
             vm,

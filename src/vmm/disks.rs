@@ -41,7 +41,9 @@ pub enum DiskSetupError {
 }
 
 /// What a snapshot keeps of one disk: the frozen top layer (whose backing
-/// chain ends at `base`), and the base's identity, checked on restore.
+/// chain ends at `base`; relative to the snapshot directory unless absolute,
+/// see `snapshot::bundle::layer_path`), and the base's identity, checked on
+/// restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSnapshot {
     pub base: BaseIdentity,
@@ -114,6 +116,38 @@ pub fn overlay_path(vm_dir: &Path, index: usize) -> PathBuf {
     disks_dir(vm_dir).join(format!("disk{index}-{nanos:x}.qcow2"))
 }
 
+/// How `overlay` names `lower` in its header: by file name when they share a
+/// directory (so the directory can be moved or copied whole), else by its
+/// canonical path (valid from any directory; a relative name would be read
+/// against the overlay's).
+pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
+    let same_dir = match (overlay.parent(), lower.parent()) {
+        (Some(a), Some(b)) => crate::snapshot::layers::same_file(a, b),
+        _ => false,
+    };
+    match lower.file_name() {
+        Some(name) if same_dir => PathBuf::from(name),
+        _ => std::fs::canonicalize(lower).unwrap_or_else(|_| lower.to_path_buf()),
+    }
+}
+
+/// How a snapshot in `snapshot_dir` names a disk layer: relative when both
+/// are in one VM directory (`VM/snapshots/NAME`, `VM/disks/FILE`), so that
+/// directory can be moved or copied whole; absolute otherwise (the boot
+/// cache keeps its snapshots elsewhere).
+pub fn layer_name_in(snapshot_dir: &Path, layer: &Path) -> PathBuf {
+    let grandparent = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let same_vm = match (grandparent(snapshot_dir), grandparent(layer)) {
+        (Some(a), Some(b)) => crate::snapshot::layers::same_file(&a, &b),
+        _ => false,
+    };
+    let folder = layer.parent().and_then(Path::file_name);
+    match (same_vm, folder, layer.file_name()) {
+        (true, Some(folder), Some(file)) => Path::new("../..").join(folder).join(file),
+        _ => layer.to_path_buf(),
+    }
+}
+
 /// The Linux command-line form of the devices, for kernels without ACPI.
 pub fn cmdline_devices(devices: &[MmioDevice]) -> String {
     devices
@@ -147,7 +181,12 @@ pub fn attach(
     })?;
     let overlay = overlay_path(vm_dir, index);
     let virtual_size = virtual_size(lower, lower_format)?;
-    disk::create_overlay(&overlay, lower, lower_format, virtual_size)?;
+    disk::create_overlay(
+        &overlay,
+        &backing_name(&overlay, lower),
+        lower_format,
+        virtual_size,
+    )?;
     let opened = Disk::open(&overlay)?;
     let size = opened.size();
     let disk = Arc::new(Mutex::new(opened));

@@ -197,14 +197,27 @@ impl Vmm {
         // the switch inside the pause only re-points the open layer.
         let vm_dir = crate::paths::vm_dir(&self.config.name);
         let mut next = Vec::new();
+        let mut prepared = Vec::new();
         for d in &self.devices.disks {
             let (current, size) = {
                 let disk = lock(&d.disk);
                 (disk.path().to_path_buf(), disk.size())
             };
             let path = super::disks::overlay_path(&vm_dir, d.index);
-            crate::disk::create_overlay(&path, &current, crate::disk::ImageFormat::Qcow2, size)
+            let name = super::disks::backing_name(&path, &current);
+            crate::disk::create_overlay(&path, &name, crate::disk::ImageFormat::Qcow2, size)
                 .map_err(snap_err)?;
+            let p = lock(&d.disk).prepare_switch(&path);
+            match p {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    for (path, _) in &next {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(snap_err(e));
+                }
+            }
             next.push((path, size));
         }
         stall::point("overlays-created", name);
@@ -217,13 +230,16 @@ impl Vmm {
         let parent = self.baseline.take();
         let captured = self.take_dirty().and_then(|_| {
             let mut disks = Vec::new();
-            for (d, (path, size)) in self.devices.disks.iter().zip(&next) {
-                let frozen = lock(&d.disk).switch_overlay(path).map_err(snap_err)?;
+            let mut frozen_paths = Vec::new();
+            let disks_and_next = self.devices.disks.iter().zip(&next);
+            for ((d, (_, size)), p) in disks_and_next.zip(prepared) {
+                let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
                 disks.push(super::disks::DiskSnapshot {
                     base: d.base.clone(),
-                    frozen,
+                    frozen: super::disks::layer_name_in(final_dir, &frozen),
                     size: *size,
                 });
+                frozen_paths.push(frozen);
             }
             stall::point("overlay-switched", name);
             let state = MachineState {
@@ -234,7 +250,6 @@ impl Vmm {
                 vcpus: self.capture_vcpus()?,
                 devices: self.capture_devices(),
             };
-            let frozen_paths: Vec<PathBuf> = state.disks.iter().map(|d| d.frozen.clone()).collect();
             let vcpu0 = state
                 .vcpus
                 .first()
@@ -276,8 +291,9 @@ impl Vmm {
         };
         // The layers just frozen must survive a crash before the snapshot
         // that names them is published.
-        for path in &frozen_paths {
+        for (path, d) in frozen_paths.iter().zip(&self.devices.disks) {
             crate::disk::make_durable(path).map_err(snap_err)?;
+            bound_chain(path, &d.base.path)?;
         }
         let mem_path = tmp.join(MEMORY_FILE);
         std::fs::File::open(&mem_path)
@@ -306,7 +322,10 @@ impl Vmm {
             state_crc64: crc64_xz(&body),
             pause_ms,
             total_ms: ms(t0),
-            disk_layers: frozen_paths.clone(),
+            disk_layers: frozen_paths
+                .iter()
+                .map(|f| super::disks::layer_name_in(final_dir, f))
+                .collect(),
         };
         format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
         stall::point("before-publish", name);
@@ -348,9 +367,10 @@ impl Vmm {
         let mut fresh = Vec::new();
         for (d, snap) in self.devices.disks.iter().zip(&state.disks) {
             let path = super::disks::overlay_path(&vm_dir, d.index);
+            let layer = crate::snapshot::bundle::layer_path(&dir, &snap.frozen);
             crate::disk::create_overlay(
                 &path,
-                &snap.frozen,
+                &super::disks::backing_name(&path, &layer),
                 crate::disk::ImageFormat::Qcow2,
                 snap.size,
             )
@@ -413,6 +433,21 @@ impl Vmm {
             total_ms: ms(t0),
         })
     }
+}
+
+/// Keeps every chain at most `COLLAPSE_DEPTH` qcow2 layers deep: a frozen layer above that is
+/// rewritten as one layer on the base (same bytes, new inode renamed over the old one, so a
+/// crash leaves the old layer or the new one, and what reads through it sees no change).
+fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
+    let chain = crate::disk::backing_chain(frozen).map_err(snap_err)?;
+    let depth = chain
+        .iter()
+        .position(|(p, _)| crate::snapshot::layers::same_file(p, base))
+        .unwrap_or(chain.len() - 1);
+    if depth > crate::disk::COLLAPSE_DEPTH {
+        crate::disk::collapse(frozen, base, frozen).map_err(snap_err)?;
+    }
+    Ok(())
 }
 
 fn parent_label(parent: &Path, vm: &str) -> String {

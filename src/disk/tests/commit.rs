@@ -1,8 +1,11 @@
 use super::chain::three_deep;
 use super::*;
-use crate::disk::merge::{commit_with_hook, rebase_with_hook, stream_with_hook, Step};
+use crate::disk::merge::{
+    collapse_with_hook, commit_with_hook, rebase_with_hook, stream_with_hook, Step,
+};
 use crate::disk::{
-    backing_chain, cleanup_temps, commit, create_overlay, rebase, stream, DiskError, ImageFormat,
+    backing_chain, cleanup_temps, collapse, commit, create_overlay, rebase, stream, DiskError,
+    ImageFormat,
 };
 
 fn chain_of(top: &Path) -> Vec<PathBuf> {
@@ -212,4 +215,40 @@ fn stream_deletes_layer_with_two_children() {
             assert_eq!(q.len(), 2);
         }
     }
+}
+
+/// Collapsing in place under a kill -9 at every step: the layer and what reads through it always
+/// read the same bytes, and once renamed it sits directly on the base (by absolute name).
+#[test]
+fn collapse_in_place_survives_kill_9_at_every_step() {
+    let dir = TestDir::new("collapse");
+    let (p, m) = three_deep(&dir);
+    let base_hash = hash_file(&p[0]);
+    for at in STEPS {
+        let r = collapse_with_hook(&p[2], &p[0], &p[2], &mut stop_at(at, &p[2]));
+        let renamed = r.is_ok() || at == Step::Renamed;
+        assert!(read_view(&p[2]) == m[2], "{at:?}");
+        assert!(read_view(&p[3]) == m[3], "{at:?}");
+        qemu_check(&p[2]);
+        let expect = if renamed { &p[0] } else { &p[1] };
+        assert_eq!(chain_of(&p[2])[1], *expect, "{at:?}");
+        cleanup_temps(dir.path()).unwrap();
+        if renamed {
+            break;
+        }
+    }
+    fs::remove_file(&p[1]).unwrap();
+    assert!(read_view(&p[3]) == m[3]);
+    qemu_check(&p[3]);
+    assert_eq!(hash_file(&p[0]), base_hash, "base written by collapse");
+
+    // Into a new file elsewhere: a standalone copy of the whole chain above the base.
+    let other = TestDir::new("collapse-out");
+    let out = other.join("copy.qcow2");
+    collapse(&p[3], &p[0], &out).unwrap();
+    assert!(read_view(&out) == m[3]);
+    assert_eq!(chain_of(&out), vec![out.clone(), p[0].clone()]);
+    qemu_check(&out);
+    let err = collapse(&p[3], &other.join("nope"), &other.join("x.qcow2")).unwrap_err();
+    assert!(matches!(err, DiskError::NotBackingFile { .. }), "{err}");
 }

@@ -1,0 +1,156 @@
+//! Standalone snapshot bundles: `rewind snapshot export NAME DIR`.
+//!
+//! A snapshot in the store names its disk layers by where they live (the VM's
+//! `disks/` directory), and each layer reads through its parents', so moving
+//! the snapshot directory alone would leave its disks behind. An exported
+//! bundle carries one qcow2 layer per disk, `diskN.qcow2`, holding everything
+//! above the base (the chain collapsed), and names it relative to itself, so
+//! the directory can be moved or copied anywhere the base image is found at
+//! the same path. Like every snapshot directory it appears whole or not at
+//! all (written under a temp name beside DIR, then renamed).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::format::{crc64_xz, encode_state, write_json_file, FormatError};
+use super::fsutil;
+use super::ops;
+use super::state::{MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
+use super::store::{self, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{0}")]
+    Load(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("disk {index} of the snapshot: {source}")]
+    Disk {
+        index: usize,
+        source: crate::disk::DiskError,
+    },
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// A disk layer named in a snapshot: a relative name is relative to the
+/// snapshot directory (`diskN.qcow2` in a bundle, `../../disks/FILE` in a
+/// VM's store), an absolute one is used as is. The result has no `..`, so it
+/// stays valid after the snapshot directory is gone (delete releases the
+/// layers after removing the directory).
+pub fn layer_path(snapshot_dir: &Path, layer: &Path) -> PathBuf {
+    if layer.is_absolute() {
+        return layer.to_path_buf();
+    }
+    // Canonical, so no symlink makes dropping a `..` below wrong.
+    let dir = std::fs::canonicalize(snapshot_dir).unwrap_or_else(|_| snapshot_dir.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in dir.join(layer).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Writes a standalone copy of the snapshot in `src` to `dest` (which must
+/// not exist). Returns the bytes of disk data written.
+pub fn export(src: &Path, dest: &Path) -> Result<u64, BundleError> {
+    let (mut manifest, mut state) = ops::load(src).map_err(|e| BundleError::Load(e.to_string()))?;
+    let tmp = store::begin(dest)?;
+    let result = (|| {
+        let mut disk_bytes = 0;
+        manifest.disk_layers.clear();
+        for (index, d) in state.disks.iter_mut().enumerate() {
+            let name = PathBuf::from(format!("disk{index}.qcow2"));
+            let out = tmp.join(&name);
+            let layer = layer_path(src, &d.frozen);
+            crate::disk::collapse(&layer, &d.base.path, &out)
+                .map_err(|source| BundleError::Disk { index, source })?;
+            disk_bytes += super::layers::allocated_bytes(&out);
+            d.frozen = name.clone();
+            manifest.disk_layers.push(name);
+        }
+        copy_sparse(&src.join(MEMORY_FILE), &tmp.join(MEMORY_FILE))?;
+        let body = encode_state(&state)?;
+        let state_path = tmp.join(STATE_FILE);
+        fsutil::atomic_write(&state_path, &body).map_err(|source| BundleError::Io {
+            op: "write",
+            path: state_path,
+            source,
+        })?;
+        manifest.state_bytes = body.len() as u64;
+        manifest.state_crc64 = crc64_xz(&body);
+        // A bundle stands alone: its parent is in another store, or nowhere.
+        manifest.parent = None;
+        write_json_file(&tmp.join(MANIFEST_FILE), &manifest)?;
+        store::publish(&tmp, dest)?;
+        Ok(disk_bytes)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Copies `from` to `to` keeping holes (memory.bin stores zero pages as
+/// holes, and a copy that filled them could be as large as guest RAM).
+fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::Io { op, path, source }
+    };
+    let src = File::open(from).map_err(io("open", from))?;
+    let len = src.metadata().map_err(io("stat", from))?.len();
+    let dst = File::create(to).map_err(io("create", to))?;
+    dst.set_len(len).map_err(io("resize", to))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(data) = seek(&src, pos, libc::SEEK_DATA).map_err(io("read", from))? else {
+            break;
+        };
+        let hole = seek(&src, data, libc::SEEK_HOLE)
+            .map_err(io("read", from))?
+            .unwrap_or(len);
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)
+                .map_err(io("read", from))?;
+            dst.write_all_at(&buf[..n], at).map_err(io("write", to))?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    dst.sync_all().map_err(io("fsync", to))
+}
+
+/// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no more data.
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on a file descriptor we own (borrowed from `file`, open
+    // for the whole call); it only moves the file offset, which nothing else
+    // uses (all reads here are positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
