@@ -11,6 +11,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disks::{self, DiskSetupError};
 use super::{io_err, Devices, RunOptions, Vmm, VmmError};
+use crate::arch::host::{host_mem_mib, HostKind};
+use crate::arch::{boot, cpuid, loader};
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
@@ -23,10 +25,8 @@ use crate::devices::serial::{
 use crate::devices::Bus;
 use crate::events::vm_event_channel;
 use crate::guest::GuestKind;
-use crate::kvm::host::{host_mem_mib, HostKind};
 use crate::kvm::vcpu::{register_kick_handler, VcpuContext, VcpuHandle};
 use crate::kvm::vm::{kvm_err, Vm};
-use crate::kvm::{boot, cpuid, loader};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot;
 
@@ -57,11 +57,11 @@ impl Vmm {
         }
         let mem = memory::create_guest_memory(config.mem_bytes())?;
         let rsdp = if config.guest == GuestKind::Linux {
-            crate::kvm::mptable::write_mptable(&mem, config.cpus)
+            crate::arch::mptable::write_mptable(&mem, config.cpus)
                 .map_err(|e| VmmError::Snapshot(e.to_string()))?;
             if config.acpi {
                 Some(
-                    crate::kvm::acpi::write_tables(&mem, config.cpus, &mmio_devices)
+                    crate::arch::acpi::write_tables(&mem, config.cpus, &mmio_devices)
                         .map_err(|e| VmmError::Snapshot(e.to_string()))?,
                 )
             } else {

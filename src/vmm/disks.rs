@@ -11,10 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::arch::acpi::MmioDevice;
 use crate::devices::bus::lock;
 use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
 use crate::disk::{self, BaseIdentity, Disk, ImageFormat};
-use crate::kvm::acpi::MmioDevice;
 use crate::memory::GuestMemory;
 
 /// First virtio-mmio window; device i is one page further on.
