@@ -6,5 +6,6 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod host;
+pub mod layout;
 pub mod loader;
 pub mod mptable;
