@@ -4,7 +4,8 @@
 //! it; devices do not: they never learn where they sit, the VMM places them.
 //!
 //! The test guest hard-codes a few of these (guest-images/testguest/main.c:
-//! the debug console, the exit port, the first virtio window): change both.
+//! the debug console, the LAPIC, the exit port, the first virtio window):
+//! change both.
 
 // ---- RAM and the MMIO gap (memory: ram_ranges; loader: e820; boot: page
 // tables map up to at least the gap's end). RAM is split around a 1 GiB gap
