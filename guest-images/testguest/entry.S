@@ -1,7 +1,7 @@
 /*
  * rewind test guest: ring-0 part.
  *
- * Boot contract (set up by rewind's test-guest loader, see src/kvm/boot.rs):
+ * Boot contract (set up by rewind's test-guest loader, see src/arch/boot.rs):
  *   - every vCPU enters here in 64-bit mode, CPL0, IF=0, with identity-mapped
  *     2 MiB pages (U/S set) covering all RAM, the LAPIC and the debug console;
  *   - rdi = vCPU index (equals its LAPIC ID), rsi = Linux zero page (boot_params),

@@ -5,8 +5,6 @@
 use super::BusDevice;
 use crate::events::{VmEvent, VmEventSender};
 
-pub const SLEEP_CONTROL_PORT: u64 = 0x600;
-pub const SLEEP_STATUS_PORT: u64 = 0x601;
 pub const ACPI_PM_LEN: u64 = 2;
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;

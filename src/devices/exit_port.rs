@@ -4,8 +4,6 @@
 use super::BusDevice;
 use crate::events::{VmEvent, VmEventSender};
 
-pub const EXIT_PORT: u64 = 0xf4;
-
 pub struct ExitPort {
     events: VmEventSender,
 }

@@ -6,7 +6,6 @@ use vm_superio::{I8042Device, Trigger};
 use super::BusDevice;
 use crate::events::{VmEvent, VmEventSender};
 
-pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
 
 pub struct ResetTrigger(VmEventSender);

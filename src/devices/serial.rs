@@ -12,10 +12,6 @@ use super::BusDevice;
 use crate::console::{Console, ConsoleWriter};
 use crate::snapshot::Persist;
 
-pub const COM1_BASE: u64 = 0x3f8;
-pub const COM1_IRQ: u32 = 4;
-pub const COM2_BASE: u64 = 0x2f8;
-pub const COM2_IRQ: u32 = 3;
 pub const UART_LEN: u64 = 8;
 
 /// Wraps the irqfd KVM listens on.

@@ -1,12 +1,7 @@
-//! Everything that talks to `/dev/kvm`.
+//! Everything that talks to `/dev/kvm`: the VM, its vCPUs and their state.
+//! What the guest sees of the platform (boot, tables, CPUID) is in `arch`.
 
-pub mod acpi;
 pub mod assist;
-pub mod boot;
-pub mod cpuid;
-pub mod host;
-pub mod loader;
-pub mod mptable;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -6,6 +6,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use crate::arch::layout;
 use crate::memory::{self, GuestMemory};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +36,9 @@ impl Vm {
     pub fn new() -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        fd.set_tss_address(memory::KVM_TSS_ADDR as usize)
+        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("set the TSS address"))?;
-        fd.set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDR)
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("set the identity map address"))?;
         fd.create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;

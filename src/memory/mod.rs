@@ -1,4 +1,4 @@
-//! Guest-physical layout and guest memory.
+//! Guest memory (the addresses it is split around are in `arch::layout`).
 //!
 //! RAM is split around a 1 GiB MMIO gap below 4 GiB: `[0, 3 GiB)` and then
 //! `[4 GiB, 4 GiB + rest)`. Everything rewind emulates lives in the gap.
@@ -8,30 +8,11 @@
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 pub const PAGE_SIZE: u64 = 4096;
-pub const MMIO_GAP_START: u64 = 0xC000_0000;
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// The MMIO debug console and doorbell (one page), see devices/debug_console.rs.
-pub const DEBUG_CONSOLE_BASE: u64 = 0xD000_0000;
-pub const DEBUG_CONSOLE_SIZE: u64 = 0x1000;
-/// KVM needs three pages for the TSS and one for the identity map on VMX.
-pub const KVM_TSS_ADDR: u64 = 0xFFFB_D000;
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xFFFB_C000;
-
-/// Low memory used by the loader (all below the 640 KiB EBDA boundary).
-pub const BOOT_GDT: u64 = 0x500;
-pub const BOOT_IDT: u64 = 0x520;
-pub const ZERO_PAGE: u64 = 0x7000;
-pub const CMDLINE: u64 = 0x2_0000;
-pub const CMDLINE_MAX: usize = 0x1_0000;
-pub const PML4: u64 = 0x9000;
-pub const PDPT: u64 = 0xA000;
-pub const PD_FIRST: u64 = 0xB000;
-pub const PD_LIMIT: u64 = 0x2_0000;
-pub const EBDA_START: u64 = 0x9_FC00;
-pub const HIMEM_START: u64 = 0x10_0000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

@@ -11,8 +11,8 @@ use super::state::{
     MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
 };
 use super::store::{read_manifest, StoreError};
+use crate::arch::host::HostKind;
 use crate::config::VmConfig;
-use crate::kvm::host::HostKind;
 use crate::vmm::VmmError;
 
 /// A bundle that passed [`validate`]: its memory file is open (and of the

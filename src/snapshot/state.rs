@@ -100,7 +100,7 @@ pub struct CpuidFeatures {
 impl HostIdentity {
     /// This host, and what vCPU 0 of the guest was given (`tsc_khz`, `cpuid`).
     pub fn current(
-        kind: crate::kvm::host::HostKind,
+        kind: crate::arch::host::HostKind,
         tsc_khz: Option<u32>,
         cpuid: &[kvm_bindings::kvm_cpuid_entry2],
     ) -> HostIdentity {
@@ -123,7 +123,7 @@ impl HostIdentity {
     }
 }
 
-pub fn host_kind_name(kind: crate::kvm::host::HostKind) -> String {
+pub fn host_kind_name(kind: crate::arch::host::HostKind) -> String {
     format!("{kind:?}").to_lowercase()
 }
 
@@ -247,11 +247,11 @@ const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
 /// supported leaf 1 ECX 0x81202000, a vCPU's 0xf7f83203), so the CPU's
 /// own CPUID counts too.
 pub fn host_features(
-    kind: crate::kvm::host::HostKind,
+    kind: crate::arch::host::HostKind,
     supported: &[kvm_bindings::kvm_cpuid_entry2],
 ) -> Vec<CpuidFeatures> {
     let mut offered = feature_leaves(supported);
-    if kind != crate::kvm::host::HostKind::Pvm {
+    if kind != crate::arch::host::HostKind::Pvm {
         return offered;
     }
     for &(leaf, subleaf, [a, b, c, d]) in FEATURE_LEAVES {

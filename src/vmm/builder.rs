@@ -11,22 +11,23 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disks::{self, DiskSetupError};
 use super::{io_err, Devices, RunOptions, Vmm, VmmError};
+use crate::arch::host::{host_mem_mib, HostKind};
+use crate::arch::layout::{
+    self, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, EXIT_PORT, I8042_BASE, SLEEP_CONTROL_PORT,
+};
+use crate::arch::{boot, cpuid, loader};
 use crate::config::VmConfig;
 use crate::console::Console;
-use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, SLEEP_CONTROL_PORT};
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN};
 use crate::devices::debug_console::DebugConsole;
-use crate::devices::exit_port::{ExitPort, EXIT_PORT};
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{
-    Inbox, SerialDevice, SerialOut, UartEvents, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN,
-};
+use crate::devices::exit_port::ExitPort;
+use crate::devices::i8042::{I8042, I8042_LEN};
+use crate::devices::serial::{Inbox, SerialDevice, SerialOut, UartEvents, UART_LEN};
 use crate::devices::Bus;
 use crate::events::vm_event_channel;
 use crate::guest::GuestKind;
-use crate::kvm::host::{host_mem_mib, HostKind};
 use crate::kvm::vcpu::{register_kick_handler, VcpuContext, VcpuHandle};
 use crate::kvm::vm::{kvm_err, Vm};
-use crate::kvm::{boot, cpuid, loader};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot;
 
@@ -57,11 +58,11 @@ impl Vmm {
         }
         let mem = memory::create_guest_memory(config.mem_bytes())?;
         let rsdp = if config.guest == GuestKind::Linux {
-            crate::kvm::mptable::write_mptable(&mem, config.cpus)
+            crate::arch::mptable::write_mptable(&mem, config.cpus)
                 .map_err(|e| VmmError::Snapshot(e.to_string()))?;
             if config.acpi {
                 Some(
-                    crate::kvm::acpi::write_tables(&mem, config.cpus, &mmio_devices)
+                    crate::arch::acpi::write_tables(&mem, config.cpus, &mmio_devices)
                         .map_err(|e| VmmError::Snapshot(e.to_string()))?,
                 )
             } else {
@@ -173,7 +174,7 @@ impl Vmm {
     /// clear it) makes each print `resumed` the moment it runs.
     fn wake_restored_test_guest(&self) -> Result<(), VmmError> {
         const RESUME_VECTOR: u32 = 48;
-        const MSI_ADDRESS: u32 = 0xfee0_0000;
+        const MSI_ADDRESS: u32 = layout::LAPIC_ADDR;
         let opted_in = self.config.kernel == crate::config::KernelSource::EmbeddedTestGuest
             && self
                 .config
@@ -277,8 +278,8 @@ impl Vmm {
             mmio.insert(m.base, m.size, d.transport.clone())?;
         }
         mmio.insert(
-            memory::DEBUG_CONSOLE_BASE,
-            memory::DEBUG_CONSOLE_SIZE,
+            layout::DEBUG_CONSOLE_BASE,
+            layout::DEBUG_CONSOLE_SIZE,
             devices.debug_console.clone(),
         )?;
 

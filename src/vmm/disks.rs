@@ -11,17 +11,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::arch::acpi::MmioDevice;
+use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 use crate::devices::bus::lock;
 use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
 use crate::disk::{self, BaseIdentity, Disk, ImageFormat};
-use crate::kvm::acpi::MmioDevice;
 use crate::memory::GuestMemory;
 
-/// First virtio-mmio window; device i is one page further on.
-pub const VIRTIO_MMIO_BASE: u64 = 0xD000_1000;
-pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
-/// IRQs 5.. (3 and 4 are the UARTs).
-pub const VIRTIO_IRQ_BASE: u32 = 5;
 pub const MAX_DISKS: usize = 8;
 const QUEUE_NOTIFY: u64 = 0x50;
 

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use regex::Regex;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::host::HostKind;
+use crate::arch::{boot, loader};
 use crate::config::{KernelSource, VmConfig};
 use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
 use crate::control::{ApiResponse, Command, ControlServer};
@@ -27,10 +29,8 @@ use crate::devices::exit_port::ExitPort;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
 use crate::events::{VmEvent, VmEventReceiver};
-use crate::kvm::host::HostKind;
 use crate::kvm::vcpu::{VcpuError, VcpuHandle};
 use crate::kvm::vm::{Vm, VmError};
-use crate::kvm::{boot, loader};
 use crate::memory::{self, GuestMemory};
 
 #[derive(Debug, thiserror::Error)]

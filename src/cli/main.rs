@@ -8,11 +8,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use regex::Regex;
 
+use rewind::arch::host::HostKind;
 use rewind::config::{valid_name, KernelSource, VmConfig};
 use rewind::console::ConsoleTarget;
 use rewind::control::{client, ControlServer};
 use rewind::guest::GuestKind;
-use rewind::kvm::host::HostKind;
 use rewind::paths;
 use rewind::snapshot::{boot_cache, store};
 use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
@@ -20,8 +20,8 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 mod bench;
 mod child_vm;
 mod demo;
-mod snapshot_cli;
-mod vms_cli;
+mod snapshot;
+mod vms;
 
 #[derive(Parser)]
 #[command(
@@ -80,12 +80,12 @@ enum Cmd {
     /// Create, revert to, list, inspect and delete snapshots.
     Snapshot {
         #[command(subcommand)]
-        what: snapshot_cli::SnapshotCmd,
+        what: snapshot::SnapshotCmd,
     },
     /// Disk images: export a snapshot's or a VM's disk as one standalone image.
     Disk {
         #[command(subcommand)]
-        what: snapshot_cli::DiskCmd,
+        what: snapshot::DiskCmd,
     },
     /// Resume a snapshot in a new process (a clone, if the original still runs).
     Restore(RestoreArgs),
@@ -349,7 +349,7 @@ fn console_target(requested: Option<ConsoleTarget>, exec: bool) -> ConsoleTarget
 
 /// Owns the VM directory and control socket for a run, builds the VM with
 /// `build` and runs it to its outcome. The folder is removed at the end
-/// when nothing in it is worth keeping (see `vms_cli::cleanup_on_exit`).
+/// when nothing in it is worth keeping (see `vms::cleanup_on_exit`).
 fn host_vm(
     name: &str,
     generated: bool,
@@ -371,7 +371,7 @@ fn host_vm(
     // From here this process owns the name, so it may remove the folder.
     let result = run_hosted(name, generated, opts, &control, &signals, build);
     drop(control);
-    vms_cli::cleanup_on_exit(name);
+    vms::cleanup_on_exit(name);
     result
 }
 
@@ -544,8 +544,8 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
         Cmd::Exec { vm, cmd, timeout } => exec(&vm, &cmd, timeout),
-        Cmd::Ps { all } => vms_cli::ps(all),
-        Cmd::Rm { name, force } => vms_cli::rm(&name, force),
+        Cmd::Ps { all } => vms::ps(all),
+        Cmd::Rm { name, force } => vms::rm(&name, force),
         Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
             println!("paused {vm} in {} us", r["pause_us"]);
             0
@@ -554,8 +554,8 @@ fn main() -> ExitCode {
             println!("resumed {vm}");
             0
         }),
-        Cmd::Snapshot { what } => snapshot_cli::run(what),
-        Cmd::Disk { what } => snapshot_cli::disk(what),
+        Cmd::Snapshot { what } => snapshot::run(what),
+        Cmd::Disk { what } => snapshot::disk(what),
         Cmd::Restore(args) => restore(args),
         Cmd::Demo => demo::run().map_err(Failure::Runtime),
         Cmd::Bench { what } => bench::run(what).map_err(Failure::Runtime),

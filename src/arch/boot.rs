@@ -7,6 +7,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::arch::layout;
 use crate::memory::{self, GuestMemory};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,21 +56,21 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 pub fn write_boot_tables(mem: &GuestMemory, mem_bytes: u64) -> Result<(), BootError> {
     let gdt = [GDT_NULL, GDT_NULL, GDT_CODE64, GDT_DATA, GDT_TSS];
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(memory::BOOT_GDT + 8 * i as u64))?;
+        mem.write_obj(*entry, GuestAddress(layout::BOOT_GDT + 8 * i as u64))?;
     }
-    mem.write_obj(0u64, GuestAddress(memory::BOOT_IDT))?;
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT))?;
 
-    let map_end = memory::ram_end(mem_bytes).max(memory::MMIO_GAP_END);
+    let map_end = memory::ram_end(mem_bytes).max(layout::MMIO_GAP_END);
     let gib = map_end.div_ceil(1 << 30);
-    let max_gib = (memory::PD_LIMIT - memory::PD_FIRST) / 4096;
+    let max_gib = (layout::PD_LIMIT - layout::PD_FIRST) / 4096;
     let gib = gib.min(max_gib);
     mem.write_obj(
-        memory::PDPT | PTE_PRESENT_RW_USER,
-        GuestAddress(memory::PML4),
+        layout::PDPT | PTE_PRESENT_RW_USER,
+        GuestAddress(layout::PML4),
     )?;
     for g in 0..gib {
-        let pd = memory::PD_FIRST + g * 4096;
-        mem.write_obj(pd | PTE_PRESENT_RW_USER, GuestAddress(memory::PDPT + g * 8))?;
+        let pd = layout::PD_FIRST + g * 4096;
+        mem.write_obj(pd | PTE_PRESENT_RW_USER, GuestAddress(layout::PDPT + g * 8))?;
         let entries: Vec<u8> = (0..512u64)
             .flat_map(|i| (((g << 30) + (i << 21)) | PTE_PRESENT_RW_USER | PDE_HUGE).to_le_bytes())
             .collect();
@@ -98,9 +99,9 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 
 pub fn set_long_mode_sregs(vcpu: &VcpuFd) -> Result<(), BootError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
-    sregs.gdt.base = memory::BOOT_GDT;
+    sregs.gdt.base = layout::BOOT_GDT;
     sregs.gdt.limit = 5 * 8 - 1;
-    sregs.idt.base = memory::BOOT_IDT;
+    sregs.idt.base = layout::BOOT_IDT;
     sregs.idt.limit = 7;
     sregs.cs = segment(BOOT_CS, 0xb, true);
     let data = segment(BOOT_DS, 0x3, false);
@@ -117,7 +118,7 @@ pub fn set_long_mode_sregs(vcpu: &VcpuFd) -> Result<(), BootError> {
         type_: 0xb,
         ..segment(BOOT_TR, 0xb, false)
     };
-    sregs.cr3 = memory::PML4;
+    sregs.cr3 = layout::PML4;
     sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
@@ -130,7 +131,7 @@ pub fn set_entry_regs(vcpu: &VcpuFd, entry: u64, index: u64, cpus: u64) -> Resul
     let regs = kvm_regs {
         rflags: 0x2,
         rip: entry,
-        rsi: memory::ZERO_PAGE,
+        rsi: layout::ZERO_PAGE,
         rdi: index,
         rdx: cpus,
         ..Default::default()

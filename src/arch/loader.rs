@@ -12,6 +12,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{GuestAddress, ReadVolatile};
 
+use crate::arch::layout;
 use crate::config::{KernelSource, VmConfig};
 use crate::guest::TEST_GUEST_ELF;
 use crate::memory::{self, GuestMemory};
@@ -71,7 +72,7 @@ fn load_image<F>(
 where
     F: Read + ReadVolatile + Seek,
 {
-    let himem = Some(GuestAddress(memory::HIMEM_START));
+    let himem = Some(GuestAddress(layout::HIMEM_START));
     match Elf::load(mem, None, image, himem) {
         Ok(r) => Ok(r),
         Err(elf) => BzImage::load(mem, None, image, himem).map_err(|bz| (elf, bz)),
@@ -91,7 +92,7 @@ pub fn load_kernel(
                 mem,
                 None,
                 &mut image,
-                Some(GuestAddress(memory::HIMEM_START)),
+                Some(GuestAddress(layout::HIMEM_START)),
             )
             .map_err(LoadError::TestGuest)?
         }
@@ -135,7 +136,7 @@ fn load_initrd(
     let size = file.metadata().map_err(err)?.len();
     let limit = config
         .mem_bytes()
-        .min(memory::MMIO_GAP_START)
+        .min(layout::MMIO_GAP_START)
         .min(INITRD_ADDR_MAX_DEFAULT + 1);
     let addr = limit
         .checked_sub(size)
@@ -160,35 +161,35 @@ fn load_initrd(
 
 fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<(), LoadError> {
     let bad = |reason: String| LoadError::Cmdline {
-        max: memory::CMDLINE_MAX,
+        max: layout::CMDLINE_MAX,
         reason,
     };
-    let mut cmdline = Cmdline::new(memory::CMDLINE_MAX).map_err(|e| bad(e.to_string()))?;
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(|e| bad(e.to_string()))?;
     if !text.trim().is_empty() {
         cmdline
             .insert_str(text.trim())
             .map_err(|e| bad(e.to_string()))?;
     }
-    load_cmdline(mem, GuestAddress(memory::CMDLINE), &cmdline).map_err(|e| bad(e.to_string()))
+    load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| bad(e.to_string()))
 }
 
 fn e820_map(mem_bytes: u64) -> Vec<boot_e820_entry> {
     let mut map = vec![
         boot_e820_entry {
             addr: 0,
-            size: memory::EBDA_START,
+            size: layout::EBDA_START,
             r#type: E820_RAM,
         },
         boot_e820_entry {
-            addr: memory::EBDA_START,
-            size: memory::HIMEM_START - memory::EBDA_START,
+            addr: layout::EBDA_START,
+            size: layout::HIMEM_START - layout::EBDA_START,
             r#type: E820_RESERVED,
         },
     ];
     for (start, size) in memory::ram_ranges(mem_bytes) {
         let end = start.0 + size as u64;
         // Low memory below 1 MiB is described by the two entries above.
-        let start = start.0.max(memory::HIMEM_START);
+        let start = start.0.max(layout::HIMEM_START);
         if end > start {
             map.push(boot_e820_entry {
                 addr: start,
@@ -218,7 +219,7 @@ fn write_zero_page(
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.loadflags |= LOADFLAGS_CAN_USE_HEAP;
-    params.hdr.cmd_line_ptr = memory::CMDLINE as u32;
+    params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
     params.hdr.cmdline_size = config.cmdline.len() as u32;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
@@ -233,7 +234,7 @@ fn write_zero_page(
     }
     params.e820_entries = map.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(
-        &BootParams::new::<boot_params>(&params, GuestAddress(memory::ZERO_PAGE)),
+        &BootParams::new::<boot_params>(&params, GuestAddress(layout::ZERO_PAGE)),
         mem,
     )
     .map_err(|e| LoadError::Memory(e.to_string()))

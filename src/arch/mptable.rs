@@ -5,10 +5,9 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::memory::{GuestMemory, EBDA_START};
+use crate::arch::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::memory::GuestMemory;
 
-const IOAPIC_ADDR: u32 = 0xFEC0_0000;
-const LAPIC_ADDR: u32 = 0xFEE0_0000;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;

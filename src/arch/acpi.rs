@@ -15,15 +15,13 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::acpi_pm::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::arch::layout::{
+    ACPI_TABLES_END, ACPI_TABLES_START, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, IOAPIC_ADDR,
+    LAPIC_ADDR, RSDP_ADDR, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 use crate::memory::GuestMemory;
 
-pub const RSDP_ADDR: u64 = 0xE_0000;
-const TABLES_START: u64 = 0xE_1000;
-const TABLES_END: u64 = 0x10_0000;
 const OEM_ID: [u8; 6] = *b"REWIND";
-const IOAPIC_ADDR: u32 = 0xFEC0_0000;
-const LAPIC_ADDR: u32 = 0xFEE0_0000;
 
 /// A virtio-mmio device as the guest must be told about it.
 #[derive(Debug, Clone, Copy)]
@@ -77,8 +75,8 @@ fn virtio_device(index: usize, dev: &MmioDevice) -> Vec<u8> {
 
 fn dsdt(virtio: &[MmioDevice]) -> Sdt {
     let mut body = Vec::new();
-    body.extend(uart("COM1", 0, 0x3f8, 4));
-    body.extend(uart("COM2", 1, 0x2f8, 3));
+    body.extend(uart("COM1", 0, COM1_BASE as u16, COM1_IRQ));
+    body.extend(uart("COM2", 1, COM2_BASE as u16, COM2_IRQ));
     for (i, d) in virtio.iter().enumerate() {
         body.extend(virtio_device(i, d));
     }
@@ -105,11 +103,11 @@ fn dsdt(virtio: &[MmioDevice]) -> Sdt {
 /// Writes the tables; returns the RSDP address (also found by the kernel's
 /// scan of 0xE0000-0xFFFFF).
 pub fn write_tables(mem: &GuestMemory, cpus: u32, virtio: &[MmioDevice]) -> Result<u64, AcpiError> {
-    let mut next = TABLES_START;
+    let mut next = ACPI_TABLES_START;
     let mut place = |data: &[u8]| -> Result<u64, AcpiError> {
         let at = next;
         let end = at + data.len() as u64;
-        if end > TABLES_END {
+        if end > ACPI_TABLES_END {
             return Err(AcpiError::TooBig);
         }
         mem.write_slice(data, GuestAddress(at))?;

@@ -104,7 +104,7 @@ pub fn run() -> Result<i32, String> {
     // The demo leaves nothing behind (the clone's folder went with its
     // process); a failed demo keeps its VM for a look.
     let cleanup = if ok {
-        match crate::vms_cli::remove(&name) {
+        match crate::vms::remove(&name) {
             Ok(_) => format!("VM {name} and its snapshot removed."),
             Err(
                 crate::Failure::Usage(e) | crate::Failure::Runtime(e) | crate::Failure::Timeout(e),

@@ -1,0 +1,11 @@
+//! The x86-64 platform the guest sees: where things live (`layout`), how a
+//! kernel is loaded and entered, the firmware tables that describe the
+//! machine, the CPUID it reports, and what kind of host rewind runs on.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod host;
+pub mod layout;
+pub mod loader;
+pub mod mptable;
