@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod disk;
 pub mod events;
+mod fsutil;
 pub mod guest;
 pub mod images;
 pub mod kvm;

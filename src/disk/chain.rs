@@ -1,8 +1,8 @@
 //! Walking, opening and flattening backing chains.
 
-use super::fsutil::{self, file_id, parent_dir, same_file, temp_path};
 use super::image::{probe, ImageFormat};
 use super::{DiskError, IoContext, Result, MAX_CHAIN_DEPTH};
+use crate::fsutil::{self, file_id, parent_dir, same_file};
 use imago::file::File;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -227,7 +227,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
         }
     }
     let size = view.size();
-    let tmp = temp_path(out)?;
+    let tmp = fsutil::reusable_temp_path(out).ctx("name a temp file for", out)?;
     remove_if_exists(&tmp)?;
     match format {
         ImageFormat::Raw => {
@@ -261,7 +261,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
         }
     }
     fs::rename(&tmp, out).ctx("rename export onto", out)?;
-    fsutil::sync_dir(&parent_dir(out))
+    fsutil::fsync_dir(parent_dir(out)).ctx("fsync directory", parent_dir(out))
 }
 
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
@@ -290,5 +290,5 @@ pub(crate) fn create_qcow2(
         builder = builder.cluster_size(cs as usize);
     }
     builder.create().ctx("format qcow2", path)?;
-    fsutil::sync_file(path)
+    fsutil::fsync_file(path).ctx("fsync", path)
 }

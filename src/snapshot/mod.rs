@@ -3,7 +3,6 @@
 pub mod boot_cache;
 pub mod bundle;
 pub mod format;
-pub mod fsutil;
 pub mod layers;
 pub mod memory;
 pub mod ops;

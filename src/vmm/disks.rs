@@ -122,7 +122,7 @@ pub fn overlay_path(vm_dir: &Path, index: usize) -> PathBuf {
 /// against the overlay's).
 pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
     let same_dir = match (overlay.parent(), lower.parent()) {
-        (Some(a), Some(b)) => crate::snapshot::layers::same_file(a, b),
+        (Some(a), Some(b)) => crate::fsutil::same_file(a, b),
         _ => false,
     };
     match lower.file_name() {
@@ -138,7 +138,7 @@ pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
 pub fn layer_name_in(snapshot_dir: &Path, layer: &Path) -> PathBuf {
     let grandparent = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_path_buf);
     let same_vm = match (grandparent(snapshot_dir), grandparent(layer)) {
-        (Some(a), Some(b)) => crate::snapshot::layers::same_file(&a, &b),
+        (Some(a), Some(b)) => crate::fsutil::same_file(&a, &b),
         _ => false,
     };
     let folder = layer.parent().and_then(Path::file_name);

@@ -9,13 +9,14 @@ use serde::Serialize;
 use super::{Vmm, VmmError};
 use crate::config::KernelSource;
 use crate::devices::bus::lock;
+use crate::fsutil;
 use crate::kvm::vcpu_state::{self, VcpuState};
 use crate::snapshot::format::{crc64_xz, encode_state};
 use crate::snapshot::state::{
     DevicesState, HostIdentity, MachineState, Manifest, MANIFEST_FILE, MANIFEST_VERSION,
     MEMORY_FILE, STATE_FILE,
 };
-use crate::snapshot::{format, fsutil, memory as snapmem, ops, stall, store, Persist};
+use crate::snapshot::{format, memory as snapmem, ops, stall, store, Persist};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
@@ -388,7 +389,7 @@ impl Vmm {
         let fast = self
             .baseline
             .as_deref()
-            .is_some_and(|b| crate::snapshot::layers::same_file(b, &dir));
+            .is_some_and(|b| crate::fsutil::same_file(b, &dir));
         let dirty = self.take_dirty()?;
         // From here guest memory is being rewritten: if anything fails, no
         // baseline is trustworthy any more.
@@ -442,7 +443,7 @@ fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
     let chain = crate::disk::backing_chain(frozen).map_err(snap_err)?;
     let depth = chain
         .iter()
-        .position(|(p, _)| crate::snapshot::layers::same_file(p, base))
+        .position(|(p, _)| crate::fsutil::same_file(p, base))
         .unwrap_or(chain.len() - 1);
     if depth > crate::disk::COLLAPSE_DEPTH {
         crate::disk::collapse(frozen, base, frozen).map_err(snap_err)?;
