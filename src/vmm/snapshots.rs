@@ -149,7 +149,7 @@ impl Vmm {
 
     fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
         if let Some(n) = name {
-            if !crate::control::valid_snapshot_name(&n) {
+            if !crate::config::valid_name(&n) {
                 return Err(snap_err(format!(
                     "invalid snapshot name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
                 )));
