@@ -7,7 +7,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::{Vmm, VmmError};
-use crate::config::KernelSource;
 use crate::devices::bus::lock;
 use crate::fsutil;
 use crate::kvm::vcpu_state::{self, VcpuState};
@@ -315,7 +314,8 @@ impl Vmm {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             config: self.config.clone(),
-            kernel: kernel_identity(&self.config.kernel),
+            kernel: crate::snapshot::boot_cache::kernel_identity(&self.config.kernel)
+                .unwrap_or_else(|e| e.to_string()),
             host: HostIdentity::current(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
@@ -459,22 +459,5 @@ fn parent_label(parent: &Path, vm: &str) -> String {
             .unwrap_or_default()
     } else {
         parent.display().to_string()
-    }
-}
-
-fn kernel_identity(kernel: &KernelSource) -> String {
-    match kernel {
-        KernelSource::EmbeddedTestGuest => format!(
-            "embedded test guest crc64 {:016x}",
-            crc64_xz(crate::guest::TEST_GUEST_ELF)
-        ),
-        KernelSource::File(p) => {
-            let meta = std::fs::metadata(p).ok();
-            format!(
-                "{} ({} bytes)",
-                p.display(),
-                meta.map(|m| m.len()).unwrap_or(0)
-            )
-        }
     }
 }
