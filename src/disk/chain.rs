@@ -152,6 +152,12 @@ pub(crate) fn open_alone(path: &Path) -> Result<Layer> {
     open_layer(path, probe(path)?, None, false)
 }
 
+/// Guest-visible size of one image in `format`, as imago reads it (a qcow2's
+/// header, a raw file's length), without opening its backing file.
+pub fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64> {
+    Ok(open_layer(path, format, None, false)?.size())
+}
+
 /// Cluster size of a qcow2 layer (imago reports it as the zero granularity of v3 images).
 pub(crate) fn cluster_size(layer: &Layer) -> Option<u64> {
     layer.inner().zero_granularity()

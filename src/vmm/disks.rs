@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::bus::lock;
 use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
-use crate::disk::{self, BaseIdentity, Disk, ImageFormat};
+use crate::disk::{self, BaseIdentity, Disk};
 use crate::kvm::acpi::MmioDevice;
 use crate::memory::GuestMemory;
 
@@ -180,7 +180,7 @@ pub fn attach(
         })
     })?;
     let overlay = overlay_path(vm_dir, index);
-    let virtual_size = virtual_size(lower, lower_format)?;
+    let virtual_size = disk::virtual_size(lower, lower_format)?;
     disk::create_overlay(
         &overlay,
         &backing_name(&overlay, lower),
@@ -205,28 +205,6 @@ pub fn attach(
     };
     wire(vm, &d)?;
     Ok(d)
-}
-
-/// A raw image's size is its length; a qcow2 image's is in its header
-/// (big-endian u64 at offset 24).
-fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64, DiskSetupError> {
-    use std::os::unix::fs::FileExt;
-    let err = |e| {
-        DiskSetupError::Disk(disk::DiskError::Io {
-            op: "read the size of",
-            path: path.to_path_buf(),
-            io: e,
-        })
-    };
-    let file = std::fs::File::open(path).map_err(err)?;
-    match format {
-        ImageFormat::Raw => Ok(file.metadata().map_err(err)?.len()),
-        ImageFormat::Qcow2 => {
-            let mut b = [0u8; 8];
-            file.read_exact_at(&mut b, 24).map_err(err)?;
-            Ok(u64::from_be_bytes(b))
-        }
-    }
 }
 
 fn wire(vm: &VmFd, d: &VmDisk) -> Result<(), DiskSetupError> {
