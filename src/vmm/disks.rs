@@ -12,7 +12,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::bus::lock;
-use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::{Block, DiskBackend, MmioTransport, MMIO_WINDOW_SIZE};
 use crate::disk::{self, BaseIdentity, Disk};
 use crate::kvm::acpi::MmioDevice;
 use crate::memory::GuestMemory;
@@ -49,35 +49,6 @@ pub struct DiskSnapshot {
     pub base: BaseIdentity,
     pub frozen: PathBuf,
     pub size: u64,
-}
-
-/// The guest's view of a disk: `BlockBackend` over the shared overlay.
-struct OverlayBackend {
-    disk: Arc<Mutex<Disk>>,
-    id: String,
-    size: u64,
-}
-
-fn io(e: disk::DiskError) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-impl BlockBackend for OverlayBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        lock(&self.disk).read_at(buf, offset).map_err(io)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        lock(&self.disk).write_at(buf, offset).map_err(io)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        lock(&self.disk).flush().map_err(io)
-    }
-    fn id(&self) -> String {
-        self.id.clone()
-    }
 }
 
 pub struct VmDisk {
@@ -188,13 +159,8 @@ pub fn attach(
         virtual_size,
     )?;
     let opened = Disk::open(&overlay)?;
-    let size = opened.size();
     let disk = Arc::new(Mutex::new(opened));
-    let backend = OverlayBackend {
-        disk: disk.clone(),
-        id: format!("rewind-disk{index}"),
-        size,
-    };
+    let backend = DiskBackend::new(disk.clone(), format!("rewind-disk{index}"), false);
     let transport = MmioTransport::new(mem.clone(), Block::new(Box::new(backend)))
         .map_err(|e| DiskSetupError::Virtio(e.to_string()))?;
     let d = VmDisk {
