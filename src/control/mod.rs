@@ -7,9 +7,9 @@
 //! [`Command`]s so that the VM only ever sees validated input.
 
 pub mod client;
-pub mod error;
-pub mod http;
-pub mod server;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod server;
 
 pub use error::ControlError;
 pub use server::ControlServer;

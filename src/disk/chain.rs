@@ -16,8 +16,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-pub use super::merge::{commit, rebase, stream};
-
 /// One opened image layer (with its backing layers inside it, if any).
 pub(crate) type Layer = FormatAccess<File>;
 

@@ -29,10 +29,10 @@
 //! - `disk export`: `export_flat(top, out, Raw)`.
 //! - on load of a VM directory: `cleanup_temps(dir)`.
 
-pub mod chain;
-pub mod image;
+pub(crate) mod chain;
+pub(crate) mod image;
 mod merge;
-pub mod overlay;
+pub(crate) mod overlay;
 
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,12 @@
 //! Everything that talks to `/dev/kvm`.
 
-pub mod acpi;
-pub mod assist;
-pub mod boot;
-pub mod cpuid;
+pub(crate) mod acpi;
+pub(crate) mod assist;
+pub(crate) mod boot;
+pub(crate) mod cpuid;
 pub mod host;
-pub mod loader;
-pub mod mptable;
-pub mod vcpu;
-pub mod vcpu_state;
-pub mod vm;
+pub(crate) mod loader;
+pub(crate) mod mptable;
+pub(crate) mod vcpu;
+pub(crate) mod vcpu_state;
+pub(crate) mod vm;

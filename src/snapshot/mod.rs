@@ -4,11 +4,11 @@ pub mod boot_cache;
 pub mod bundle;
 pub mod format;
 pub mod layers;
-pub mod memory;
+pub(crate) mod memory;
 pub mod ops;
-pub mod persist;
+pub(crate) mod persist;
 pub mod stall;
 pub mod state;
 pub mod store;
 
-pub use persist::Persist;
+pub(crate) use persist::Persist;
