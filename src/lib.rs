@@ -5,6 +5,7 @@
 //! [`control::Command`] values.
 
 pub mod agent;
+pub mod child_vm;
 pub mod config;
 pub mod console;
 pub mod control;
