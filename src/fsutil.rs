@@ -314,7 +314,8 @@ pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
 pub(crate) mod tests {
     use super::*;
 
-    /// Self-cleaning unique directory; tests run in parallel threads of one
+    /// Self-cleaning unique directory (set REWIND_KEEP_TEST_DIRS=1 to keep
+    /// it for post-mortem inspection); tests run in parallel threads of one
     /// process, so the name needs more than the PID.
     pub(crate) struct TestDir(pub PathBuf);
 
@@ -328,14 +329,21 @@ pub(crate) mod tests {
             fs::create_dir_all(&p).unwrap();
             TestDir(p)
         }
+
         pub(crate) fn path(&self) -> &Path {
             &self.0
+        }
+
+        pub(crate) fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+            self.0.join(name)
         }
     }
 
     impl Drop for TestDir {
         fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            if std::env::var_os("REWIND_KEEP_TEST_DIRS").is_none() {
+                let _ = fs::remove_dir_all(&self.0);
+            }
         }
     }
 
