@@ -25,7 +25,7 @@ trap '"$bin" stop --vm lb >/dev/null 2>&1 || true; "$bin" stop --vm lb2 >/dev/nu
 now() { date +%s.%N; }
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 wait_ready() { # CONSOLE_FILE
-	until grep -q 'REWIND-READY$' "$1" 2>/dev/null; do sleep 0.2; done
+	until grep -q 'REWIND-READY' "$1" 2>/dev/null; do sleep 0.2; done
 }
 exec_latency() { # VM -> median seconds of 5 `echo hi`
 	local i s

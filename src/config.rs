@@ -55,10 +55,15 @@ pub struct VmConfig {
     pub disks: Vec<PathBuf>,
 }
 
-/// Names become directory and socket names, so they are kept boring.
+/// Longest VM or snapshot name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The one rule for VM and snapshot names: they become directory and socket
+/// names, so they are kept boring. Not starting with `.` keeps `.`, `..` and
+/// hidden files out of the directories they name.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .chars()
@@ -149,10 +154,21 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert!(valid_name("a-b_c.1"));
-        assert!(!valid_name(""));
-        assert!(!valid_name(".hidden"));
-        assert!(!valid_name("a/b"));
-        assert!(!valid_name(&"x".repeat(65)));
+        for ok in ["a", "a-b_c.1", "A-z_0.9", "-x", "x.", &"n".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"n".repeat(65),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 }

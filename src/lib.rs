@@ -6,16 +6,18 @@
 
 pub mod agent;
 pub mod arch;
+pub mod child_vm;
 pub mod config;
 pub mod console;
 pub mod control;
-pub mod devices;
+pub(crate) mod devices;
 pub mod disk;
-pub mod events;
+pub(crate) mod events;
+mod fsutil;
 pub mod guest;
 pub mod images;
 pub mod kvm;
-pub mod memory;
+pub(crate) mod memory;
 pub mod paths;
 pub mod snapshot;
 pub mod vmm;

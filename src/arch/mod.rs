@@ -2,10 +2,10 @@
 //! kernel is loaded and entered, the firmware tables that describe the
 //! machine, the CPUID it reports, and what kind of host rewind runs on.
 
-pub mod acpi;
-pub mod boot;
-pub mod cpuid;
+pub(crate) mod acpi;
+pub(crate) mod boot;
+pub(crate) mod cpuid;
 pub mod host;
 pub mod layout;
-pub mod loader;
-pub mod mptable;
+pub(crate) mod loader;
+pub(crate) mod mptable;

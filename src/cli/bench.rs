@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use crate::child_vm::{args, tick_of, ChildVm};
+use std::process::{Command, Stdio};
+
+use rewind::child_vm::{tick_of, ChildVm};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -92,11 +94,20 @@ fn bench_home() -> Result<std::path::PathBuf, String> {
     Ok(dir)
 }
 
+/// `rewind ARGS` running VM `name` with the console on a pipe; rewind's
+/// own stderr would interleave with the report, so it is dropped.
+pub(crate) fn spawn(name: &str, args: &[&str]) -> Result<ChildVm, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find rewind itself: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    Ok(ChildVm::spawn(cmd, name, rewind::paths::api_socket(name))?)
+}
+
 fn start_guest(name: &str, mem: u64, append: &str) -> Result<ChildVm, String> {
     let mem = mem.to_string();
-    let vm = ChildVm::spawn(
+    let vm = spawn(
         name,
-        &args(&[
+        &[
             "run",
             "--name",
             name,
@@ -108,9 +119,9 @@ fn start_guest(name: &str, mem: u64, append: &str) -> Result<ChildVm, String> {
             "600",
             "--append",
             append,
-        ]),
+        ],
     )?;
-    vm.wait_line(|l| tick_of(l) == Some(2))?;
+    vm.next_line(|l| tick_of(l) == Some(2))?;
     Ok(vm)
 }
 
@@ -120,9 +131,9 @@ fn boot(runs: usize, mem: u64, cpus: u32) -> Result<(), String> {
     for i in 0..runs.max(1) {
         let name = format!("boot{i}");
         let t = Instant::now();
-        let vm = ChildVm::spawn(
+        let vm = spawn(
             &name,
-            &args(&[
+            &[
                 "run",
                 "--name",
                 &name,
@@ -136,9 +147,9 @@ fn boot(runs: usize, mem: u64, cpus: u32) -> Result<(), String> {
                 "30",
                 "--expect",
                 "^REWIND-READY$",
-            ]),
+            ],
         )?;
-        vm.wait_line(|l| l == "REWIND-READY")?;
+        vm.next_line(|l| l == "REWIND-READY")?;
         samples.push(ms(t.elapsed()));
     }
     report(
@@ -152,9 +163,9 @@ fn pause(runs: usize) -> Result<(), String> {
     let vm = start_guest("pause", 256, "period_ms=10 region=1")?;
     let mut samples = Vec::new();
     for _ in 0..runs {
-        let r = vm.api("PUT", "/vm/pause", None)?;
+        let r = vm.api_ok("PUT", "/vm/pause", None, None)?;
         samples.push(r["pause_us"].as_f64().unwrap_or(0.0) / 1e3);
-        vm.api("PUT", "/vm/resume", None)?;
+        vm.api_ok("PUT", "/vm/resume", None, None)?;
     }
     vm.stop();
     report(
@@ -172,15 +183,16 @@ fn snapshot(runs: usize, mem: u64, region: u64) -> Result<(), String> {
     )?;
     let (mut pause, mut total, mut size) = (Vec::new(), Vec::new(), 0.0);
     for i in 0..runs {
-        let r = vm.api(
+        let r = vm.api_ok(
             "PUT",
             "/snapshots",
-            Some(serde_json::json!({ "name": format!("s{i}") })),
+            Some(&serde_json::json!({ "name": format!("s{i}") })),
+            None,
         )?;
         pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
         total.push(r["total_ms"].as_f64().unwrap_or(0.0));
         size = r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
-        vm.api("DELETE", &format!("/snapshots/s{i}"), None)?;
+        vm.api_ok("DELETE", &format!("/snapshots/s{i}"), None, None)?;
     }
     vm.stop();
     report(
@@ -202,18 +214,19 @@ fn revert(runs: usize, region: u64) -> Result<(), String> {
         256,
         &format!("period_ms=5 region={region}"),
     )?;
-    vm.api(
+    vm.api_ok(
         "PUT",
         "/snapshots",
-        Some(serde_json::json!({ "name": "base" })),
+        Some(&serde_json::json!({ "name": "base" })),
+        None,
     )?;
     let (mut inside, mut client) = (Vec::new(), Vec::new());
     let mut pages = 0.0;
     for _ in 0..runs {
         // Let the guest run a few ticks so it dirties its region again.
-        vm.wait_line(|l| tick_of(l).is_some_and(|n| n >= 5))?;
+        vm.next_line(|l| tick_of(l).is_some_and(|n| n >= 5))?;
         let t = Instant::now();
-        let r = vm.api("PUT", "/snapshots/base/revert", None)?;
+        let r = vm.api_ok("PUT", "/snapshots/base/revert", None, None)?;
         client.push(ms(t.elapsed()));
         inside.push(r["total_ms"].as_f64().unwrap_or(0.0));
         pages = r["pages_copied"].as_f64().unwrap_or(0.0);
@@ -234,19 +247,20 @@ fn restore(runs: usize, mem: u64, region: u64) -> Result<(), String> {
         mem,
         &format!("period_ms=1 region={region} resumed=1"),
     )?;
-    vm.api(
+    vm.api_ok(
         "PUT",
         "/snapshots",
-        Some(serde_json::json!({ "name": "r" })),
+        Some(&serde_json::json!({ "name": "r" })),
+        None,
     )?;
     vm.stop();
     let (mut samples, mut verified) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let name = format!("restored-{mem}-{region}-{i}");
         let t = Instant::now();
-        let c = ChildVm::spawn(
+        let c = spawn(
             &name,
-            &args(&[
+            &[
                 "restore",
                 "r",
                 "--vm",
@@ -259,14 +273,14 @@ fn restore(runs: usize, mem: u64, region: u64) -> Result<(), String> {
                 "30",
                 "--expect",
                 "tick",
-            ]),
+            ],
         )?;
         // "resumed" comes the moment the clone runs (what restore costs);
         // its first tick, at most 1 ms on, follows a re-verification of the
         // region through the lazily mapped memory file.
-        c.wait_line(|l| l == "resumed")?;
+        c.next_line(|l| l == "resumed")?;
         samples.push(ms(t.elapsed()));
-        c.wait_line(|l| tick_of(l).is_some())?;
+        c.next_line(|l| tick_of(l).is_some())?;
         verified.push(ms(t.elapsed()));
     }
     report(
@@ -290,9 +304,9 @@ fn disk(mib: u64) -> Result<(), String> {
     let name = format!("disk-{mib}");
     let append = format!("mode=disk period_ms=1 disk_sectors={sectors}");
     let b = base.display().to_string();
-    let vm = ChildVm::spawn(
+    let vm = spawn(
         &name,
-        &args(&[
+        &[
             "run",
             "--name",
             &name,
@@ -304,7 +318,7 @@ fn disk(mib: u64) -> Result<(), String> {
             "600",
             "--append",
             &append,
-        ]),
+        ],
     )?;
     let disk_tick = |l: &str| {
         l.strip_prefix("tick ")?
@@ -312,10 +326,10 @@ fn disk(mib: u64) -> Result<(), String> {
             .parse::<u64>()
             .ok()
     };
-    vm.wait_line(|l| disk_tick(l) == Some(3))?;
+    vm.next_line(|l| disk_tick(l) == Some(3))?;
     let t = Instant::now();
     let start = 3;
-    let end = vm.wait_line(|l| disk_tick(l).is_some_and(|n| n >= start + 20))?;
+    let end = vm.next_line(|l| disk_tick(l).is_some_and(|n| n >= start + 20))?;
     let ticks = disk_tick(&end).unwrap_or(start) - start;
     let secs = t.elapsed().as_secs_f64();
     println!(
@@ -325,10 +339,11 @@ fn disk(mib: u64) -> Result<(), String> {
     );
     let mut pause = Vec::new();
     for i in 0..10 {
-        let r = vm.api(
+        let r = vm.api_ok(
             "PUT",
             "/snapshots",
-            Some(serde_json::json!({ "name": format!("d{i}") })),
+            Some(&serde_json::json!({ "name": format!("d{i}") })),
+            None,
         )?;
         pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
     }

@@ -6,7 +6,8 @@
 
 use std::time::Instant;
 
-use crate::child_vm::{args, tick_of, ChildVm};
+use crate::bench::spawn;
+use rewind::child_vm::tick_of;
 
 const PERIOD_MS: u64 = 100;
 
@@ -26,9 +27,9 @@ pub fn run() -> Result<i32, String> {
     // resumed=1: a restored clone prints "resumed" the moment it runs, so
     // the restore figure is not padded by the wait for its next tick.
     let period = format!("period_ms={PERIOD_MS} region=16 resumed=1");
-    let vm = ChildVm::spawn(
+    let vm = spawn(
         &name,
-        &args(&[
+        &[
             "run",
             "--name",
             &name,
@@ -38,16 +39,16 @@ pub fn run() -> Result<i32, String> {
             "120",
             "--append",
             &period,
-        ]),
+        ],
     )?;
-    vm.wait_line(|l| l == "REWIND-READY")?;
+    vm.next_line(|l| l == "REWIND-READY")?;
     println!(
         "1. boot      {:>8.2} ms  process start to REWIND-READY",
         ms(t)
     );
 
-    let line = vm.wait_line(|l| tick_of(l) == Some(3))?;
-    let snap = vm.api("PUT", "/snapshots", None)?;
+    let line = vm.next_line(|l| tick_of(l) == Some(3))?;
+    let snap = vm.api_ok("PUT", "/snapshots", None, None)?;
     let snap_name = snap["name"].as_str().unwrap_or("snap-1").to_string();
     println!(
         "2. snapshot  {:>8.2} ms  '{snap_name}' after \"{line}\": guest paused {:.2} ms, {:.1} MiB on disk",
@@ -56,12 +57,12 @@ pub fn run() -> Result<i32, String> {
         field(&snap, "size_bytes") / 1048576.0
     );
 
-    let line = vm.wait_line(|l| tick_of(l) == Some(6))?;
+    let line = vm.next_line(|l| tick_of(l) == Some(6))?;
     println!(
         "3. change               the guest ran on to \"{line}\", rewriting its region every tick"
     );
-    let rev = vm.api("PUT", &format!("/snapshots/{snap_name}/revert"), None)?;
-    let after = vm.wait_line(|l| tick_of(l).is_some_and(|n| n <= 4) || l.contains("CORRUPT"))?;
+    let rev = vm.api_ok("PUT", &format!("/snapshots/{snap_name}/revert"), None, None)?;
+    let after = vm.next_line(|l| tick_of(l).is_some_and(|n| n <= 4) || l.contains("CORRUPT"))?;
     println!(
         "4. revert    {:>8.2} ms  in place, {} dirty pages copied back; next line: \"{after}\"",
         field(&rev, "total_ms"),
@@ -70,9 +71,9 @@ pub fn run() -> Result<i32, String> {
 
     let t = Instant::now();
     let clone_name = format!("{name}-clone");
-    let clone = ChildVm::spawn(
+    let clone = spawn(
         &clone_name,
-        &args(&[
+        &[
             "restore",
             &snap_name,
             "--vm",
@@ -83,18 +84,18 @@ pub fn run() -> Result<i32, String> {
             "stdio",
             "--timeout",
             "30",
-        ]),
+        ],
     )?;
     let first =
-        clone.wait_line(|l| l == "resumed" || tick_of(l).is_some() || l.contains("CORRUPT"))?;
+        clone.next_line(|l| l == "resumed" || tick_of(l).is_some() || l.contains("CORRUPT"))?;
     let first_ms = ms(t);
-    let second = clone.wait_line(|_| true)?;
+    let second = clone.next_line(|_| true)?;
     let second_ms = ms(t);
     println!(
         "5. restore   {first_ms:>8.2} ms  new process to the clone's first line \"{first}\" (printed as soon as it runs); \"{second}\" at {second_ms:.0} ms (its next timer tick)"
     );
-    let clone_status = clone.stop();
-    let vm_status = vm.stop();
+    let clone_status = clone.stop().0;
+    let vm_status = vm.stop().0;
 
     let ok = tick_of(&after) == Some(4)
         && first == "resumed"

@@ -18,7 +18,6 @@ use rewind::snapshot::{boot_cache, store};
 use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
-mod child_vm;
 mod demo;
 mod snapshot;
 mod vms;

@@ -49,6 +49,7 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+#[cfg(test)]
 impl Response {
     /// First value of the header `name`, compared case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {

@@ -7,9 +7,9 @@
 //! [`Command`]s so that the VM only ever sees validated input.
 
 pub mod client;
-pub mod error;
-pub mod http;
-pub mod server;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod server;
 
 pub use error::ControlError;
 pub use server::ControlServer;
@@ -21,7 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// Longest accepted snapshot name; names become file names.
-pub const MAX_SNAPSHOT_NAME_LEN: usize = 64;
+pub const MAX_SNAPSHOT_NAME_LEN: usize = crate::config::MAX_NAME_LEN;
 
 /// A validated request for the VM.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -95,18 +95,6 @@ impl ApiResponse {
     pub fn error_message(&self) -> Option<&str> {
         self.body.get("error").and_then(Value::as_str)
     }
-}
-
-/// Whether `name` is an acceptable snapshot name: 1-64 characters of
-/// `[A-Za-z0-9._-]`, not starting with `.` (which keeps `.`, `..` and hidden
-/// files out of the snapshot directory).
-pub fn valid_snapshot_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_SNAPSHOT_NAME_LEN
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Maps a parsed request to a [`Command`], or to the error response to send:
@@ -190,7 +178,7 @@ fn not_allowed(method: &str, path: &str, allowed: &str) -> ApiResponse {
 }
 
 fn checked_name(name: &str) -> Result<String, ApiResponse> {
-    if valid_snapshot_name(name) {
+    if crate::config::valid_name(name) {
         Ok(name.to_string())
     } else {
         Err(ApiResponse::error(
@@ -470,26 +458,6 @@ mod tests {
         assert_eq!(route_status("PUT", "/snapshots/a:b/revert", ""), 400);
         assert_eq!(route_status("DELETE", "/snapshots/a*", ""), 400);
         assert_eq!(route_status("PUT", "/snapshots//revert", ""), 400);
-    }
-
-    #[test]
-    fn snapshot_name_rules() {
-        for ok in ["a", "A-z_0.9", "-x", "x.", &"n".repeat(64)] {
-            assert!(valid_snapshot_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".a",
-            "a/b",
-            "a b",
-            "é",
-            "a\0",
-            &"n".repeat(65),
-        ] {
-            assert!(!valid_snapshot_name(bad), "{bad:?}");
-        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Walking, opening and flattening backing chains.
 
-use super::fsutil::{self, file_id, parent_dir, same_file, temp_path};
 use super::image::{probe, ImageFormat};
 use super::{DiskError, IoContext, Result, MAX_CHAIN_DEPTH};
+use crate::fsutil::{self, file_id, parent_dir, same_file};
 use imago::file::File;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -15,8 +15,6 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-pub use super::merge::{commit, rebase, stream};
 
 /// One opened image layer (with its backing layers inside it, if any).
 pub(crate) type Layer = FormatAccess<File>;
@@ -152,6 +150,12 @@ pub(crate) fn open_alone(path: &Path) -> Result<Layer> {
     open_layer(path, probe(path)?, None, false)
 }
 
+/// Guest-visible size of one image in `format`, as imago reads it (a qcow2's
+/// header, a raw file's length), without opening its backing file.
+pub fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64> {
+    Ok(open_layer(path, format, None, false)?.size())
+}
+
 /// Cluster size of a qcow2 layer (imago reports it as the zero granularity of v3 images).
 pub(crate) fn cluster_size(layer: &Layer) -> Option<u64> {
     layer.inner().zero_granularity()
@@ -227,7 +231,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
         }
     }
     let size = view.size();
-    let tmp = temp_path(out)?;
+    let tmp = fsutil::reusable_temp_path(out).ctx("name a temp file for", out)?;
     remove_if_exists(&tmp)?;
     match format {
         ImageFormat::Raw => {
@@ -261,7 +265,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
         }
     }
     fs::rename(&tmp, out).ctx("rename export onto", out)?;
-    fsutil::sync_dir(&parent_dir(out))
+    fsutil::fsync_dir(parent_dir(out)).ctx("fsync directory", parent_dir(out))
 }
 
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
@@ -290,5 +294,5 @@ pub(crate) fn create_qcow2(
         builder = builder.cluster_size(cs as usize);
     }
     builder.create().ctx("format qcow2", path)?;
-    fsutil::sync_file(path)
+    fsutil::fsync_file(path).ctx("fsync", path)
 }

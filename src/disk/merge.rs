@@ -27,9 +27,9 @@ use super::chain::{
     backing_chain, cluster_size, create_qcow2, open_alone, open_chain, read_backing,
     resolve_backing, Layer, COPY_CHUNK,
 };
-use super::fsutil::{self, parent_dir, same_file, temp_path};
 use super::image::{probe, ImageFormat};
 use super::{DiskError, IoContext, Result};
+use crate::fsutil::{self, parent_dir, same_file};
 use imago::ShallowMapping;
 use std::fs;
 use std::path::Path;
@@ -249,7 +249,7 @@ pub(crate) fn collapse_with_hook(
 /// Expresses a backing reference that was relative to `from_image`'s directory so that it is
 /// valid from `to_image`'s directory.
 fn rename_for(name: &str, resolved: &Path, from_image: &Path, to_image: &Path) -> Result<String> {
-    if Path::new(name).is_absolute() || same_file(&parent_dir(from_image), &parent_dir(to_image)) {
+    if Path::new(name).is_absolute() || same_file(parent_dir(from_image), parent_dir(to_image)) {
         return Ok(name.to_string());
     }
     let abs = fs::canonicalize(resolved).ctx("resolve", resolved)?;
@@ -263,7 +263,7 @@ fn rename_for(name: &str, resolved: &Path, from_image: &Path, to_image: &Path) -
 }
 
 fn run(plan: Plan<'_>, hook: Hook<'_>) -> Result<()> {
-    let tmp = temp_path(plan.target)?;
+    let tmp = fsutil::reusable_temp_path(plan.target).ctx("name a temp file for", plan.target)?;
     let result = run_inner(&plan, &tmp, hook);
     if let Err(e) = &result {
         // An injected failure simulates kill -9, which cleans up nothing; real errors do clean up.
@@ -304,9 +304,10 @@ fn run_inner(plan: &Plan<'_>, tmp: &Path, hook: Hook<'_>) -> Result<()> {
         dst.sync().ctx("fsync", tmp)?;
     }
     hook(Step::TempSynced)?;
-    fsutil::replace(tmp, plan.target)?;
+    fsutil::replace_keeping_mode(tmp, plan.target).ctx("rename temp file onto", plan.target)?;
     hook(Step::Renamed)?;
-    fsutil::sync_dir(&parent_dir(plan.target))
+    let dir = parent_dir(plan.target);
+    fsutil::fsync_dir(dir).ctx("fsync directory", dir)
 }
 
 /// Whether `[offset, offset+len')` must be copied, and the length `len' <= max_len` over which

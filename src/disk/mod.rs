@@ -29,11 +29,10 @@
 //! - `disk export`: `export_flat(top, out, Raw)`.
 //! - on load of a VM directory: `cleanup_temps(dir)`.
 
-pub mod chain;
-mod fsutil;
-pub mod image;
+pub(crate) mod chain;
+pub(crate) mod image;
 mod merge;
-pub mod overlay;
+pub(crate) mod overlay;
 
 #[cfg(test)]
 mod tests;
@@ -41,8 +40,7 @@ mod tests;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use chain::{backing_chain, export_flat};
-pub use fsutil::{cleanup_temps, make_durable};
+pub use chain::{backing_chain, export_flat, virtual_size};
 pub use image::{probe, BaseIdentity, ImageFormat};
 pub use merge::{collapse, commit, rebase, stream};
 pub use overlay::{create_overlay, Disk, PreparedSwitch};
@@ -145,4 +143,19 @@ impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
         self.map_err(|e| DiskError::io(op, path, e))
     }
+}
+
+/// Removes temp files left by an interrupted create/commit/rebase/stream/export in `dir`.
+/// Call it when a VM directory is loaded and nothing is running on it; returns how many were
+/// removed. Temp files are never referenced by any image, so deleting them is always safe.
+pub fn cleanup_temps(dir: &Path) -> Result<usize> {
+    crate::fsutil::remove_reusable_temps(dir).ctx("remove temp files in", dir)
+}
+
+/// Makes a frozen layer durable (file data and its directory entry). Meant to run after the VM
+/// resumed from the snapshot pause, because fsync can take far longer than the 1 ms pause budget.
+pub fn make_durable(path: &Path) -> Result<()> {
+    crate::fsutil::fsync_file(path).ctx("fsync", path)?;
+    let dir = crate::fsutil::parent_dir(path);
+    crate::fsutil::fsync_dir(dir).ctx("fsync directory", dir)
 }

@@ -1,9 +1,9 @@
 //! Creating overlays and the writable `Disk` a running VM uses.
 
 use super::chain::{self, create_qcow2, open_chain, open_layer, resolve_backing, Layer};
-use super::fsutil::{self, file_id, parent_dir, temp_path};
 use super::image::ImageFormat;
 use super::{DiskError, IoContext, Result};
+use crate::fsutil::{self, parent_dir, same_file};
 use imago::file::File;
 use imago::format::drivers::FormatDriverInstance;
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -50,10 +50,15 @@ pub fn create_overlay(
             io::Error::other("backing path is not valid UTF-8"),
         )
     })?;
-    let tmp = temp_path(path)?;
+    let tmp = fsutil::reusable_temp_path(path).ctx("name a temp file for", path)?;
     create_qcow2(&tmp, size, Some((name, backing_format)), None)?;
-    fsutil::publish_new(&tmp, path)?;
-    fsutil::sync_dir(&parent_dir(path))
+    fsutil::publish_new(&tmp, path).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => DiskError::AlreadyExists {
+            path: path.to_path_buf(),
+        },
+        _ => DiskError::io("create", path, e),
+    })?;
+    fsutil::fsync_dir(parent_dir(path)).ctx("fsync directory", parent_dir(path))
 }
 
 /// An open, writable overlay: the top of a chain, the only file of it that is ever written.
@@ -189,7 +194,7 @@ impl Disk {
         let new_top = Qcow2::<File>::open_path(next, true).ctx("open qcow2 image", next)?;
         let backs_onto_us = new_top.implicit_backing_file().is_some_and(|name| {
             let resolved = resolve_backing(next, Path::new(name));
-            matches!((file_id(&resolved), file_id(&self.path)), (Ok(a), Ok(b)) if a == b)
+            same_file(&resolved, &self.path)
         }) && new_top.implicit_backing_format().map(String::as_str)
             == Some("qcow2");
         if !backs_onto_us {

@@ -27,8 +27,6 @@ pub enum VcpuStateError {
     },
     #[error("snapshot has {0} MSRs or CPUID entries, more than KVM accepts")]
     TooMany(usize),
-    #[error("KVM rejected MSR {index:#x} while restoring")]
-    MsrRejected { index: u32 },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {

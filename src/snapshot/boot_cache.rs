@@ -11,7 +11,7 @@ use super::state::MANIFEST_VERSION;
 use crate::config::{KernelSource, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {path} to key the boot cache: {source}")]
+#[error("cannot read {path} to identify the kernel: {source}")]
 pub struct BootCacheError {
     path: PathBuf,
     source: std::io::Error,
@@ -22,7 +22,21 @@ fn file_digest(path: &Path) -> Result<String, BootCacheError> {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(format!("{:016x}:{}", crc64_xz(&bytes), bytes.len()))
+    Ok(digest(&bytes))
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("{:016x}:{}", crc64_xz(bytes), bytes.len())
+}
+
+/// What the kernel is, by content: the one kernel identity, keying the boot
+/// cache and recorded in snapshot manifests. The path is left out because
+/// the same kernel copied elsewhere boots the same guest.
+pub fn kernel_identity(kernel: &KernelSource) -> Result<String, BootCacheError> {
+    match kernel {
+        KernelSource::EmbeddedTestGuest => Ok(digest(crate::guest::TEST_GUEST_ELF)),
+        KernelSource::File(p) => file_digest(p),
+    }
 }
 
 pub fn cache_root() -> PathBuf {
@@ -40,12 +54,7 @@ pub fn cache_root() -> PathBuf {
 
 /// The cache directory for `config` (it exists only once a boot filled it).
 pub fn entry_for(config: &VmConfig) -> Result<PathBuf, BootCacheError> {
-    let kernel = match &config.kernel {
-        KernelSource::EmbeddedTestGuest => {
-            format!("{:016x}", crc64_xz(crate::guest::TEST_GUEST_ELF))
-        }
-        KernelSource::File(p) => file_digest(p)?,
-    };
+    let kernel = kernel_identity(&config.kernel)?;
     let initrd = match &config.initrd {
         Some(p) => file_digest(p)?,
         None => "-".into(),

@@ -16,10 +16,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::format::{crc64_xz, encode_state, write_json_file, FormatError};
-use super::fsutil;
 use super::ops;
 use super::state::{MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 use super::store::{self, StoreError};
+use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::fsutil;
+use crate::fsutil;
 
 pub const STATE_FORMAT_VERSION: u32 = 1;
 
@@ -393,7 +393,7 @@ pub fn read_json_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::fsutil::tests::TestDir;
+    use crate::fsutil::tests::TestDir;
     use serde::Deserialize;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

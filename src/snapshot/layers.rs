@@ -28,15 +28,6 @@ fn all_layers() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether two paths name the same file or directory (same device and inode).
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
 /// Images whose backing file is `layer`.
 pub fn dependents(layer: &Path) -> Vec<PathBuf> {
     all_layers()
@@ -44,7 +35,11 @@ pub fn dependents(layer: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             disk::backing_chain(p)
                 .ok()
-                .and_then(|chain| chain.get(1).map(|(b, _)| same_file(b, layer)))
+                .and_then(|chain| {
+                    chain
+                        .get(1)
+                        .map(|(b, _)| crate::fsutil::same_file(b, layer))
+                })
                 .unwrap_or(false)
         })
         .collect()

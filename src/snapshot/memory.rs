@@ -169,13 +169,6 @@ pub fn merge_bitmaps(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
     }
 }
 
-/// An empty bitmap with one bit per page of each slot.
-pub fn empty_bitmap(mem: &GuestMemory) -> Vec<Vec<u64>> {
-    mem.iter()
-        .map(|r| vec![0u64; ((r.len() / PAGE_SIZE) as usize).div_ceil(64)])
-        .collect()
-}
-
 /// Maps `memory.bin` copy-on-write as the guest's RAM.
 pub fn map_private(path: &Path, mem_bytes: u64) -> Result<GuestMemory, MemoryFileError> {
     let name = path.display().to_string();

@@ -3,13 +3,12 @@
 pub mod boot_cache;
 pub mod bundle;
 pub mod format;
-pub mod fsutil;
 pub mod layers;
-pub mod memory;
+pub(crate) mod memory;
 pub mod ops;
-pub mod persist;
+pub(crate) mod persist;
 pub mod stall;
 pub mod state;
 pub mod store;
 
-pub use persist::Persist;
+pub(crate) use persist::Persist;

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use super::format::{read_json_file, FormatError};
-use super::fsutil;
 use super::state::{Manifest, MANIFEST_FILE};
+use crate::fsutil;
 use crate::paths;
 
 #[derive(Debug, thiserror::Error)]
@@ -217,9 +217,9 @@ fn reparent_children(dir: &Path, grandparent: Option<&str>) -> Result<Vec<PathBu
         let Ok(m) = m else { continue };
         let is_child = m.parent.as_deref().is_some_and(|p| {
             let p = parent_path(&child, p);
-            p == dir || super::layers::same_file(&p, dir)
+            p == dir || crate::fsutil::same_file(&p, dir)
         });
-        if !is_child || super::layers::same_file(&child, dir) {
+        if !is_child || crate::fsutil::same_file(&child, dir) {
             continue;
         }
         // Rewritten as stored, not as `list` resolved it: the layer names

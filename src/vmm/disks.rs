@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::arch::acpi::MmioDevice;
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 use crate::devices::bus::lock;
-use crate::devices::virtio::{Block, BlockBackend, MmioTransport, MMIO_WINDOW_SIZE};
-use crate::disk::{self, BaseIdentity, Disk, ImageFormat};
+use crate::devices::virtio::{Block, DiskBackend, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::disk::{self, BaseIdentity, Disk};
 use crate::memory::GuestMemory;
 
 pub const MAX_DISKS: usize = 8;
@@ -45,35 +45,6 @@ pub struct DiskSnapshot {
     pub base: BaseIdentity,
     pub frozen: PathBuf,
     pub size: u64,
-}
-
-/// The guest's view of a disk: `BlockBackend` over the shared overlay.
-struct OverlayBackend {
-    disk: Arc<Mutex<Disk>>,
-    id: String,
-    size: u64,
-}
-
-fn io(e: disk::DiskError) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-impl BlockBackend for OverlayBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        lock(&self.disk).read_at(buf, offset).map_err(io)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        lock(&self.disk).write_at(buf, offset).map_err(io)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        lock(&self.disk).flush().map_err(io)
-    }
-    fn id(&self) -> String {
-        self.id.clone()
-    }
 }
 
 pub struct VmDisk {
@@ -118,7 +89,7 @@ pub fn overlay_path(vm_dir: &Path, index: usize) -> PathBuf {
 /// against the overlay's).
 pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
     let same_dir = match (overlay.parent(), lower.parent()) {
-        (Some(a), Some(b)) => crate::snapshot::layers::same_file(a, b),
+        (Some(a), Some(b)) => crate::fsutil::same_file(a, b),
         _ => false,
     };
     match lower.file_name() {
@@ -134,7 +105,7 @@ pub fn backing_name(overlay: &Path, lower: &Path) -> PathBuf {
 pub fn layer_name_in(snapshot_dir: &Path, layer: &Path) -> PathBuf {
     let grandparent = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_path_buf);
     let same_vm = match (grandparent(snapshot_dir), grandparent(layer)) {
-        (Some(a), Some(b)) => crate::snapshot::layers::same_file(&a, &b),
+        (Some(a), Some(b)) => crate::fsutil::same_file(&a, &b),
         _ => false,
     };
     let folder = layer.parent().and_then(Path::file_name);
@@ -176,7 +147,7 @@ pub fn attach(
         })
     })?;
     let overlay = overlay_path(vm_dir, index);
-    let virtual_size = virtual_size(lower, lower_format)?;
+    let virtual_size = disk::virtual_size(lower, lower_format)?;
     disk::create_overlay(
         &overlay,
         &backing_name(&overlay, lower),
@@ -184,13 +155,8 @@ pub fn attach(
         virtual_size,
     )?;
     let opened = Disk::open(&overlay)?;
-    let size = opened.size();
     let disk = Arc::new(Mutex::new(opened));
-    let backend = OverlayBackend {
-        disk: disk.clone(),
-        id: format!("rewind-disk{index}"),
-        size,
-    };
+    let backend = DiskBackend::new(disk.clone(), format!("rewind-disk{index}"), false);
     let transport = MmioTransport::new(mem.clone(), Block::new(Box::new(backend)))
         .map_err(|e| DiskSetupError::Virtio(e.to_string()))?;
     let d = VmDisk {
@@ -201,28 +167,6 @@ pub fn attach(
     };
     wire(vm, &d)?;
     Ok(d)
-}
-
-/// A raw image's size is its length; a qcow2 image's is in its header
-/// (big-endian u64 at offset 24).
-fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64, DiskSetupError> {
-    use std::os::unix::fs::FileExt;
-    let err = |e| {
-        DiskSetupError::Disk(disk::DiskError::Io {
-            op: "read the size of",
-            path: path.to_path_buf(),
-            io: e,
-        })
-    };
-    let file = std::fs::File::open(path).map_err(err)?;
-    match format {
-        ImageFormat::Raw => Ok(file.metadata().map_err(err)?.len()),
-        ImageFormat::Qcow2 => {
-            let mut b = [0u8; 8];
-            file.read_exact_at(&mut b, 24).map_err(err)?;
-            Ok(u64::from_be_bytes(b))
-        }
-    }
 }
 
 fn wire(vm: &VmFd, d: &VmDisk) -> Result<(), DiskSetupError> {

@@ -7,15 +7,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::{Vmm, VmmError};
-use crate::config::KernelSource;
 use crate::devices::bus::lock;
+use crate::fsutil;
 use crate::kvm::vcpu_state::{self, VcpuState};
 use crate::snapshot::format::{crc64_xz, encode_state};
 use crate::snapshot::state::{
     DevicesState, HostIdentity, MachineState, Manifest, MANIFEST_FILE, MANIFEST_VERSION,
     MEMORY_FILE, STATE_FILE,
 };
-use crate::snapshot::{format, fsutil, memory as snapmem, ops, stall, store, Persist};
+use crate::snapshot::{format, memory as snapmem, ops, stall, store, Persist};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
@@ -148,7 +148,7 @@ impl Vmm {
 
     fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
         if let Some(n) = name {
-            if !crate::control::valid_snapshot_name(&n) {
+            if !crate::config::valid_name(&n) {
                 return Err(snap_err(format!(
                     "invalid snapshot name {n:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
                 )));
@@ -314,7 +314,8 @@ impl Vmm {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             config: self.config.clone(),
-            kernel: kernel_identity(&self.config.kernel),
+            kernel: crate::snapshot::boot_cache::kernel_identity(&self.config.kernel)
+                .unwrap_or_else(|e| e.to_string()),
             host: HostIdentity::current(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
@@ -388,7 +389,7 @@ impl Vmm {
         let fast = self
             .baseline
             .as_deref()
-            .is_some_and(|b| crate::snapshot::layers::same_file(b, &dir));
+            .is_some_and(|b| crate::fsutil::same_file(b, &dir));
         let dirty = self.take_dirty()?;
         // From here guest memory is being rewritten: if anything fails, no
         // baseline is trustworthy any more.
@@ -442,7 +443,7 @@ fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
     let chain = crate::disk::backing_chain(frozen).map_err(snap_err)?;
     let depth = chain
         .iter()
-        .position(|(p, _)| crate::snapshot::layers::same_file(p, base))
+        .position(|(p, _)| crate::fsutil::same_file(p, base))
         .unwrap_or(chain.len() - 1);
     if depth > crate::disk::COLLAPSE_DEPTH {
         crate::disk::collapse(frozen, base, frozen).map_err(snap_err)?;
@@ -458,22 +459,5 @@ fn parent_label(parent: &Path, vm: &str) -> String {
             .unwrap_or_default()
     } else {
         parent.display().to_string()
-    }
-}
-
-fn kernel_identity(kernel: &KernelSource) -> String {
-    match kernel {
-        KernelSource::EmbeddedTestGuest => format!(
-            "embedded test guest crc64 {:016x}",
-            crc64_xz(crate::guest::TEST_GUEST_ELF)
-        ),
-        KernelSource::File(p) => {
-            let meta = std::fs::metadata(p).ok();
-            format!(
-                "{} ({} bytes)",
-                p.display(),
-                meta.map(|m| m.len()).unwrap_or(0)
-            )
-        }
     }
 }

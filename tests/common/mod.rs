@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+use rewind::child_vm::ChildVm;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -107,13 +109,11 @@ pub fn is_pvm_host() -> bool {
 }
 
 /// A running `rewind` process whose console (stdout) is collected line by
-/// line, so a test can wait for what the guest says.
+/// line, so a test can wait for what the guest says: the library's
+/// [`ChildVm`], with failures as panics.
 pub struct VmProcess {
     pub name: String,
-    child: Child,
-    lines: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
-    socket: PathBuf,
-    reader: Option<std::thread::JoinHandle<()>>,
+    vm: ChildVm,
 }
 
 impl VmProcess {
@@ -123,67 +123,41 @@ impl VmProcess {
 
     /// `start` with extra environment variables for rewind.
     pub fn start_env(home: &Home, name: &str, args: &[&str], env: &[(&str, &str)]) -> VmProcess {
-        let mut child = home
-            .cmd()
-            .envs(env.iter().copied())
+        let mut cmd = home.cmd();
+        cmd.envs(env.iter().copied())
             .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("rewind starts");
-        let out = child.stdout.take().unwrap();
-        let lines =
-            std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                let (m, cv) = &*sink;
-                m.lock().unwrap().push(line);
-                cv.notify_all();
-            }
-        });
+            .stderr(Stdio::inherit());
+        let vm = ChildVm::spawn(cmd, name, home.socket(name)).expect("rewind starts");
         VmProcess {
             name: name.to_string(),
-            child,
-            lines,
-            socket: home.socket(name),
-            reader: Some(reader),
+            vm,
         }
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines.0.lock().unwrap().clone()
+        self.vm.lines()
     }
 
     /// The $REWIND_HOME this VM runs in.
     pub fn home(&self) -> PathBuf {
-        let vm_dir = self.socket.parent().unwrap();
+        let vm_dir = self.vm.socket().parent().unwrap();
         vm_dir.parent().unwrap().parent().unwrap().to_path_buf()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.vm.pid()
     }
 
     /// Waits until some line at index >= `from` satisfies `pred`; returns its index.
     pub fn wait_for(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
-        let (m, cv) = &*self.lines;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut lines = m.lock().unwrap();
-        loop {
-            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
-                return from + i;
-            }
-            let now = std::time::Instant::now();
-            assert!(
-                now < deadline,
+        let limit = std::time::Duration::from_secs(60);
+        self.vm.wait_for(from, limit, pred).unwrap_or_else(|lines| {
+            panic!(
                 "{}: never saw {what}; console:\n{}",
                 self.name,
                 lines.join("\n")
-            );
-            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
-        }
+            )
+        })
     }
 
     /// Like `wait_for` with a caller's limit (Linux boots take minutes on
@@ -195,25 +169,16 @@ impl VmProcess {
         limit: std::time::Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Option<usize> {
-        let start = std::time::Instant::now();
-        loop {
-            let lines = self.lines();
-            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
-                return Some(from + i);
-            }
-            if start.elapsed() > limit {
-                eprintln!("{}: {what} not seen within {limit:?}", self.name);
-                return None;
-            }
-            self.wait_quietly(std::time::Duration::from_secs(1));
+        let found = self.vm.wait_for(from, limit, pred).ok();
+        if found.is_none() {
+            eprintln!("{}: {what} not seen within {limit:?}", self.name);
         }
+        found
     }
 
     /// Waits up to `d` for the next console line (or returns earlier).
     pub fn wait_quietly(&self, d: std::time::Duration) {
-        let (m, cv) = &*self.lines;
-        let lines = m.lock().unwrap();
-        let _ = cv.wait_timeout(lines, d).unwrap();
+        self.vm.wait_quietly(d)
     }
 
     pub fn api(
@@ -222,14 +187,10 @@ impl VmProcess {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> rewind::control::ApiResponse {
-        rewind::control::client::request(
-            &self.socket,
-            method,
-            path,
-            body.as_ref(),
-            Some(std::time::Duration::from_secs(120)),
-        )
-        .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name))
+        let timeout = Some(std::time::Duration::from_secs(120));
+        self.vm
+            .api(method, path, body.as_ref(), timeout)
+            .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name))
     }
 
     pub fn api_ok(
@@ -244,17 +205,12 @@ impl VmProcess {
     }
 
     pub fn socket_ready(&self) {
-        wait_for_path(&self.socket, "api.sock");
+        wait_for_path(self.vm.socket(), "api.sock");
     }
 
     /// Stops the VM through the API and returns its exit status.
-    pub fn stop(mut self) -> Option<i32> {
-        let _ = self.api("PUT", "/vm/stop", None);
-        let status = self.child.wait().ok().and_then(|s| s.code());
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        status
+    pub fn stop(self) -> Option<i32> {
+        self.stop_and_collect().0
     }
 
     /// Stops the VM through the API; its status and every line it printed.
@@ -263,19 +219,8 @@ impl VmProcess {
         self.wait_exit()
     }
 
-    pub fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
-        let status = self.child.wait().ok().and_then(|s| s.code());
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        (status, self.lines())
-    }
-}
-
-impl Drop for VmProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn wait_exit(self) -> (Option<i32>, Vec<String>) {
+        self.vm.wait_exit()
     }
 }
 

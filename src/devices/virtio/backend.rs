@@ -1,11 +1,11 @@
 //! Storage behind a virtio-blk device. The device checks every request
 //! against `size()` before calling in, so backends see only in-range I/O.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::devices::bus::lock;
+use crate::disk::{Disk, DiskError};
 
 /// Disk image the block device reads and writes. Offsets and lengths are
 /// in bytes and always within `size()`.
@@ -40,50 +40,25 @@ pub trait BlockBackend: Send {
     }
 }
 
-/// A raw image in a plain file, accessed with pread/pwrite.
-pub struct RawFileBackend {
-    file: File,
+/// The one block backend: a VM disk's writable qcow2 overlay, shared with
+/// the VMM (which switches it to a new overlay on snapshot).
+pub struct DiskBackend {
+    disk: Arc<Mutex<Disk>>,
+    id: String,
     size: u64,
     read_only: bool,
-    id: String,
 }
 
-/// Bound on the zero-filling fallback's buffer.
-const ZERO_CHUNK: usize = 64 * 1024;
-
-impl RawFileBackend {
-    /// The serial defaults to the file name (what shows up in /dev/disk/by-id).
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let id = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Self::from_file(file, read_only, id)
-    }
-
-    pub fn from_file(file: File, read_only: bool, id: String) -> io::Result<Self> {
-        let size = file.metadata()?.len();
-        Ok(Self {
-            file,
+impl DiskBackend {
+    /// `id` is the serial the guest sees (/dev/disk/by-id). A `read_only`
+    /// backend makes the device offer VIRTIO_BLK_F_RO and fail writes.
+    pub fn new(disk: Arc<Mutex<Disk>>, id: String, read_only: bool) -> Self {
+        let size = lock(&disk).size();
+        Self {
+            disk,
+            id,
             size,
             read_only,
-            id,
-        })
-    }
-
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let to_off = |v: u64| {
-            libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-        };
-        let (offset, len) = (to_off(offset)?, to_off(len)?);
-        // SAFETY: fallocate only reads its integer arguments; the fd is owned
-        // by `self.file` and open for the duration of the call.
-        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
         }
     }
 
@@ -96,32 +71,29 @@ impl RawFileBackend {
     }
 }
 
-fn unsupported_by_fs(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
-    )
+fn io(e: DiskError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
-impl BlockBackend for RawFileBackend {
+impl BlockBackend for DiskBackend {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        lock(&self.disk).read_at(buf, offset).map_err(io)
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset)
+        lock(&self.disk).write_at(buf, offset).map_err(io)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        lock(&self.disk).flush().map_err(io)
     }
 
     fn id(&self) -> String {
@@ -136,44 +108,21 @@ impl BlockBackend for RawFileBackend {
         !self.read_only
     }
 
+    /// Frees whole clusters of the overlay (they then read as zeroes, never
+    /// as stale base data); partial clusters are kept, which discard allows.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
-            // Discard is a hint; a filesystem without hole punching keeps the data.
-            Err(e) if unsupported_by_fs(&e) => Ok(()),
-            r => r,
-        }
+        lock(&self.disk).discard(offset, len).map_err(io)
     }
 
     fn supports_write_zeroes(&self) -> bool {
         !self.read_only
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+    /// Whole clusters get the qcow2 zero flag whether or not the guest
+    /// allows unmapping: it hides the backing data without writing any.
+    fn write_zeroes(&mut self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
         self.check_writable()?;
-        let mode = if may_unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        match self.fallocate(mode, offset, len) {
-            Err(e) if unsupported_by_fs(&e) => {}
-            r => return r,
-        }
-        let zeroes = vec![0u8; ZERO_CHUNK];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK as u64) as usize;
-            let at = offset
-                .checked_add(done)
-                .ok_or(io::ErrorKind::InvalidInput)?;
-            self.file.write_all_at(&zeroes[..n], at)?;
-            done += n as u64;
-        }
-        Ok(())
+        lock(&self.disk).write_zeroes(offset, len).map_err(io)
     }
 }

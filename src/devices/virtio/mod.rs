@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! let mem: GuestMemory = ...;                        // cheap clone (Arc'd regions)
-//! let backend = RawFileBackend::open(path, read_only)?;  // or a qcow2 backend
+//! let backend = DiskBackend::new(disk, id, read_only);  // disk: Arc<Mutex<disk::Disk>>
 //! let dev = MmioTransport::new(mem.clone(), Block::new(Box::new(backend)))?;
 //! ```
 //!
@@ -44,9 +44,9 @@ pub mod mmio;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{BlockBackend, RawFileBackend};
+pub use backend::DiskBackend;
 pub use block::Block;
-pub use mmio::{MmioError, MmioState, MmioTransport, VirtqState, MMIO_WINDOW_SIZE};
+pub use mmio::{MmioState, MmioTransport, MMIO_WINDOW_SIZE};
 
 use virtio_queue::Queue;
 
@@ -65,6 +65,8 @@ pub mod features {
 pub mod status {
     use virtio_bindings::bindings::virtio_config as c;
 
+    /// Only a driver sets it, and the only driver here is the tests'.
+    #[cfg(test)]
     pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
     pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;

@@ -10,42 +10,11 @@ use super::chain::open_chain;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 pub(crate) const MIB: u64 = 1 << 20;
 
-/// A directory under the system temp dir, removed on drop (set REWIND_KEEP_TEST_DIRS=1 to keep
-/// it for post-mortem inspection).
-pub(crate) struct TestDir(PathBuf);
-
-impl TestDir {
-    pub(crate) fn new(name: &str) -> TestDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("rewind-disk-{}-{n}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TestDir(dir)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub(crate) fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if std::env::var_os("REWIND_KEEP_TEST_DIRS").is_none() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
+pub(crate) use crate::fsutil::tests::TestDir;
 
 /// Deterministic, non-repeating bytes so misplaced data cannot accidentally compare equal.
 pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {

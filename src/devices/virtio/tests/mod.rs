@@ -6,16 +6,18 @@ mod block;
 mod mmio;
 mod snapshot;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::block::Block;
 use super::mmio::MmioTransport;
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use super::RawFileBackend;
-use crate::devices::bus::BusDevice;
+use super::DiskBackend;
+use crate::devices::bus::{lock, BusDevice};
+use crate::disk::{Disk, ImageFormat};
 use crate::memory::GuestMemory;
 
 pub const MEM_SIZE: usize = 0x10_0000;
@@ -41,33 +43,47 @@ pub const T_GET_ID: u32 = 8;
 pub const T_DISCARD: u32 = 11;
 pub const T_WRITE_ZEROES: u32 = 13;
 
-/// A disk image in the temp dir, removed on drop.
+/// A VM disk as production builds it: a raw base in the temp dir under a
+/// qcow2 overlay, both removed on drop.
 pub struct TempDisk {
+    /// The overlay; its file name is the device's serial.
     pub path: PathBuf,
+    base: PathBuf,
+    disk: Arc<Mutex<Disk>>,
 }
 
 impl TempDisk {
     /// Sector `i` is filled with byte `i` so reads can be told apart.
     pub fn new(sectors: u64) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "rewind-virtio-{}-{}.img",
+        let stem = format!(
+            "rewind-virtio-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
-        ));
+        );
+        let base = std::env::temp_dir().join(format!("{stem}.img"));
+        let path = std::env::temp_dir().join(format!("{stem}.qcow2"));
         let data: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8).collect();
-        std::fs::write(&path, data).unwrap();
-        Self { path }
+        std::fs::write(&base, data).unwrap();
+        let base_name = Path::new(base.file_name().unwrap());
+        crate::disk::create_overlay(&path, base_name, ImageFormat::Raw, sectors * 512).unwrap();
+        let disk = Arc::new(Mutex::new(Disk::open(&path).unwrap()));
+        Self { path, base, disk }
     }
 
+    /// The guest-visible contents, read through the device's own handle.
     pub fn bytes(&self) -> Vec<u8> {
-        std::fs::read(&self.path).unwrap()
+        let disk = lock(&self.disk);
+        let mut buf = vec![0; disk.size() as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        buf
     }
 }
 
 impl Drop for TempDisk {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.base);
     }
 }
 
@@ -76,7 +92,13 @@ pub fn new_mem() -> GuestMemory {
 }
 
 pub fn new_dev(mem: &GuestMemory, disk: &TempDisk, read_only: bool) -> MmioTransport<Block> {
-    let backend = RawFileBackend::open(&disk.path, read_only).unwrap();
+    let id = disk
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let backend = DiskBackend::new(disk.disk.clone(), id, read_only);
     MmioTransport::new(mem.clone(), Block::new(Box::new(backend))).unwrap()
 }
 

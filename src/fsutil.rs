@@ -1,11 +1,12 @@
-//! Crash-safe file operations for snapshot storage.
+//! Crash-safe file operations for snapshot storage and disk images.
 //!
 //! The invariant every function here protects: a `kill -9` or power loss at
 //! any instant leaves either the old file/directory or the complete new one
 //! under the final name, never a partial one. Partial data only ever lives
-//! under a temp name of the form `.NAME.tmp-PID[-SEQ]`, which
+//! under a temp name: `.NAME.tmp-PID[-SEQ]` for snapshot files, which
 //! [`remove_stale_temps`] can later recognise and delete once its writer is
-//! gone.
+//! gone, or `.NAME.rewind-tmp` for disk images, which
+//! [`remove_reusable_temps`] deletes while the VM directory is idle.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -43,7 +44,7 @@ pub fn temp_path_for(final_path: &Path) -> io::Result<PathBuf> {
 
 /// `Path::parent` yields `""` for a bare file name, which cannot be opened
 /// for fsync; the directory actually meant is the current one.
-fn parent_dir(path: &Path) -> &Path {
+pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -232,49 +233,89 @@ pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Bytes available to an unprivileged writer on the filesystem holding
-/// `path` (`f_bavail`, not `f_bfree`: root-reserved blocks are not ours).
-pub fn free_space(path: &Path) -> io::Result<u64> {
-    let c_path = path_to_cstring(path)?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: c_path is a valid NUL-terminated string for the duration of the
-    // call, and st points to writable memory of exactly the type statvfs
-    // fills in; it is only read after the call reports success.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it fully initialised the struct.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ across targets
-    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
-    Ok(avail.saturating_mul(frsize))
+/// Suffix of the temps disk operations write: their name is fixed per target,
+/// not per writer, so a rerun after a crash reuses (truncates) the leftover
+/// instead of adding another, and [`remove_reusable_temps`] can delete them
+/// all while nothing runs on the directory.
+const REUSABLE_TEMP_SUFFIX: &str = ".rewind-tmp";
+
+/// Temp file `DIR/.NAME.rewind-tmp` next to `target`: same directory so
+/// `rename` is atomic, hidden so users listing the VM directory do not
+/// mistake it for an image.
+pub(crate) fn reusable_temp_path(target: &Path) -> io::Result<PathBuf> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| io::Error::other("path has no file name"))?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(REUSABLE_TEMP_SUFFIX);
+    Ok(parent_dir(target).join(tmp))
 }
 
-/// Fails with one readable line if `dir`'s filesystem has less than
-/// `needed` bytes available, so a snapshot is refused up front instead of
-/// dying with ENOSPC halfway through.
-pub fn ensure_free_space(dir: &Path, needed: u64) -> io::Result<()> {
-    let available = free_space(dir)?;
-    if available < needed {
-        return Err(io::Error::new(
-            io::ErrorKind::StorageFull,
-            format!(
-                "not enough space in {}: need {} MiB, {} MiB available",
-                dir.display(),
-                needed.div_ceil(1 << 20),
-                available >> 20
-            ),
-        ));
+/// Removes every [`reusable_temp_path`] temp in `dir`; only safe while
+/// nothing runs on the directory. Returns how many were removed.
+pub(crate) fn remove_reusable_temps(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(REUSABLE_TEMP_SUFFIX) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
     }
-    Ok(())
+    if removed > 0 {
+        fsync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+pub(crate) fn fsync_file(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// Atomically replaces `target` with the already-synced `tmp`, keeping
+/// `target`'s permissions (frozen snapshot layers are read-only and must
+/// stay so).
+pub(crate) fn replace_keeping_mode(tmp: &Path, target: &Path) -> io::Result<()> {
+    if let Ok(meta) = fs::metadata(target) {
+        fs::set_permissions(tmp, meta.permissions())?;
+    }
+    fs::rename(tmp, target)
+}
+
+/// Publishes `tmp` under `target` without ever clobbering an existing file:
+/// `link(2)` fails atomically (`AlreadyExists`) if `target` exists, which
+/// `rename(2)` cannot express portably.
+pub(crate) fn publish_new(tmp: &Path, target: &Path) -> io::Result<()> {
+    let linked = fs::hard_link(tmp, target);
+    // On failure the temp is garbage either way, and remove_reusable_temps
+    // finds it if this removal fails too.
+    let removed = fs::remove_file(tmp);
+    linked.and(removed)
+}
+
+/// Identity of a file independent of how its path is spelled (relative, via
+/// symlinks, ...).
+pub(crate) fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Whether two paths name the same file or directory; a missing one is
+/// the same as nothing.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((file_id(a), file_id(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// Self-cleaning unique directory; tests run in parallel threads of one
+    /// Self-cleaning unique directory (set REWIND_KEEP_TEST_DIRS=1 to keep
+    /// it for post-mortem inspection); tests run in parallel threads of one
     /// process, so the name needs more than the PID.
     pub(crate) struct TestDir(pub PathBuf);
 
@@ -288,14 +329,21 @@ pub(crate) mod tests {
             fs::create_dir_all(&p).unwrap();
             TestDir(p)
         }
+
         pub(crate) fn path(&self) -> &Path {
             &self.0
+        }
+
+        pub(crate) fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+            self.0.join(name)
         }
     }
 
     impl Drop for TestDir {
         fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            if std::env::var_os("REWIND_KEEP_TEST_DIRS").is_none() {
+                let _ = fs::remove_dir_all(&self.0);
+            }
         }
     }
 
@@ -441,16 +489,5 @@ pub(crate) mod tests {
         assert_eq!(temp_owner_pid(".a.tmp-12-3-4"), None);
         assert_eq!(temp_owner_pid(".a.tmp--3"), None);
         assert_eq!(temp_owner_pid("a.tmp-12"), None);
-    }
-
-    #[test]
-    fn free_space_reports_something_and_errors_on_missing() {
-        let d = TestDir::new("df");
-        assert!(free_space(d.path()).unwrap() > 0);
-        assert!(free_space(&d.path().join("missing")).is_err());
-        ensure_free_space(d.path(), 1).unwrap();
-        let err = ensure_free_space(d.path(), u64::MAX).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
-        assert!(err.to_string().starts_with("not enough space in "), "{err}");
     }
 }
