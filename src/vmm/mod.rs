@@ -2,11 +2,14 @@
 //! event loop, and carries out [`crate::control::Command`]s.
 
 mod builder;
+mod commands;
 pub mod disks;
 mod exec;
 mod signals;
 mod snapshots;
 
+pub use commands::{Reply, VmInfo};
+pub use exec::{ExecCallback, ExecError, ExecOutput, ExecResult};
 pub use signals::SignalFd;
 pub use snapshots::{RevertReport, SnapshotReport};
 
@@ -18,9 +21,9 @@ use std::time::{Duration, Instant};
 use regex::Regex;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{KernelSource, VmConfig};
+use crate::config::VmConfig;
 use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
-use crate::control::{ApiResponse, Command, ControlServer};
+use crate::control::{Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::ExitPort;
@@ -64,6 +67,16 @@ pub enum VmmError {
     Store(#[from] crate::snapshot::store::StoreError),
     #[error(transparent)]
     Disk(#[from] disks::DiskSetupError),
+    /// The named snapshot is not there (or not readable) for this VM.
+    #[error(transparent)]
+    SnapshotLookup(crate::snapshot::store::StoreError),
+    #[error(transparent)]
+    SnapshotDelete(crate::snapshot::store::StoreError),
+    #[error("VM {0} runs the test guest, which has no exec agent (exec needs a Linux guest)")]
+    NoAgent(String),
+    /// `Exec` answers later, through [`Vmm::start_exec`].
+    #[error("exec is answered by the event loop")]
+    ExecElsewhere,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -123,20 +136,6 @@ impl Outcome {
             )),
             Outcome::Fatal(msg) => Some(msg.clone()),
         }
-    }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
-}
-
-/// Not found and bad names are the client's fault; the rest is ours.
-fn error_status(e: &VmmError) -> u16 {
-    match e {
-        VmmError::Store(crate::snapshot::store::StoreError::NotFound { .. }) => 404,
-        VmmError::Store(crate::snapshot::store::StoreError::Exists(_)) => 409,
-        VmmError::Bundle(_) => 422,
-        _ => 500,
     }
 }
 
@@ -276,93 +275,6 @@ impl Vmm {
 
     fn feed_console(&mut self) {
         lock(&self.devices.com1).feed_from(&mut self.console_input);
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        let kernel = match &self.config.kernel {
-            KernelSource::EmbeddedTestGuest => "embedded test guest".to_string(),
-            KernelSource::File(p) => p.display().to_string(),
-        };
-        serde_json::json!({
-            "name": self.config.name,
-            "state": if self.paused { "paused" } else { "running" },
-            "vcpus": self.config.cpus,
-            "mem_mib": self.config.mem_mib,
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "kernel": kernel,
-            "host": format!("{:?}", self.host).to_lowercase(),
-            "baseline": self.baseline.as_ref().map(|p| p.display().to_string()),
-            "disks": self.devices.disks.iter().map(|d| crate::devices::bus::lock(&d.disk).path().display().to_string()).collect::<Vec<_>>(),
-        })
-    }
-
-    /// Carries out one API command. Returns the response and whether the VM
-    /// should stop afterwards.
-    pub fn handle_command(&mut self, cmd: Command) -> (ApiResponse, bool) {
-        let ok = |body| ApiResponse { status: 200, body };
-        let fail = |status, e: &dyn std::fmt::Display| ApiResponse {
-            status,
-            body: serde_json::json!({ "error": e.to_string() }),
-        };
-        match cmd {
-            Command::GetVm => (ok(self.describe()), false),
-            Command::Stop => (ok(serde_json::json!({ "stopped": true })), true),
-            Command::Exec { .. } => (fail(500, &"exec is answered by the event loop"), false),
-            Command::Pause => match self.pause() {
-                Ok(d) => (
-                    ok(serde_json::json!({ "state": "paused", "pause_us": d.as_micros() as u64 })),
-                    false,
-                ),
-                Err(e) => (fail(500, &e), false),
-            },
-            Command::Resume => match self.resume() {
-                Ok(()) => (ok(serde_json::json!({ "state": "running" })), false),
-                Err(e) => (fail(500, &e), false),
-            },
-            Command::SnapshotCreate { name } => match self.snapshot_create(name) {
-                Ok(r) => (ok(json(&r)), false),
-                Err(e) => (fail(error_status(&e), &e), false),
-            },
-            Command::SnapshotRevert { name } => match self.revert(&name) {
-                Ok(r) => (ok(json(&r)), false),
-                Err(e) => (fail(error_status(&e), &e), false),
-            },
-            Command::SnapshotList => (
-                ok(crate::snapshot::store::list_json(Some(&self.config.name))),
-                false,
-            ),
-            Command::SnapshotInfo { name } => {
-                match crate::snapshot::store::resolve(&name, Some(&self.config.name))
-                    .and_then(|d| crate::snapshot::store::read_manifest(&d))
-                {
-                    Ok(m) => (ok(json(&m)), false),
-                    Err(e) => (fail(404, &e), false),
-                }
-            }
-            Command::SnapshotDelete { name } => {
-                match crate::snapshot::store::resolve(&name, Some(&self.config.name)) {
-                    Ok(dir) => {
-                        if self.baseline.as_deref() == Some(dir.as_path()) {
-                            self.baseline = None;
-                        }
-                        match crate::snapshot::store::delete_with_layers(&dir) {
-                            Ok(r) => (
-                                ok(serde_json::json!({
-                                    "deleted": name,
-                                    "layers": r.layers,
-                                    "reparented": r.reparented,
-                                    "new_parent": r.new_parent,
-                                })),
-                                false,
-                            ),
-                            Err(e) => (fail(500, &e), false),
-                        }
-                    }
-                    Err(e) => (fail(404, &e), false),
-                }
-            }
-        }
     }
 
     /// Runs until the guest ends, `--expect` matches, the timeout passes, the
@@ -535,37 +447,9 @@ impl Vmm {
             }
             if let (Some(i), Some(server)) = (control_idx, control) {
                 if fds[i].revents & libc::POLLIN != 0 {
-                    if let Some((stream, parsed)) = server.accept_command() {
-                        match parsed {
-                            Ok(Command::Exec { .. }) if !self.config.guest.has_agent() => {
-                                let msg = format!(
-                                    "VM {} runs the test guest, which has no exec agent (exec needs a Linux guest)",
-                                    self.config.name
-                                );
-                                crate::control::server::respond(
-                                    &stream,
-                                    &ApiResponse::error(409, msg),
-                                );
-                            }
-                            Ok(Command::Exec { cmd, timeout_s }) => {
-                                let timeout = timeout_s
-                                    .map(Duration::from_secs)
-                                    .unwrap_or(DEFAULT_EXEC_TIMEOUT);
-                                self.exec.start(
-                                    cmd,
-                                    timeout,
-                                    exec::Waiter::Api(stream),
-                                    &self.devices.com2,
-                                );
-                            }
-                            Ok(cmd) => {
-                                let (resp, stop) = self.handle_command(cmd);
-                                crate::control::server::respond(&stream, &resp);
-                                if stop {
-                                    return Ok(Outcome::Stopped);
-                                }
-                            }
-                            Err(resp) => crate::control::server::respond(&stream, &resp),
+                    if let Some((client, cmd)) = server.accept_command() {
+                        if self.serve(client, cmd) {
+                            return Ok(Outcome::Stopped);
                         }
                     }
                 }
@@ -591,6 +475,24 @@ impl Vmm {
                 }
             }
         }
+    }
+}
+
+impl Vmm {
+    /// Carries out one API command and answers its client (an exec's later,
+    /// when it ends). Whether the VM should stop.
+    fn serve(&mut self, client: crate::control::Client, cmd: Command) -> bool {
+        if let Command::Exec { cmd, timeout_s } = cmd {
+            match self.can_exec() {
+                Ok(()) => self.start_exec(cmd, timeout_s, client.exec_waiter()),
+                Err(e) => client.answer(&Err(e)),
+            }
+            return false;
+        }
+        let result = self.handle_command(cmd);
+        let stop = matches!(result, Ok(Reply::Stopped));
+        client.answer(&result);
+        stop
     }
 }
 
