@@ -1,4 +1,4 @@
-//! The VM side of the control socket, driven by the VM's own poll loop.
+//! The VM side of the control socket, driven by the VM's own event loop.
 
 use std::fs;
 use std::io;

@@ -155,7 +155,7 @@ impl ExecLink {
         }
     }
 
-    /// The earliest deadline of a running command, for the poll timeout.
+    /// The earliest deadline of a running command, for the event loop's timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.values().map(|p| p.deadline).min()
     }

@@ -4,6 +4,7 @@
 mod builder;
 mod commands;
 pub mod disks;
+mod event_loop;
 mod exec;
 mod signals;
 mod snapshots;
@@ -22,7 +23,7 @@ use regex::Regex;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
-use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
+use crate::console::{Console, ConsoleKey, ConsoleTarget, RawTerminal};
 use crate::control::{Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
@@ -35,6 +36,7 @@ use crate::kvm::vcpu::{VcpuError, VcpuHandle};
 use crate::kvm::vm::{Vm, VmError};
 use crate::kvm::{boot, loader};
 use crate::memory::{self, GuestMemory};
+use event_loop::{Fired, Wake};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -287,194 +289,120 @@ impl Vmm {
     ) -> Result<Outcome, VmmError> {
         let deadline = opts.timeout.map(|t| Instant::now() + t);
         let interactive = opts.console == ConsoleTarget::Stdio;
-        let stdin_fd = std::io::stdin().as_raw_fd();
-        let _raw = if interactive {
-            RawTerminal::enable(stdin_fd)
-        } else {
-            None
-        };
-        let mut stdin_open = interactive;
-        let mut escape = EscapeParser::default();
+        let _raw = interactive
+            .then(|| RawTerminal::enable(std::io::stdin().as_raw_fd()))
+            .flatten();
+        let mut events = self.event_loop(control, signals, interactive)?;
         if let Some(cmd) = &opts.exec {
             let timeout = opts.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
-            self.exec.start(
-                cmd.clone(),
-                timeout,
-                exec::Waiter::Console,
-                &self.devices.com2,
-            );
+            let com2 = &self.devices.com2;
+            self.exec
+                .start(cmd.clone(), timeout, exec::Waiter::Console, com2);
         }
         self.resume()?;
         loop {
-            let mut fds = vec![libc::pollfd {
-                fd: self.events.wake_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            let control_idx = control.map(|c| {
-                fds.push(libc::pollfd {
-                    fd: c.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
-            let signal_idx = signals.map(|s| {
-                fds.push(libc::pollfd {
-                    fd: s.fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
-            let inbox_idx = fds.len();
-            fds.push(libc::pollfd {
-                fd: self.exec.inbox.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            fds.push(libc::pollfd {
-                fd: self.com2_drained.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            fds.push(libc::pollfd {
-                fd: self.com1_drained.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            let queue_start = fds.len();
-            let mut queues = Vec::new();
-            for (d, disk) in self.devices.disks.iter().enumerate() {
-                for (q, evt) in lock(&disk.transport).queue_evts().iter().enumerate() {
-                    fds.push(libc::pollfd {
-                        fd: evt.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    });
-                    queues.push((d, q));
-                }
-            }
-            let stdin_idx = stdin_open.then(|| {
-                fds.push(libc::pollfd {
-                    fd: stdin_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
             }
             // Wake for the run's deadline or a running command's, whichever is first.
-            let timeout_ms = match [deadline, self.exec.next_deadline()]
+            let until = [deadline, self.exec.next_deadline()]
                 .into_iter()
                 .flatten()
-                .min()
-            {
-                Some(d) => {
-                    d.saturating_duration_since(Instant::now())
-                        .as_millis()
-                        .min(i32::MAX as u128) as i32
-                        + 1
-                }
-                None => -1,
-            };
-            // SAFETY: fds is a valid array of pollfd for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(io_err("the event loop")(err));
+                .min();
+            let fired = events.wait(until)?;
+            if let Some(outcome) = self.turn(fired, opts, control, signals) {
+                return Ok(outcome);
             }
-            if fds[inbox_idx + 2].revents & libc::POLLIN != 0 {
-                let _ = self.com1_drained.read();
-                self.feed_console();
+        }
+    }
+
+    /// Acts on what fired in one turn of the loop, in a fixed order: input
+    /// room first, then exec, VM events, signals, the API, the console.
+    fn turn(
+        &mut self,
+        fired: Fired,
+        opts: &RunOptions,
+        control: Option<&ControlServer>,
+        signals: Option<&SignalFd>,
+    ) -> Option<Outcome> {
+        if fired.has(Wake::Com1Drained) {
+            let _ = self.com1_drained.read();
+            self.feed_console();
+        }
+        if fired.has(Wake::Com2Drained) {
+            let _ = self.com2_drained.read();
+            self.exec.feed(&self.devices.com2);
+        }
+        // A running command's deadline is checked at every turn.
+        if fired.has(Wake::ExecInbox) || self.exec.next_deadline().is_some() {
+            if let exec::Finished::Console(status) = self.exec.process(&self.devices.com2) {
+                return Some(Outcome::ExecDone(status));
             }
-            if fds[inbox_idx + 1].revents & libc::POLLIN != 0 {
-                let _ = self.com2_drained.read();
-                self.exec.feed(&self.devices.com2);
+        }
+        if let Some(outcome) = self.on_vm_events(opts) {
+            return Some(outcome);
+        }
+        if fired.has(Wake::Signal) {
+            if let Some(signo) = signals.and_then(SignalFd::read) {
+                return Some(Outcome::Signal(signo));
             }
-            if fds[inbox_idx].revents & libc::POLLIN != 0 || self.exec.next_deadline().is_some() {
-                if let exec::Finished::Console(status) = self.exec.process(&self.devices.com2) {
-                    return Ok(Outcome::ExecDone(status));
-                }
-            }
-            for (i, &(d, q)) in queues.iter().enumerate() {
-                if fds[queue_start + i].revents & libc::POLLIN != 0 {
-                    lock(&self.devices.disks[d].transport).process_queue(q);
-                }
-            }
-            let mut events = self.events.drain();
-            if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
-                events.remove(i);
-                if let Some(dir) = &opts.snapshot_when_ready {
-                    match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
-                        Ok(r) => eprintln!(
-                            "rewind: booted guest cached in {} (guest paused {:.1} ms)",
-                            dir.display(),
-                            r.pause_ms
-                        ),
-                        Err(e) => eprintln!("rewind: could not write the boot cache: {e}"),
-                    }
-                }
-            }
-            if let Some(event) = events.into_iter().next() {
-                return Ok(match event {
-                    VmEvent::GuestExit(s) => Outcome::GuestExit(s),
-                    VmEvent::Reset => match self.console.panic_line() {
-                        Some(line) => Outcome::Fatal(format!(
-                            "guest kernel panicked: {}",
-                            line.split("] ").last().unwrap_or(&line)
-                        )),
-                        None => Outcome::Reset,
-                    },
-                    VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
-                    VmEvent::ExpectMatched(line) => Outcome::Expected(line),
-                    VmEvent::Ready => continue,
-                    VmEvent::Fatal(msg) => Outcome::Fatal(msg),
-                    VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
-                });
-            }
-            if let (Some(i), Some(signals)) = (signal_idx, signals) {
-                if fds[i].revents & libc::POLLIN != 0 {
-                    if let Some(signo) = signals.read() {
-                        return Ok(Outcome::Signal(signo));
-                    }
-                }
-            }
-            if let (Some(i), Some(server)) = (control_idx, control) {
-                if fds[i].revents & libc::POLLIN != 0 {
-                    if let Some((client, cmd)) = server.accept_command() {
-                        if self.serve(client, cmd) {
-                            return Ok(Outcome::Stopped);
-                        }
-                    }
-                }
-            }
-            if let Some(i) = stdin_idx {
-                if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                    let mut buf = [0u8; 256];
-                    // SAFETY: reads into a stack buffer of the given length.
-                    let got = unsafe { libc::read(stdin_fd, buf.as_mut_ptr().cast(), buf.len()) };
-                    if got <= 0 {
-                        stdin_open = false;
-                        continue;
-                    }
-                    for key in escape.feed(&buf[..got as usize]) {
-                        match key {
-                            ConsoleKey::Guest(bytes) => {
-                                self.console_input.extend(bytes);
-                                self.feed_console();
-                            }
-                            ConsoleKey::Quit => return Ok(Outcome::Stopped),
-                        }
-                    }
+        }
+        if fired.has(Wake::Control) {
+            if let Some((client, cmd)) = control.and_then(ControlServer::accept_command) {
+                if self.serve(client, cmd) {
+                    return Some(Outcome::Stopped);
                 }
             }
         }
+        for key in fired.keys {
+            match key {
+                ConsoleKey::Guest(bytes) => {
+                    self.console_input.extend(bytes);
+                    self.feed_console();
+                }
+                ConsoleKey::Quit => return Some(Outcome::Stopped),
+            }
+        }
+        None
+    }
+
+    /// Takes the VM events: the ready line writes the boot cache if asked;
+    /// any other event ends the run.
+    fn on_vm_events(&mut self, opts: &RunOptions) -> Option<Outcome> {
+        let mut events = self.events.drain();
+        if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
+            events.remove(i);
+            if let Some(dir) = &opts.snapshot_when_ready {
+                match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
+                    Ok(r) => eprintln!(
+                        "rewind: booted guest cached in {} (guest paused {:.1} ms)",
+                        dir.display(),
+                        r.pause_ms
+                    ),
+                    Err(e) => eprintln!("rewind: could not write the boot cache: {e}"),
+                }
+            }
+        }
+        // The first event that ends the run decides.
+        events.into_iter().find_map(|e| self.outcome_of(e))
+    }
+
+    fn outcome_of(&self, event: VmEvent) -> Option<Outcome> {
+        Some(match event {
+            VmEvent::GuestExit(s) => Outcome::GuestExit(s),
+            VmEvent::Reset => match self.console.panic_line() {
+                Some(line) => Outcome::Fatal(format!(
+                    "guest kernel panicked: {}",
+                    line.split("] ").last().unwrap_or(&line)
+                )),
+                None => Outcome::Reset,
+            },
+            VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
+            VmEvent::ExpectMatched(line) => Outcome::Expected(line),
+            VmEvent::Ready => return None,
+            VmEvent::Fatal(msg) => Outcome::Fatal(msg),
+            VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
+        })
     }
 }
 
