@@ -130,34 +130,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
-        SnapshotCmd::Info { name, vm, vcpus } => {
-            let dir =
-                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
-            let m: Manifest = match running_owner(&dir) {
-                Some((o, name)) => {
-                    let r = api(&o, "GET", &format!("/snapshots/{name}"), None)?;
-                    serde_json::from_value(r).map_err(|e| {
-                        Failure::Runtime(format!("VM {o:?} described {name} oddly: {e}"))
-                    })?
-                }
-                None => store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?,
-            };
-            println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
-            if vcpus {
-                let (_, state) = rewind::snapshot::ops::load(&dir)
-                    .map_err(|e| Failure::Runtime(e.to_string()))?;
-                for v in &state.vcpus {
-                    println!("{}", v.describe());
-                }
-                println!(
-                    "com1: {:?}\ncom2: {:?}",
-                    state.devices.com1, state.devices.com2
-                );
-                for v in &state.devices.virtio {
-                    println!("virtio: {v:?}");
-                }
-            }
-        }
+        SnapshotCmd::Info { name, vm, vcpus } => info(&name, vm.as_deref(), vcpus)?,
         SnapshotCmd::Export { name, dir, vm } => {
             let src =
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -179,6 +152,36 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
         SnapshotCmd::Delete { name, vm } => delete(&name, vm.as_deref())?,
     }
     Ok(0)
+}
+
+/// Prints a snapshot's manifest (asking its VM when that runs) and, with
+/// `vcpus`, the captured vCPU and device state.
+fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
+    let dir = store::resolve(name, vm).map_err(|e| Failure::Usage(e.to_string()))?;
+    let m: Manifest = match running_owner(&dir) {
+        Some((o, name)) => {
+            let r = api(&o, "GET", &format!("/snapshots/{name}"), None)?;
+            serde_json::from_value(r)
+                .map_err(|e| Failure::Runtime(format!("VM {o:?} described {name} oddly: {e}")))?
+        }
+        None => store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?,
+    };
+    println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+    if vcpus {
+        let (_, state) =
+            rewind::snapshot::ops::load(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+        for v in &state.vcpus {
+            println!("{}", v.describe());
+        }
+        println!(
+            "com1: {:?}\ncom2: {:?}",
+            state.devices.com1, state.devices.com2
+        );
+        for v in &state.devices.virtio {
+            println!("virtio: {v:?}");
+        }
+    }
+    Ok(())
 }
 
 /// Deletes through the owning VM's socket when that VM runs (it must
