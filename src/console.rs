@@ -379,6 +379,37 @@ impl EscapeParser {
     }
 }
 
+/// The console's input: stdin, read as it comes, through the escape parser.
+pub struct ConsoleInput {
+    fd: i32,
+    escape: EscapeParser,
+}
+
+impl ConsoleInput {
+    pub fn stdin() -> Self {
+        ConsoleInput {
+            fd: libc::STDIN_FILENO,
+            escape: EscapeParser::default(),
+        }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.fd
+    }
+
+    /// The keys in what one read returns; None once input has ended (or
+    /// cannot be read), when it is no longer worth watching.
+    pub fn read_keys(&mut self) -> Option<Vec<ConsoleKey>> {
+        let mut buf = [0u8; 256];
+        // SAFETY: reads into a stack buffer of the given length.
+        let got = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if got <= 0 {
+            return None;
+        }
+        Some(self.escape.feed(&buf[..got as usize]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

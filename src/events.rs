@@ -26,7 +26,7 @@ pub enum VmEvent {
 }
 
 /// The sending half, cloned into every device and vCPU thread. The EventFd
-/// wakes the event loop's poll; the channel carries the payload.
+/// wakes the event loop; the channel carries the payload.
 #[derive(Clone)]
 pub struct VmEventSender {
     tx: Sender<VmEvent>,

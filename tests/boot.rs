@@ -282,3 +282,45 @@ fn control_socket_reports_the_vm_and_stops_it() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("apivm"));
 }
+
+#[test]
+fn ctrl_a_x_on_console_input_stops_the_vm_from_a_pipe_or_a_file() {
+    if !kvm_available("ctrl_a_x") {
+        return;
+    }
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let home = Home::new("ctrl-a-x");
+    let args = ["run", "--console", "stdio", "--timeout", "60"];
+    // A pipe: typed while the guest runs.
+    let t = Instant::now();
+    let mut child = home
+        .cmd()
+        .args(args)
+        .args(["--name", "pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    input.write_all(b"hello\x01x").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // A regular file, which epoll cannot watch: read as it stands.
+    let file = home.path.join("keys");
+    std::fs::write(&file, b"hello\x01x").unwrap();
+    let t = Instant::now();
+    let o = home
+        .cmd()
+        .args(args)
+        .args(["--name", "file"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}

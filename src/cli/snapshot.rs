@@ -2,7 +2,7 @@
 //! sees it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
@@ -108,7 +108,10 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             print_tree(vm.as_deref())?;
         }
         SnapshotCmd::List { vm, tree: false } => {
-            let list = store::list_json(vm.as_deref());
+            let list = match vm.as_deref().filter(|v| is_running(v)) {
+                Some(v) => api(v, "GET", "/snapshots", None)?,
+                None => store::list_json(vm.as_deref()),
+            };
             for s in list["snapshots"].as_array().into_iter().flatten() {
                 match s.get("error") {
                     Some(e) => println!(
@@ -127,26 +130,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
-        SnapshotCmd::Info { name, vm, vcpus } => {
-            let dir =
-                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
-            let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
-            if vcpus {
-                let (_, state) = rewind::snapshot::ops::load(&dir)
-                    .map_err(|e| Failure::Runtime(e.to_string()))?;
-                for v in &state.vcpus {
-                    println!("{}", v.describe());
-                }
-                println!(
-                    "com1: {:?}\ncom2: {:?}",
-                    state.devices.com1, state.devices.com2
-                );
-                for v in &state.devices.virtio {
-                    println!("virtio: {v:?}");
-                }
-            }
-        }
+        SnapshotCmd::Info { name, vm, vcpus } => info(&name, vm.as_deref(), vcpus)?,
         SnapshotCmd::Export { name, dir, vm } => {
             let src =
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -170,22 +154,43 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
     Ok(0)
 }
 
+/// Prints a snapshot's manifest (asking its VM when that runs) and, with
+/// `vcpus`, the captured vCPU and device state.
+fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
+    let dir = store::resolve(name, vm).map_err(|e| Failure::Usage(e.to_string()))?;
+    let m: Manifest = match running_owner(&dir) {
+        Some((o, name)) => {
+            let r = api(&o, "GET", &format!("/snapshots/{name}"), None)?;
+            serde_json::from_value(r)
+                .map_err(|e| Failure::Runtime(format!("VM {o:?} described {name} oddly: {e}")))?
+        }
+        None => store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?,
+    };
+    println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+    if vcpus {
+        let (_, state) =
+            rewind::snapshot::ops::load(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+        for v in &state.vcpus {
+            println!("{}", v.describe());
+        }
+        println!(
+            "com1: {:?}\ncom2: {:?}",
+            state.devices.com1, state.devices.com2
+        );
+        for v in &state.devices.virtio {
+            println!("virtio: {v:?}");
+        }
+    }
+    Ok(())
+}
+
 /// Deletes through the owning VM's socket when that VM runs (it must
 /// forget a baseline that is gone), through the store when it does not.
 fn delete(name: &str, vm: Option<&str>) -> Result<(), Failure> {
     let dir = store::resolve(name, vm).map_err(|e| Failure::Usage(e.to_string()))?;
-    let owner = dir
-        .parent()
-        .and_then(|p| p.parent())
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|owner| store::snapshots_dir(owner).join(name) == dir);
-    let running = owner
-        .as_deref()
-        .filter(|o| std::os::unix::net::UnixStream::connect(rewind::paths::api_socket(o)).is_ok());
-    let (how, report) = match running {
-        Some(o) => {
-            let r = api(o, "DELETE", &format!("/snapshots/{name}"), None)?;
+    let (how, report) = match running_owner(&dir) {
+        Some((o, name)) => {
+            let r = api(&o, "DELETE", &format!("/snapshots/{name}"), None)?;
             (format!(" through running VM {o}"), r)
         }
         None => {
@@ -208,6 +213,20 @@ fn delete(name: &str, vm: Option<&str>) -> Result<(), Failure> {
         println!("re-parented {} to {parent}", child.as_str().unwrap_or("?"));
     }
     Ok(())
+}
+
+/// The VM that owns the snapshot at `dir`, if that VM runs, and the
+/// snapshot's name there: then the VM answers for its snapshots, so what it
+/// holds (its baseline, a snapshot it is writing) and what the store holds
+/// stay one story.
+fn running_owner(dir: &Path) -> Option<(String, String)> {
+    let name = dir.file_name()?.to_str()?.to_string();
+    let owner = dir.parent()?.parent()?.file_name()?.to_str()?.to_string();
+    (store::snapshots_dir(&owner).join(&name) == dir && is_running(&owner)).then_some((owner, name))
+}
+
+fn is_running(vm: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(rewind::paths::api_socket(vm)).is_ok()
 }
 
 fn age(created_ms: u64) -> String {

@@ -9,10 +9,12 @@
 pub mod client;
 pub(crate) mod error;
 pub(crate) mod http;
+pub(crate) mod reply;
 pub(crate) mod server;
 
 pub use error::ControlError;
-pub use server::ControlServer;
+pub use reply::exec_waiter;
+pub use server::{Client, ControlServer};
 
 use serde::Deserialize;
 use serde_json::{json, Value};

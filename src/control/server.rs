@@ -1,4 +1,4 @@
-//! The VM side of the control socket, driven by the VM's own poll loop.
+//! The VM side of the control socket, driven by the VM's own event loop.
 
 use std::fs;
 use std::io;
@@ -8,7 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{http, route, sentence, ApiResponse, Command, ControlError, DeadlineStream};
+use super::{http, reply, route, sentence, ApiResponse, Command, ControlError, DeadlineStream};
+use crate::vmm::{ExecCallback, Reply, VmmError};
 
 /// Budget for reading one request, and separately for writing its response.
 /// Bounds how long a slow or silent client can stall the VM's loop.
@@ -115,10 +116,10 @@ impl ControlServer {
 
 impl ControlServer {
     /// Accepts one pending connection and reads its request, for commands
-    /// the owner answers later (see [`respond`]). None: nothing pending or
-    /// the client went away; parse and route errors come back as Err with
-    /// the response to send.
-    pub fn accept_command(&self) -> Option<(UnixStream, Result<Command, ApiResponse>)> {
+    /// the owner carries out and answers through the returned [`Client`].
+    /// None: nothing pending, the client went away, or its request did not
+    /// parse or route (it has been answered already).
+    pub fn accept_command(&self) -> Option<(Client, Command)> {
         let (stream, _) = self.listener.accept().ok()?;
         stream.set_nonblocking(false).ok()?;
         let mut reader = DeadlineStream::new(&stream, Some(IO_TIMEOUT));
@@ -126,12 +127,35 @@ impl ControlServer {
             Ok(request) => route(&request),
             Err(e) => Err(ApiResponse::error(e.status()?, sentence(&e.to_string()))),
         };
-        Some((stream, parsed))
+        match parsed {
+            Ok(command) => Some((Client { stream }, command)),
+            Err(response) => {
+                respond(&stream, &response);
+                None
+            }
+        }
     }
 }
 
-/// Sends `response` on a connection taken with [`ControlServer::accept_command`].
-pub fn respond(stream: &UnixStream, response: &ApiResponse) {
+/// A connection whose command the VMM carries out; answered exactly once.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Answers with a command's outcome.
+    pub fn answer(self, result: &Result<Reply, VmmError>) {
+        respond(&self.stream, &reply::response(result));
+    }
+
+    /// For an exec: the client is answered when the command ends.
+    pub fn exec_waiter(self) -> ExecCallback {
+        reply::exec_waiter(self.stream)
+    }
+}
+
+/// Sends `response` on an accepted connection.
+pub(crate) fn respond(stream: &UnixStream, response: &ApiResponse) {
     let mut writer = DeadlineStream::new(stream, Some(IO_TIMEOUT));
     let _ = http::write_response(&mut writer, response.status, &response.body);
 }

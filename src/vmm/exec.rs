@@ -5,12 +5,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::{self, Message, Stream};
-use crate::control::ApiResponse;
 use crate::devices::bus::lock;
 use crate::devices::serial::{Inbox, SerialDevice};
 
@@ -23,10 +21,41 @@ pub const MAX_AGENT_LINE: usize = 1 << 20;
 /// answered with all of it at the end.
 pub const MAX_API_OUTPUT: usize = 16 << 20;
 
+/// What an API exec ended with: the command's status and all its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Why a command has no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecError {
+    #[error("the command did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the guest agent sent a line over {} MiB; the command's result is lost", MAX_AGENT_LINE >> 20)]
+    LineTooLong,
+    #[error(
+        "the command's output passed {} MiB, the most an API exec keeps; \
+         redirect it to a file in the guest",
+        MAX_API_OUTPUT >> 20
+    )]
+    OutputTooLarge,
+    #[error("the guest agent refused the command: {0}")]
+    Refused(String),
+}
+
+pub type ExecResult = Result<ExecOutput, ExecError>;
+
+/// Called once with the command's result (the control socket answers its
+/// client with it).
+pub type ExecCallback = Box<dyn FnOnce(ExecResult)>;
+
 /// Who waits for a command's result.
 pub enum Waiter {
-    /// An API client (`rewind exec`): answered with all output at the end.
-    Api(UnixStream),
+    /// An API client (`rewind exec`): told all output at the end.
+    Api(ExecCallback),
     /// `rewind run --exec`: output streams to our stdout/stderr and the
     /// run ends with the command's status.
     Console,
@@ -126,7 +155,7 @@ impl ExecLink {
         }
     }
 
-    /// The earliest deadline of a running command, for the poll timeout.
+    /// The earliest deadline of a running command, for the event loop's timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.values().map(|p| p.deadline).min()
     }
@@ -196,13 +225,11 @@ impl ExecLink {
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 self.queued.retain(|(q, _)| *q != id);
-                let msg = format!("the command did not finish within {:?}", p.timeout);
+                let err = ExecError::Timeout(p.timeout);
                 match p.waiter {
-                    Waiter::Api(stream) => {
-                        crate::control::server::respond(&stream, &ApiResponse::error(504, msg))
-                    }
+                    Waiter::Api(tell) => tell(Err(err)),
                     Waiter::Console => {
-                        eprintln!("rewind: {msg}");
+                        eprintln!("rewind: {err}");
                         finished = Finished::Console(crate::vmm::EXIT_TIMEOUT);
                     }
                 }
@@ -219,25 +246,7 @@ impl ExecLink {
         let id: u64 = head.split(' ').nth(1)?.parse().ok()?;
         let p = self.pending.remove(&id)?;
         self.queued.retain(|(q, _)| *q != id);
-        let msg = format!(
-            "the guest agent sent a line over {} MiB; the command's result is lost",
-            MAX_AGENT_LINE >> 20
-        );
-        self.fail(p.waiter, 502, msg)
-    }
-
-    /// Tells the waiter its command failed with `msg`.
-    fn fail(&mut self, waiter: Waiter, status: u16, msg: String) -> Option<Finished> {
-        match waiter {
-            Waiter::Api(stream) => {
-                crate::control::server::respond(&stream, &ApiResponse::error(status, msg));
-                None
-            }
-            Waiter::Console => {
-                eprintln!("rewind: {msg}");
-                Some(Finished::Console(1))
-            }
-        }
+        fail(p.waiter, ExecError::LineTooLong)
     }
 
     fn on_message(&mut self, msg: Message) -> Option<Finished> {
@@ -257,12 +266,7 @@ impl ExecLink {
                     };
                 } else if p.stdout.len() + p.stderr.len() + data.len() > MAX_API_OUTPUT {
                     let p = self.pending.remove(&id)?;
-                    let msg = format!(
-                        "the command's output passed {} MiB, the most an API exec keeps; \
-                         redirect it to a file in the guest",
-                        MAX_API_OUTPUT >> 20
-                    );
-                    return self.fail(p.waiter, 507, msg);
+                    return fail(p.waiter, ExecError::OutputTooLarge);
                 } else {
                     match stream {
                         Stream::Stdout => p.stdout.extend_from_slice(&data),
@@ -274,13 +278,12 @@ impl ExecLink {
             Message::Exit(id, status) => {
                 let p = self.pending.remove(&id)?;
                 match p.waiter {
-                    Waiter::Api(stream) => {
-                        let body = serde_json::json!({
-                            "status": status,
-                            "stdout": String::from_utf8_lossy(&p.stdout),
-                            "stderr": String::from_utf8_lossy(&p.stderr),
-                        });
-                        crate::control::server::respond(&stream, &ApiResponse::ok(body));
+                    Waiter::Api(tell) => {
+                        tell(Ok(ExecOutput {
+                            status,
+                            stdout: p.stdout,
+                            stderr: p.stderr,
+                        }));
                         None
                     }
                     Waiter::Console => Some(Finished::Console(status)),
@@ -301,9 +304,22 @@ impl ExecLink {
                     return None;
                 }
                 let p = self.pending.remove(&num)?;
-                let msg = format!("the guest agent refused the command: {reason}");
-                self.fail(p.waiter, 500, msg)
+                fail(p.waiter, ExecError::Refused(reason))
             }
+        }
+    }
+}
+
+/// Tells the waiter its command failed.
+fn fail(waiter: Waiter, err: ExecError) -> Option<Finished> {
+    match waiter {
+        Waiter::Api(tell) => {
+            tell(Err(err));
+            None
+        }
+        Waiter::Console => {
+            eprintln!("rewind: {err}");
+            Some(Finished::Console(1))
         }
     }
 }
@@ -313,6 +329,7 @@ mod tests {
     use super::*;
     use crate::devices::serial::{SerialOut, UartEvents};
     use std::io::Read;
+    use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -348,7 +365,7 @@ mod tests {
             self.link.start(
                 cmd.into(),
                 Duration::from_secs(60),
-                Waiter::Api(ours),
+                Waiter::Api(crate::control::exec_waiter(ours)),
                 &self.com2,
             );
             (id, theirs)

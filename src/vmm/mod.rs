@@ -2,11 +2,15 @@
 //! event loop, and carries out [`crate::control::Command`]s.
 
 mod builder;
+mod commands;
 pub mod disks;
+mod event_loop;
 mod exec;
 mod signals;
 mod snapshots;
 
+pub use commands::{Reply, VmInfo};
+pub use exec::{ExecCallback, ExecError, ExecOutput, ExecResult};
 pub use signals::SignalFd;
 pub use snapshots::{RevertReport, SnapshotReport};
 
@@ -20,9 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::host::HostKind;
 use crate::arch::{boot, loader};
-use crate::config::{KernelSource, VmConfig};
-use crate::console::{Console, ConsoleKey, ConsoleTarget, EscapeParser, RawTerminal};
-use crate::control::{ApiResponse, Command, ControlServer};
+use crate::config::VmConfig;
+use crate::console::{Console, ConsoleKey, ConsoleTarget, RawTerminal};
+use crate::control::{Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::ExitPort;
@@ -32,6 +36,7 @@ use crate::events::{VmEvent, VmEventReceiver};
 use crate::kvm::vcpu::{VcpuError, VcpuHandle};
 use crate::kvm::vm::{Vm, VmError};
 use crate::memory::{self, GuestMemory};
+use event_loop::{Fired, Wake};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -64,6 +69,16 @@ pub enum VmmError {
     Store(#[from] crate::snapshot::store::StoreError),
     #[error(transparent)]
     Disk(#[from] disks::DiskSetupError),
+    /// The named snapshot is not there (or not readable) for this VM.
+    #[error(transparent)]
+    SnapshotLookup(crate::snapshot::store::StoreError),
+    #[error(transparent)]
+    SnapshotDelete(crate::snapshot::store::StoreError),
+    #[error("VM {0} runs the test guest, which has no exec agent (exec needs a Linux guest)")]
+    NoAgent(String),
+    /// `Exec` answers later, through [`Vmm::start_exec`].
+    #[error("exec is answered by the event loop")]
+    ExecElsewhere,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -123,20 +138,6 @@ impl Outcome {
             )),
             Outcome::Fatal(msg) => Some(msg.clone()),
         }
-    }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
-}
-
-/// Not found and bad names are the client's fault; the rest is ours.
-fn error_status(e: &VmmError) -> u16 {
-    match e {
-        VmmError::Store(crate::snapshot::store::StoreError::NotFound { .. }) => 404,
-        VmmError::Store(crate::snapshot::store::StoreError::Exists(_)) => 409,
-        VmmError::Bundle(_) => 422,
-        _ => 500,
     }
 }
 
@@ -278,93 +279,6 @@ impl Vmm {
         lock(&self.devices.com1).feed_from(&mut self.console_input);
     }
 
-    fn describe(&self) -> serde_json::Value {
-        let kernel = match &self.config.kernel {
-            KernelSource::EmbeddedTestGuest => "embedded test guest".to_string(),
-            KernelSource::File(p) => p.display().to_string(),
-        };
-        serde_json::json!({
-            "name": self.config.name,
-            "state": if self.paused { "paused" } else { "running" },
-            "vcpus": self.config.cpus,
-            "mem_mib": self.config.mem_mib,
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "kernel": kernel,
-            "host": format!("{:?}", self.host).to_lowercase(),
-            "baseline": self.baseline.as_ref().map(|p| p.display().to_string()),
-            "disks": self.devices.disks.iter().map(|d| crate::devices::bus::lock(&d.disk).path().display().to_string()).collect::<Vec<_>>(),
-        })
-    }
-
-    /// Carries out one API command. Returns the response and whether the VM
-    /// should stop afterwards.
-    pub fn handle_command(&mut self, cmd: Command) -> (ApiResponse, bool) {
-        let ok = |body| ApiResponse { status: 200, body };
-        let fail = |status, e: &dyn std::fmt::Display| ApiResponse {
-            status,
-            body: serde_json::json!({ "error": e.to_string() }),
-        };
-        match cmd {
-            Command::GetVm => (ok(self.describe()), false),
-            Command::Stop => (ok(serde_json::json!({ "stopped": true })), true),
-            Command::Exec { .. } => (fail(500, &"exec is answered by the event loop"), false),
-            Command::Pause => match self.pause() {
-                Ok(d) => (
-                    ok(serde_json::json!({ "state": "paused", "pause_us": d.as_micros() as u64 })),
-                    false,
-                ),
-                Err(e) => (fail(500, &e), false),
-            },
-            Command::Resume => match self.resume() {
-                Ok(()) => (ok(serde_json::json!({ "state": "running" })), false),
-                Err(e) => (fail(500, &e), false),
-            },
-            Command::SnapshotCreate { name } => match self.snapshot_create(name) {
-                Ok(r) => (ok(json(&r)), false),
-                Err(e) => (fail(error_status(&e), &e), false),
-            },
-            Command::SnapshotRevert { name } => match self.revert(&name) {
-                Ok(r) => (ok(json(&r)), false),
-                Err(e) => (fail(error_status(&e), &e), false),
-            },
-            Command::SnapshotList => (
-                ok(crate::snapshot::store::list_json(Some(&self.config.name))),
-                false,
-            ),
-            Command::SnapshotInfo { name } => {
-                match crate::snapshot::store::resolve(&name, Some(&self.config.name))
-                    .and_then(|d| crate::snapshot::store::read_manifest(&d))
-                {
-                    Ok(m) => (ok(json(&m)), false),
-                    Err(e) => (fail(404, &e), false),
-                }
-            }
-            Command::SnapshotDelete { name } => {
-                match crate::snapshot::store::resolve(&name, Some(&self.config.name)) {
-                    Ok(dir) => {
-                        if self.baseline.as_deref() == Some(dir.as_path()) {
-                            self.baseline = None;
-                        }
-                        match crate::snapshot::store::delete_with_layers(&dir) {
-                            Ok(r) => (
-                                ok(serde_json::json!({
-                                    "deleted": name,
-                                    "layers": r.layers,
-                                    "reparented": r.reparented,
-                                    "new_parent": r.new_parent,
-                                })),
-                                false,
-                            ),
-                            Err(e) => (fail(500, &e), false),
-                        }
-                    }
-                    Err(e) => (fail(404, &e), false),
-                }
-            }
-        }
-    }
-
     /// Runs until the guest ends, `--expect` matches, the timeout passes, the
     /// API or the console asks to stop, or a termination signal arrives.
     pub fn run(
@@ -375,222 +289,138 @@ impl Vmm {
     ) -> Result<Outcome, VmmError> {
         let deadline = opts.timeout.map(|t| Instant::now() + t);
         let interactive = opts.console == ConsoleTarget::Stdio;
-        let stdin_fd = std::io::stdin().as_raw_fd();
-        let _raw = if interactive {
-            RawTerminal::enable(stdin_fd)
-        } else {
-            None
-        };
-        let mut stdin_open = interactive;
-        let mut escape = EscapeParser::default();
+        let _raw = interactive
+            .then(|| RawTerminal::enable(std::io::stdin().as_raw_fd()))
+            .flatten();
+        let mut events = self.event_loop(control, signals, interactive)?;
         if let Some(cmd) = &opts.exec {
             let timeout = opts.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
-            self.exec.start(
-                cmd.clone(),
-                timeout,
-                exec::Waiter::Console,
-                &self.devices.com2,
-            );
+            let com2 = &self.devices.com2;
+            self.exec
+                .start(cmd.clone(), timeout, exec::Waiter::Console, com2);
         }
         self.resume()?;
         loop {
-            let mut fds = vec![libc::pollfd {
-                fd: self.events.wake_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            let control_idx = control.map(|c| {
-                fds.push(libc::pollfd {
-                    fd: c.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
-            let signal_idx = signals.map(|s| {
-                fds.push(libc::pollfd {
-                    fd: s.fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
-            let inbox_idx = fds.len();
-            fds.push(libc::pollfd {
-                fd: self.exec.inbox.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            fds.push(libc::pollfd {
-                fd: self.com2_drained.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            fds.push(libc::pollfd {
-                fd: self.com1_drained.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            let queue_start = fds.len();
-            let mut queues = Vec::new();
-            for (d, disk) in self.devices.disks.iter().enumerate() {
-                for (q, evt) in lock(&disk.transport).queue_evts().iter().enumerate() {
-                    fds.push(libc::pollfd {
-                        fd: evt.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    });
-                    queues.push((d, q));
-                }
-            }
-            let stdin_idx = stdin_open.then(|| {
-                fds.push(libc::pollfd {
-                    fd: stdin_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.len() - 1
-            });
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
             }
             // Wake for the run's deadline or a running command's, whichever is first.
-            let timeout_ms = match [deadline, self.exec.next_deadline()]
+            let until = [deadline, self.exec.next_deadline()]
                 .into_iter()
                 .flatten()
-                .min()
-            {
-                Some(d) => {
-                    d.saturating_duration_since(Instant::now())
-                        .as_millis()
-                        .min(i32::MAX as u128) as i32
-                        + 1
-                }
-                None => -1,
-            };
-            // SAFETY: fds is a valid array of pollfd for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(io_err("the event loop")(err));
+                .min();
+            let fired = events.wait(until)?;
+            if let Some(outcome) = self.turn(fired, opts, control, signals) {
+                return Ok(outcome);
             }
-            if fds[inbox_idx + 2].revents & libc::POLLIN != 0 {
-                let _ = self.com1_drained.read();
-                self.feed_console();
+        }
+    }
+
+    /// Acts on what fired in one turn of the loop, in a fixed order: input
+    /// room first, then exec, VM events, signals, the API, the console.
+    fn turn(
+        &mut self,
+        fired: Fired,
+        opts: &RunOptions,
+        control: Option<&ControlServer>,
+        signals: Option<&SignalFd>,
+    ) -> Option<Outcome> {
+        if fired.has(Wake::Com1Drained) {
+            let _ = self.com1_drained.read();
+            self.feed_console();
+        }
+        if fired.has(Wake::Com2Drained) {
+            let _ = self.com2_drained.read();
+            self.exec.feed(&self.devices.com2);
+        }
+        // A running command's deadline is checked at every turn.
+        if fired.has(Wake::ExecInbox) || self.exec.next_deadline().is_some() {
+            if let exec::Finished::Console(status) = self.exec.process(&self.devices.com2) {
+                return Some(Outcome::ExecDone(status));
             }
-            if fds[inbox_idx + 1].revents & libc::POLLIN != 0 {
-                let _ = self.com2_drained.read();
-                self.exec.feed(&self.devices.com2);
+        }
+        if let Some(outcome) = self.on_vm_events(opts) {
+            return Some(outcome);
+        }
+        if fired.has(Wake::Signal) {
+            if let Some(signo) = signals.and_then(SignalFd::read) {
+                return Some(Outcome::Signal(signo));
             }
-            if fds[inbox_idx].revents & libc::POLLIN != 0 || self.exec.next_deadline().is_some() {
-                if let exec::Finished::Console(status) = self.exec.process(&self.devices.com2) {
-                    return Ok(Outcome::ExecDone(status));
-                }
-            }
-            for (i, &(d, q)) in queues.iter().enumerate() {
-                if fds[queue_start + i].revents & libc::POLLIN != 0 {
-                    lock(&self.devices.disks[d].transport).process_queue(q);
-                }
-            }
-            let mut events = self.events.drain();
-            if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
-                events.remove(i);
-                if let Some(dir) = &opts.snapshot_when_ready {
-                    match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
-                        Ok(r) => eprintln!(
-                            "rewind: booted guest cached in {} (guest paused {:.1} ms)",
-                            dir.display(),
-                            r.pause_ms
-                        ),
-                        Err(e) => eprintln!("rewind: could not write the boot cache: {e}"),
-                    }
-                }
-            }
-            if let Some(event) = events.into_iter().next() {
-                return Ok(match event {
-                    VmEvent::GuestExit(s) => Outcome::GuestExit(s),
-                    VmEvent::Reset => match self.console.panic_line() {
-                        Some(line) => Outcome::Fatal(format!(
-                            "guest kernel panicked: {}",
-                            line.split("] ").last().unwrap_or(&line)
-                        )),
-                        None => Outcome::Reset,
-                    },
-                    VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
-                    VmEvent::ExpectMatched(line) => Outcome::Expected(line),
-                    VmEvent::Ready => continue,
-                    VmEvent::Fatal(msg) => Outcome::Fatal(msg),
-                    VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
-                });
-            }
-            if let (Some(i), Some(signals)) = (signal_idx, signals) {
-                if fds[i].revents & libc::POLLIN != 0 {
-                    if let Some(signo) = signals.read() {
-                        return Ok(Outcome::Signal(signo));
-                    }
-                }
-            }
-            if let (Some(i), Some(server)) = (control_idx, control) {
-                if fds[i].revents & libc::POLLIN != 0 {
-                    if let Some((stream, parsed)) = server.accept_command() {
-                        match parsed {
-                            Ok(Command::Exec { .. }) if !self.config.guest.has_agent() => {
-                                let msg = format!(
-                                    "VM {} runs the test guest, which has no exec agent (exec needs a Linux guest)",
-                                    self.config.name
-                                );
-                                crate::control::server::respond(
-                                    &stream,
-                                    &ApiResponse::error(409, msg),
-                                );
-                            }
-                            Ok(Command::Exec { cmd, timeout_s }) => {
-                                let timeout = timeout_s
-                                    .map(Duration::from_secs)
-                                    .unwrap_or(DEFAULT_EXEC_TIMEOUT);
-                                self.exec.start(
-                                    cmd,
-                                    timeout,
-                                    exec::Waiter::Api(stream),
-                                    &self.devices.com2,
-                                );
-                            }
-                            Ok(cmd) => {
-                                let (resp, stop) = self.handle_command(cmd);
-                                crate::control::server::respond(&stream, &resp);
-                                if stop {
-                                    return Ok(Outcome::Stopped);
-                                }
-                            }
-                            Err(resp) => crate::control::server::respond(&stream, &resp),
-                        }
-                    }
-                }
-            }
-            if let Some(i) = stdin_idx {
-                if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                    let mut buf = [0u8; 256];
-                    // SAFETY: reads into a stack buffer of the given length.
-                    let got = unsafe { libc::read(stdin_fd, buf.as_mut_ptr().cast(), buf.len()) };
-                    if got <= 0 {
-                        stdin_open = false;
-                        continue;
-                    }
-                    for key in escape.feed(&buf[..got as usize]) {
-                        match key {
-                            ConsoleKey::Guest(bytes) => {
-                                self.console_input.extend(bytes);
-                                self.feed_console();
-                            }
-                            ConsoleKey::Quit => return Ok(Outcome::Stopped),
-                        }
-                    }
+        }
+        if fired.has(Wake::Control) {
+            if let Some((client, cmd)) = control.and_then(ControlServer::accept_command) {
+                if self.serve(client, cmd) {
+                    return Some(Outcome::Stopped);
                 }
             }
         }
+        for key in fired.keys {
+            match key {
+                ConsoleKey::Guest(bytes) => {
+                    self.console_input.extend(bytes);
+                    self.feed_console();
+                }
+                ConsoleKey::Quit => return Some(Outcome::Stopped),
+            }
+        }
+        None
+    }
+
+    /// Takes the VM events: the ready line writes the boot cache if asked;
+    /// any other event ends the run.
+    fn on_vm_events(&mut self, opts: &RunOptions) -> Option<Outcome> {
+        let mut events = self.events.drain();
+        if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
+            events.remove(i);
+            if let Some(dir) = &opts.snapshot_when_ready {
+                match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
+                    Ok(r) => eprintln!(
+                        "rewind: booted guest cached in {} (guest paused {:.1} ms)",
+                        dir.display(),
+                        r.pause_ms
+                    ),
+                    Err(e) => eprintln!("rewind: could not write the boot cache: {e}"),
+                }
+            }
+        }
+        // The first event that ends the run decides.
+        events.into_iter().find_map(|e| self.outcome_of(e))
+    }
+
+    fn outcome_of(&self, event: VmEvent) -> Option<Outcome> {
+        Some(match event {
+            VmEvent::GuestExit(s) => Outcome::GuestExit(s),
+            VmEvent::Reset => match self.console.panic_line() {
+                Some(line) => Outcome::Fatal(format!(
+                    "guest kernel panicked: {}",
+                    line.split("] ").last().unwrap_or(&line)
+                )),
+                None => Outcome::Reset,
+            },
+            VmEvent::TripleFault { cpu } => Outcome::TripleFault { cpu },
+            VmEvent::ExpectMatched(line) => Outcome::Expected(line),
+            VmEvent::Ready => return None,
+            VmEvent::Fatal(msg) => Outcome::Fatal(msg),
+            VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
+        })
+    }
+}
+
+impl Vmm {
+    /// Carries out one API command and answers its client (an exec's later,
+    /// when it ends). Whether the VM should stop.
+    fn serve(&mut self, client: crate::control::Client, cmd: Command) -> bool {
+        if let Command::Exec { cmd, timeout_s } = cmd {
+            match self.can_exec() {
+                Ok(()) => self.start_exec(cmd, timeout_s, client.exec_waiter()),
+                Err(e) => client.answer(&Err(e)),
+            }
+            return false;
+        }
+        let result = self.handle_command(cmd);
+        let stop = matches!(result, Ok(Reply::Stopped));
+        client.answer(&result);
+        stop
     }
 }
 
