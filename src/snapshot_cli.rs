@@ -142,8 +142,8 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                     "com1: {:?}\ncom2: {:?}",
                     state.devices.com1, state.devices.com2
                 );
-                for v in &state.devices.virtio {
-                    println!("virtio: {v:?}");
+                for d in &state.devices.disks {
+                    println!("virtio: {:?}", d.transport);
                 }
             }
         }

@@ -74,7 +74,8 @@ pub fn export(src: &Path, dest: &Path) -> Result<u64, BundleError> {
     let result = (|| {
         let mut disk_bytes = 0;
         manifest.disk_layers.clear();
-        for (index, d) in state.disks.iter_mut().enumerate() {
+        for (index, d) in state.devices.disks.iter_mut().enumerate() {
+            let d = &mut d.layer;
             let name = PathBuf::from(format!("disk{index}.qcow2"));
             let out = tmp.join(&name);
             let layer = layer_path(src, &d.frozen);

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use super::format::read_state_file_summed;
 use super::state::{
-    feature_leaves, host_features, host_kind_name, missing_cpu_features, MachineState, Manifest,
+    feature_leaves, host_features, host_kind_name, missing_cpu_features, Manifest,
     MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
 };
 use super::store::{read_manifest, StoreError};
 use crate::config::VmConfig;
 use crate::kvm::host::HostKind;
-use crate::vmm::VmmError;
+use crate::vmm::MachineState;
 
 /// A bundle that passed [`validate`]: its memory file is open (and of the
 /// right length), so what was checked is what gets read.
@@ -100,16 +100,6 @@ pub enum BundleError {
     },
 }
 
-impl From<BundleError> for VmmError {
-    fn from(e: BundleError) -> VmmError {
-        match e {
-            // Keeps "no such snapshot" a 404.
-            BundleError::Store(s @ StoreError::NotFound { .. }) => VmmError::Store(s),
-            other => VmmError::Bundle(other),
-        }
-    }
-}
-
 /// A bundle's manifest and state, each checked on its own and against the
 /// other (what `snapshot info` needs; [`validate`] checks the rest).
 pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
@@ -193,14 +183,7 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             state.config.cpus
         )));
     }
-    if state.devices.virtio.len() != state.disks.len() {
-        return Err(inconsistent(format!(
-            "{} virtio states for {} disks",
-            state.devices.virtio.len(),
-            state.disks.len()
-        )));
-    }
-    for (index, d) in state.disks.iter().enumerate() {
+    for (index, d) in state.devices.disks.iter().map(|d| &d.layer).enumerate() {
         let disk_err = |reason: String| BundleError::Disk {
             dir: name(),
             index,
@@ -223,7 +206,7 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             format!("{} MiB, {} vCPUs and {disks} disks", c.mem_mib, c.cpus)
         };
         let (theirs, ours) = (
-            shape(&state.config, state.disks.len()),
+            shape(&state.config, state.devices.disks.len()),
             shape(run.config, run.disks),
         );
         if theirs != ours {

@@ -1,49 +1,17 @@
-//! What a snapshot holds: the machine state in `state.bin` (bincode, via
-//! format.rs) and a readable `manifest.json`.
+//! What a snapshot directory holds: the machine state in `state.bin`
+//! (`vmm::MachineState`, bincode via format.rs) and a readable
+//! `manifest.json`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::devices::debug_console::DebugConsoleState;
-use crate::devices::exit_port::ExitPortState;
-use crate::devices::i8042::I8042State;
-use crate::devices::serial::UartState;
-use crate::kvm::vcpu_state::VcpuState;
-use crate::kvm::vm::VmState;
 
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// Bumped whenever `MachineState` or the memory layout changes meaning.
+/// Bumped whenever the machine state (`vmm::MachineState`) or the memory
+/// layout changes meaning.
 pub const MANIFEST_VERSION: u32 = 1;
-
-#[derive(Clone, Serialize, Deserialize)]
-pub struct DevicesState {
-    pub com1: UartState,
-    pub com2: UartState,
-    pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
-    pub i8042: I8042State,
-    pub exit_port: ExitPortState,
-    pub debug_console: DebugConsoleState,
-    /// One virtio-mmio transport per disk, in disk order.
-    pub virtio: Vec<crate::devices::virtio::MmioState>,
-}
-
-/// Everything but memory. Order of restore: VM (irqchips, PIT, clock), then
-/// vCPUs, then devices (a UART re-raising its interrupt needs the irqchip).
-#[derive(Serialize, Deserialize)]
-pub struct MachineState {
-    pub config: VmConfig,
-    /// What the capturing host's KVM offered (`KVM_GET_SUPPORTED_CPUID`),
-    /// for the record: a guest relies only on its vCPUs' own CPUID, which
-    /// is what a restore host is checked against (see ops.rs).
-    pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    pub vm: VmState,
-    pub vcpus: Vec<VcpuState>,
-    pub devices: DevicesState,
-    /// Each disk's frozen layer, in disk order.
-    pub disks: Vec<crate::vmm::disks::DiskSnapshot>,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

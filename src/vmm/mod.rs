@@ -4,9 +4,11 @@
 mod builder;
 pub mod disks;
 mod exec;
+mod persist;
 mod signals;
 mod snapshots;
 
+pub use persist::{DevicesState, DiskState, MachineState};
 pub use signals::SignalFd;
 pub use snapshots::{RevertReport, SnapshotReport};
 
