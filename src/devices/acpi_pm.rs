@@ -36,7 +36,7 @@ impl BusDevice for AcpiPm {
 }
 
 /// The register holds no state between writes.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AcpiPmState {}
 
 impl crate::snapshot::Persist for AcpiPm {
@@ -46,5 +46,22 @@ impl crate::snapshot::Persist for AcpiPm {
     }
     fn restore(&mut self, _: &AcpiPmState) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events() -> crate::events::VmEventSender {
+        crate::events::vm_event_channel().unwrap().0
+    }
+
+    #[test]
+    fn save_restore_save() {
+        crate::snapshot::persist::assert_save_restore_save(
+            &AcpiPm::new(events()),
+            &mut AcpiPm::new(events()),
+        );
     }
 }

@@ -32,7 +32,7 @@ impl BusDevice for ExitPort {
 }
 
 /// Writes end the VM at once; there is nothing in between to capture.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitPortState {}
 
 impl crate::snapshot::Persist for ExitPort {
@@ -42,5 +42,22 @@ impl crate::snapshot::Persist for ExitPort {
     }
     fn restore(&mut self, _: &ExitPortState) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events() -> crate::events::VmEventSender {
+        crate::events::vm_event_channel().unwrap().0
+    }
+
+    #[test]
+    fn save_restore_save() {
+        crate::snapshot::persist::assert_save_restore_save(
+            &ExitPort::new(events()),
+            &mut ExitPort::new(events()),
+        );
     }
 }

@@ -43,7 +43,7 @@ impl BusDevice for I8042 {
 
 /// Only the reset line matters to rewind; vm-superio keeps no other state
 /// worth carrying across a snapshot, so the state is empty by design.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042State {}
 
 impl crate::snapshot::Persist for I8042 {
@@ -53,5 +53,22 @@ impl crate::snapshot::Persist for I8042 {
     }
     fn restore(&mut self, _: &I8042State) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events() -> crate::events::VmEventSender {
+        crate::events::vm_event_channel().unwrap().0
+    }
+
+    #[test]
+    fn save_restore_save() {
+        crate::snapshot::persist::assert_save_restore_save(
+            &I8042::new(events()),
+            &mut I8042::new(events()),
+        );
     }
 }
