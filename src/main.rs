@@ -286,8 +286,12 @@ fn canonical_disks(disks: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     disks
         .iter()
         .map(|d| {
-            std::fs::canonicalize(d)
-                .map_err(|e| Failure::Usage(format!("--disk {}: {e}", d.display())))
+            std::fs::canonicalize(d).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Failure::Usage(format!("disk image {} is missing", d.display()))
+                }
+                _ => Failure::Usage(format!("--disk {}: {e}", d.display())),
+            })
         })
         .collect()
 }

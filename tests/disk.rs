@@ -97,8 +97,7 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
     assert_eq!(vm.stop(), Some(0));
 
     // Two clones of the snapshot, each with its own overlay. c0 runs until
-    // stopped, so its overlay can be looked at while it exists: a VM that
-    // ends removes its live overlay.
+    // stopped, so its overlay can be looked at while it runs.
     let expect = format!("^tick {} disk ok$", k + 3);
     let clones: Vec<VmProcess> = (0..2)
         .map(|i| {
@@ -165,8 +164,9 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
     assert!(!orig.iter().any(|l| l.contains("CORRUPT")), "{orig:?}");
     assert_eq!(sha(&base), before, "the base image was written");
     check_all_overlays(&home);
+    // The overlay c0 wrote to last is its disk as it left it.
     let live = live.expect("c0 has a disk");
-    assert!(!live.exists(), "c0's live overlay is left behind");
+    assert!(live.exists(), "c0's disk is gone");
     // A changed or missing base is refused with one clear line naming it.
     std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
     let o = home.run(&[

@@ -602,13 +602,7 @@ impl Drop for Vmm {
             v.stop();
         }
         self.console.flush(crate::console::FLUSH_LIMIT);
-        // The live overlays hold only writes since the last snapshot, revert
-        // or restore: no snapshot refers to them (a snapshot freezes its
-        // layer and moves the VM to a fresh one) and nothing reopens them
-        // once the VM is gone, so each run or restore would leave one behind.
-        for d in &self.devices.disks {
-            let path = lock(&d.disk).path().to_path_buf();
-            let _ = std::fs::remove_file(path);
-        }
+        // The live overlays stay: they are the guest's disks as it left them
+        // (`disk export --vm`), and `rewind rm` removes them with the VM.
     }
 }
