@@ -133,7 +133,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             let m = store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
             if vcpus {
-                let (_, state) = rewind::snapshot::ops::load(&dir)
+                let (_, state) = rewind::snapshot::ops::load::<rewind::vmm::MachineState>(&dir)
                     .map_err(|e| Failure::Runtime(e.to_string()))?;
                 for v in &state.vcpus {
                     println!("{}", v.describe());
@@ -153,8 +153,8 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             if dir.exists() {
                 return Err(Failure::Usage(format!("{} already exists", dir.display())));
             }
-            let disk_bytes =
-                bundle::export(&src, &dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            let disk_bytes = bundle::export::<rewind::vmm::MachineState>(&src, &dir)
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
             // `restore` reads an argument without a '/' as a snapshot name.
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             println!(

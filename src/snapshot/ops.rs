@@ -7,20 +7,19 @@ use std::path::{Path, PathBuf};
 
 use super::format::read_state_file_summed;
 use super::state::{
-    feature_leaves, host_features, host_kind_name, missing_cpu_features, Manifest,
+    feature_leaves, host_features, host_kind_name, missing_cpu_features, Manifest, StoredState,
     MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
 };
 use super::store::{read_manifest, StoreError};
 use crate::config::VmConfig;
 use crate::kvm::host::HostKind;
-use crate::vmm::MachineState;
 
 /// A bundle that passed [`validate`]: its memory file is open (and of the
 /// right length), so what was checked is what gets read.
-pub struct Bundle {
+pub struct Bundle<S> {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    pub state: MachineState,
+    pub state: S,
     pub memory: File,
 }
 
@@ -102,7 +101,7 @@ pub enum BundleError {
 
 /// A bundle's manifest and state, each checked on its own and against the
 /// other (what `snapshot info` needs; [`validate`] checks the rest).
-pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
+pub fn load<S: StoredState>(dir: &Path) -> Result<(Manifest, S), BundleError> {
     let name = dir.display().to_string();
     if !dir.is_dir() {
         return Err(BundleError::NotADirectory(name));
@@ -116,7 +115,7 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
     }
     // The file's own header (magic, version, length, CRC) first: its errors
     // say more than a mismatch with the manifest would.
-    let (state, len, crc): (MachineState, u64, u64) =
+    let (state, len, crc): (S, u64, u64) =
         read_state_file_summed(&dir.join(STATE_FILE)).map_err(StoreError::from)?;
     if len != manifest.state_bytes {
         return Err(BundleError::StateMismatch {
@@ -139,8 +138,11 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
 /// Checks everything about the bundle in `dir` that can be checked without
 /// touching the target VM: files, lengths, checksums, internal consistency,
 /// disk layers, this host, and (for a revert) the running VM's shape.
-pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
-    let (manifest, state) = load(dir)?;
+pub fn validate<S: StoredState>(dir: &Path, target: &Target) -> Result<Bundle<S>, BundleError> {
+    let (manifest, state) = load::<S>(dir)?;
+    let config = state.config();
+    let vcpus = state.vcpus();
+    let disks = state.disk_layers();
     let name = || dir.display().to_string();
     let inconsistent = |what: String| BundleError::Inconsistent { dir: name(), what };
 
@@ -162,11 +164,11 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             source,
         })?
         .len();
-    let expected = crate::memory::ram_end(state.config.mem_bytes());
+    let expected = crate::memory::ram_end(config.mem_bytes());
     if manifest.memory_file_len != expected {
         return Err(inconsistent(format!(
             "the manifest's memory_file_len {} is not that of a {} MiB VM ({expected})",
-            manifest.memory_file_len, state.config.mem_mib
+            manifest.memory_file_len, config.mem_mib
         )));
     }
     if found != expected {
@@ -176,39 +178,36 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             expected,
         });
     }
-    if state.vcpus.len() != state.config.cpus as usize {
+    if vcpus.len() != config.cpus as usize {
         return Err(inconsistent(format!(
             "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            state.config.cpus
+            vcpus.len(),
+            config.cpus
         )));
     }
-    for (index, d) in state.devices.disks.iter().map(|d| &d.layer).enumerate() {
+    for (index, &(base, frozen)) in disks.iter().enumerate() {
         let disk_err = |reason: String| BundleError::Disk {
             dir: name(),
             index,
             reason,
         };
         // Layer names are relative to the snapshot directory (it can move).
-        let layer = super::bundle::layer_path(dir, &d.frozen);
+        let layer = super::bundle::layer_path(dir, frozen);
         if !layer.is_file() {
             return Err(disk_err(format!(
                 "its layer {} is missing",
                 layer.display()
             )));
         }
-        d.base.verify().map_err(|e| disk_err(e.to_string()))?;
+        base.verify().map_err(|e| disk_err(e.to_string()))?;
     }
 
-    check_host(dir, &manifest, &state, target)?;
+    check_host(dir, &manifest, &vcpus, target)?;
     if let Some(run) = &target.running {
         let shape = |c: &VmConfig, disks: usize| {
             format!("{} MiB, {} vCPUs and {disks} disks", c.mem_mib, c.cpus)
         };
-        let (theirs, ours) = (
-            shape(&state.config, state.devices.disks.len()),
-            shape(run.config, run.disks),
-        );
+        let (theirs, ours) = (shape(config, disks.len()), shape(run.config, run.disks));
         if theirs != ours {
             return Err(BundleError::OtherMachine {
                 dir: name(),
@@ -218,8 +217,8 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
         }
     }
     // The manifest's figure (readable, what a user sees) and every vCPU's.
-    let vcpus = state.vcpus.iter().map(|v| v.tsc_khz);
-    for saved in std::iter::once(manifest.host.tsc_khz).chain(vcpus) {
+    let rates = vcpus.iter().map(|&(_, tsc_khz)| tsc_khz);
+    for saved in std::iter::once(manifest.host.tsc_khz).chain(rates) {
         if tsc_differs(saved, target.tsc_khz) {
             let how = if target.running.is_some() {
                 ": a revert cannot change it, use rewind restore"
@@ -244,7 +243,7 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
 fn check_host(
     dir: &Path,
     manifest: &Manifest,
-    state: &MachineState,
+    vcpus: &[(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)],
     target: &Target,
 ) -> Result<(), BundleError> {
     let current = host_kind_name(target.host);
@@ -258,10 +257,9 @@ fn check_host(
             current,
         });
     }
-    let given: Vec<_> = state
-        .vcpus
+    let given: Vec<_> = vcpus
         .iter()
-        .map(|v| feature_leaves(&v.cpuid))
+        .map(|&(cpuid, _)| feature_leaves(cpuid))
         .collect();
     let mut needed: Vec<&[_]> = vec![&manifest.host.cpu_features];
     needed.extend(given.iter().map(Vec::as_slice));

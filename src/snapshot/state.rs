@@ -2,9 +2,13 @@
 //! (`vmm::MachineState`, bincode via format.rs) and a readable
 //! `manifest.json`.
 
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::disk::BaseIdentity;
 
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -12,6 +16,20 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Bumped whenever the machine state (`vmm::MachineState`) or the memory
 /// layout changes meaning.
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// What storage reads of the machine state in `state.bin`. The state is
+/// the VMM's (`vmm::MachineState`); snapshot/ checks a bundle and rewrites
+/// its disk layers through this view, without knowing devices or vCPUs.
+pub trait StoredState: Serialize + DeserializeOwned {
+    fn config(&self) -> &VmConfig;
+    /// Per vCPU, in order: the CPUID it was given and its TSC rate.
+    fn vcpus(&self) -> Vec<(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)>;
+    /// Per disk, in order: its base and its frozen layer (relative to the
+    /// snapshot directory unless absolute).
+    fn disk_layers(&self) -> Vec<(&BaseIdentity, &Path)>;
+    /// The frozen layers' names, for a copy that moves them (export).
+    fn disk_layers_mut(&mut self) -> Vec<&mut PathBuf>;
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

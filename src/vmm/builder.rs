@@ -120,7 +120,8 @@ impl Vmm {
             can_scale_tsc: vm.can_scale_tsc(),
             running: None,
         };
-        let snapshot::ops::Bundle { state, memory, .. } = snapshot::ops::validate(dir, &target)?;
+        let snapshot::ops::Bundle { state, memory, .. } =
+            snapshot::ops::validate::<super::MachineState>(dir, &target)?;
         let mut config = state.config.clone();
         config.name = name.to_string();
         config.validate(host_mem_mib(), vm.max_vcpus())?;

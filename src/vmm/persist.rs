@@ -9,6 +9,7 @@
 //! copies pages back and swaps overlays), since how differs and what does
 //! not.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -23,9 +24,11 @@ use crate::devices::exit_port::ExitPortState;
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::UartState;
 use crate::devices::virtio::MmioState;
+use crate::disk::BaseIdentity;
 use crate::kvm::vcpu_state::{self, VcpuState};
 use crate::kvm::vm::VmState;
 use crate::snapshot::ops::BundleError;
+use crate::snapshot::state::StoredState;
 use crate::snapshot::store::StoreError;
 use crate::snapshot::Persist;
 
@@ -62,6 +65,32 @@ pub struct DevicesState {
 pub struct DiskState {
     pub layer: DiskSnapshot,
     pub transport: MmioState,
+}
+
+impl StoredState for MachineState {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn vcpus(&self) -> Vec<(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)> {
+        self.vcpus
+            .iter()
+            .map(|v| (v.cpuid.as_slice(), v.tsc_khz))
+            .collect()
+    }
+
+    fn disk_layers(&self) -> Vec<(&BaseIdentity, &Path)> {
+        let disks = &self.devices.disks;
+        disks
+            .iter()
+            .map(|d| (&d.layer.base, d.layer.frozen.as_path()))
+            .collect()
+    }
+
+    fn disk_layers_mut(&mut self) -> Vec<&mut PathBuf> {
+        let disks = &mut self.devices.disks;
+        disks.iter_mut().map(|d| &mut d.layer.frozen).collect()
+    }
 }
 
 impl Persist for Devices {

@@ -263,7 +263,7 @@ impl Vmm {
             state,
             memory: file,
             ..
-        } = ops::validate(&dir, &target)?;
+        } = ops::validate::<super::MachineState>(&dir, &target)?;
         let mem_path = dir.join(MEMORY_FILE);
         // Fresh overlays on the snapshot's frozen layers, made before the pause.
         let vm_dir = crate::paths::vm_dir(&self.config.name);
