@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 
 use super::format::read_state_file_summed;
 use super::state::{
-    feature_leaves, host_features, host_kind_name, missing_cpu_features, Manifest, StoredState,
-    MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
+    feature_leaves, missing_cpu_features, CpuidFeatures, Manifest, StoredState, MANIFEST_VERSION,
+    MEMORY_FILE, PVM_HOST_KIND, STATE_FILE,
 };
 use super::store::{read_manifest, StoreError};
 use crate::config::VmConfig;
-use crate::kvm::host::HostKind;
 
 /// A bundle that passed [`validate`]: its memory file is open (and of the
 /// right length), so what was checked is what gets read.
@@ -25,9 +24,10 @@ pub struct Bundle<S> {
 
 /// Where a bundle is about to be loaded.
 pub struct Target<'a> {
-    pub host: HostKind,
-    /// This host's `KVM_GET_SUPPORTED_CPUID`.
-    pub supported_cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    /// This host's kind, as a manifest names it (`HostIdentity::kind`).
+    pub host_kind: String,
+    /// The CPU features a guest can be given on this host.
+    pub offered: Vec<CpuidFeatures>,
     /// The TSC frequency the target's vCPUs run at (a revert) or get (a
     /// restore), when KVM says.
     pub tsc_khz: Option<u32>,
@@ -246,15 +246,15 @@ fn check_host(
     vcpus: &[(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)],
     target: &Target,
 ) -> Result<(), BundleError> {
-    let current = host_kind_name(target.host);
+    let current = &target.host_kind;
     let found = &manifest.host.kind;
     // A guest set up for PVM (features hidden, quirks on) runs anywhere;
     // one set up for hardware KVM may rely on what PVM cannot emulate.
-    if *found != current && *found != host_kind_name(HostKind::Pvm) {
+    if found != current && found != PVM_HOST_KIND {
         return Err(BundleError::HostKind {
             dir: dir.display().to_string(),
             found: found.clone(),
-            current,
+            current: current.clone(),
         });
     }
     let given: Vec<_> = vcpus
@@ -263,8 +263,7 @@ fn check_host(
         .collect();
     let mut needed: Vec<&[_]> = vec![&manifest.host.cpu_features];
     needed.extend(given.iter().map(Vec::as_slice));
-    let offered = host_features(target.host, target.supported_cpuid);
-    let missing = missing_cpu_features(&needed, &offered);
+    let missing = missing_cpu_features(&needed, &target.offered);
     if !missing.is_empty() {
         return Err(BundleError::CpuFeatures {
             dir: dir.display().to_string(),

@@ -83,42 +83,17 @@ pub struct CpuidFeatures {
     pub edx: u32,
 }
 
-impl HostIdentity {
-    /// This host, and what vCPU 0 of the guest was given (`tsc_khz`, `cpuid`).
-    pub fn current(
-        kind: crate::kvm::host::HostKind,
-        tsc_khz: Option<u32>,
-        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
-    ) -> HostIdentity {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let field = |name: &str| {
-            cpuinfo
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        HostIdentity {
-            kind: host_kind_name(kind),
-            cpu_vendor: field("vendor_id"),
-            cpu_model: field("model name"),
-            tsc_khz,
-            cpu_features: feature_leaves(cpuid),
-        }
-    }
-}
-
-pub fn host_kind_name(kind: crate::kvm::host::HostKind) -> String {
-    format!("{kind:?}").to_lowercase()
-}
+/// `HostIdentity::kind` of a PVM host. A guest set up for PVM (features
+/// hidden, quirks on) runs anywhere; one set up for hardware KVM may rely on
+/// what PVM cannot emulate.
+pub const PVM_HOST_KIND: &str = "pvm";
 
 /// CPUID leaves holding feature flags: (leaf, subleaf, and per register
 /// eax, ebx, ecx, edx the bits that are flags). Left out: fields that are
 /// sizes, counts or IDs; bits rewind sets per VM (leaf 1 ECX 31 hypervisor,
 /// EDX 28 HTT); and bits KVM derives from guest control registers (leaf 1
 /// ECX 27 OSXSAVE, leaf 7 ECX 4 OSPKE), which no host "supports".
-const FEATURE_LEAVES: &[(u32, u32, [u32; 4])] = &[
+pub const FEATURE_LEAVES: &[(u32, u32, [u32; 4])] = &[
     (1, 0, [0, 0, !((1 << 31) | (1 << 27)), !(1 << 28)]),
     (7, 0, [0, !0, !(1 << 4), !0]),
     (7, 1, [!0, 0, 0, !0]),
@@ -225,63 +200,6 @@ const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
     (0x8000_0001, 0, 3, 27, "rdtscp"),
     (0x8000_0007, 0, 3, 8, "invariant-tsc"),
 ];
-
-/// The feature flags a guest can be given here. On hardware KVM that is
-/// `KVM_GET_SUPPORTED_CPUID`. On PVM it is not: that list holds little more
-/// than what KVM itself emulates, while guest ring 3 runs on the host CPU
-/// natively and a vCPU's CPUID reads back the host's own flags (measured:
-/// supported leaf 1 ECX 0x81202000, a vCPU's 0xf7f83203), so the CPU's
-/// own CPUID counts too.
-pub fn host_features(
-    kind: crate::kvm::host::HostKind,
-    supported: &[kvm_bindings::kvm_cpuid_entry2],
-) -> Vec<CpuidFeatures> {
-    let mut offered = feature_leaves(supported);
-    if kind != crate::kvm::host::HostKind::Pvm {
-        return offered;
-    }
-    for &(leaf, subleaf, [a, b, c, d]) in FEATURE_LEAVES {
-        // The hypervisor range describes the outer hypervisor, not PVM.
-        if (0x4000_0000..0x5000_0000).contains(&leaf) {
-            continue;
-        }
-        let Some(raw) = raw_cpuid(leaf, subleaf) else {
-            continue;
-        };
-        let i = match offered
-            .iter()
-            .position(|f| f.leaf == leaf && f.subleaf == subleaf)
-        {
-            Some(i) => i,
-            None => {
-                offered.push(CpuidFeatures {
-                    leaf,
-                    subleaf,
-                    eax: 0,
-                    ebx: 0,
-                    ecx: 0,
-                    edx: 0,
-                });
-                offered.len() - 1
-            }
-        };
-        let f = &mut offered[i];
-        f.eax |= raw.eax & a;
-        f.ebx |= raw.ebx & b;
-        f.ecx |= raw.ecx & c;
-        f.edx |= raw.edx & d;
-    }
-    offered
-}
-
-/// This CPU's own CPUID leaf, if it has that leaf.
-fn raw_cpuid(leaf: u32, subleaf: u32) -> Option<std::arch::x86_64::CpuidResult> {
-    use std::arch::x86_64::__cpuid_count;
-    // CPUID is available on every x86-64 CPU; the leaf's range is checked
-    // against the range's maximum first.
-    let max = __cpuid_count(leaf & 0x8000_0000, 0).eax;
-    (leaf <= max).then(|| __cpuid_count(leaf, subleaf))
-}
 
 /// Features in any of `needed` that `host` does not offer, by name,
 /// without repeats.

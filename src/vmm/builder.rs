@@ -113,9 +113,10 @@ impl Vmm {
     pub fn restore(dir: &Path, name: &str, opts: &RunOptions) -> Result<Vmm, VmmError> {
         let started = Instant::now();
         let vm = Vm::new()?;
+        let host = HostKind::detect();
         let target = snapshot::ops::Target {
-            host: HostKind::detect(),
-            supported_cpuid: vm.supported_cpuid.as_slice(),
+            host_kind: super::host_identity::host_kind_name(host),
+            offered: super::host_identity::host_features(host, vm.supported_cpuid.as_slice()),
             tsc_khz: vm.tsc_khz(),
             can_scale_tsc: vm.can_scale_tsc(),
             running: None,

@@ -4,6 +4,7 @@
 mod builder;
 pub mod disks;
 mod exec;
+mod host_identity;
 mod persist;
 mod signals;
 mod snapshots;

@@ -9,9 +9,7 @@ use super::{Vmm, VmmError};
 use crate::config::KernelSource;
 use crate::devices::bus::lock;
 use crate::snapshot::format::{crc64_xz, encode_state};
-use crate::snapshot::state::{
-    HostIdentity, Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
-};
+use crate::snapshot::state::{Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
 use crate::snapshot::{format, fsutil, memory as snapmem, ops, stall, store};
 
 #[derive(Debug, Clone, Serialize)]
@@ -218,7 +216,7 @@ impl Vmm {
                 .unwrap_or(0),
             config: self.config.clone(),
             kernel: kernel_identity(&self.config.kernel),
-            host: HostIdentity::current(self.host, vcpu0.0, &vcpu0.1),
+            host: super::host_identity::host_identity(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
             memory_file_len: crate::memory::ram_end(self.config.mem_bytes()),
@@ -250,8 +248,11 @@ impl Vmm {
         let t0 = Instant::now();
         let dir = store::resolve(name, Some(&self.config.name))?;
         let target = ops::Target {
-            host: self.host,
-            supported_cpuid: self.vm.supported_cpuid.as_slice(),
+            host_kind: super::host_identity::host_kind_name(self.host),
+            offered: super::host_identity::host_features(
+                self.host,
+                self.vm.supported_cpuid.as_slice(),
+            ),
             tsc_khz: self.tsc_khz,
             can_scale_tsc: false,
             running: Some(ops::Running {
