@@ -48,20 +48,3 @@ impl crate::snapshot::Persist for AcpiPm {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn events() -> crate::events::VmEventSender {
-        crate::events::vm_event_channel().unwrap().0
-    }
-
-    #[test]
-    fn save_restore_save() {
-        crate::snapshot::persist::assert_save_restore_save(
-            &AcpiPm::new(events()),
-            &mut AcpiPm::new(events()),
-        );
-    }
-}

@@ -55,20 +55,3 @@ impl crate::snapshot::Persist for I8042 {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn events() -> crate::events::VmEventSender {
-        crate::events::vm_event_channel().unwrap().0
-    }
-
-    #[test]
-    fn save_restore_save() {
-        crate::snapshot::persist::assert_save_restore_save(
-            &I8042::new(events()),
-            &mut I8042::new(events()),
-        );
-    }
-}
