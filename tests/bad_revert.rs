@@ -28,7 +28,7 @@ fn feature_this_host_lacks() -> (u32, u32, &'static str, u32, String) {
         _ => d,
     };
     // On PVM the CPU's own CPUID counts too (see host_features in
-    // src/snapshot/state.rs).
+    // src/vmm/host_identity.rs).
     let has = |leaf: u32, sub: u32, reg: &str, bit: u32| {
         let raw = std::arch::x86_64::__cpuid_count(leaf, sub);
         let raw = (raw.eax, raw.ebx, raw.ecx, raw.edx);

@@ -137,8 +137,8 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             if dir.exists() {
                 return Err(Failure::Usage(format!("{} already exists", dir.display())));
             }
-            let disk_bytes =
-                bundle::export(&src, &dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            let disk_bytes = bundle::export::<rewind::vmm::MachineState>(&src, &dir)
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
             // `restore` reads an argument without a '/' as a snapshot name.
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             println!(
@@ -168,8 +168,8 @@ fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
     };
     println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
     if vcpus {
-        let (_, state) =
-            rewind::snapshot::ops::load(&dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+        let (_, state) = rewind::snapshot::ops::load::<rewind::vmm::MachineState>(&dir)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
         for v in &state.vcpus {
             println!("{}", v.describe());
         }
@@ -177,8 +177,8 @@ fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
             "com1: {:?}\ncom2: {:?}",
             state.devices.com1, state.devices.com2
         );
-        for v in &state.devices.virtio {
-            println!("virtio: {v:?}");
+        for d in &state.devices.disks {
+            println!("virtio: {:?}", d.transport);
         }
     }
     Ok(())

@@ -34,7 +34,7 @@ impl BusDevice for AcpiPm {
 }
 
 /// The register holds no state between writes.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AcpiPmState {}
 
 impl crate::snapshot::Persist for AcpiPm {

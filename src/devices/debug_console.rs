@@ -83,7 +83,7 @@ impl BusDevice for DebugConsole {
 
 /// Every register is a command acted on at once; doorbell commands that
 /// carry state (fuzzing, later) add fields here.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DebugConsoleState {}
 
 impl crate::snapshot::Persist for DebugConsole {
@@ -93,5 +93,23 @@ impl crate::snapshot::Persist for DebugConsole {
     }
     fn restore(&mut self, _: &DebugConsoleState) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::ConsoleTarget;
+
+    fn device() -> DebugConsole {
+        let (events, _) = crate::events::vm_event_channel().unwrap();
+        let console = Console::new(&ConsoleTarget::None, None, events.clone()).unwrap();
+        let mem = crate::memory::create_guest_memory(2 << 20).unwrap();
+        DebugConsole::new(mem, console, events)
+    }
+
+    #[test]
+    fn save_restore_save() {
+        crate::snapshot::persist::assert_save_restore_save(&device(), &mut device());
     }
 }

@@ -30,7 +30,7 @@ impl BusDevice for ExitPort {
 }
 
 /// Writes end the VM at once; there is nothing in between to capture.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitPortState {}
 
 impl crate::snapshot::Persist for ExitPort {

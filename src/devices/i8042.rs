@@ -42,7 +42,7 @@ impl BusDevice for I8042 {
 
 /// Only the reset line matters to rewind; vm-superio keeps no other state
 /// worth carrying across a snapshot, so the state is empty by design.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042State {}
 
 impl crate::snapshot::Persist for I8042 {

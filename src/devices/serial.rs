@@ -208,3 +208,35 @@ impl Persist for SerialDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uart() -> SerialDevice {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let out = SerialOut::Inbox(Inbox::new().unwrap());
+        SerialDevice::new(irq, out, UartEvents { drained: None })
+    }
+
+    #[test]
+    fn save_restore_save() {
+        let mut dev = uart();
+        // What a driver sets up: divisor (under DLAB), 8N1, interrupts on,
+        // modem control, scratch; and input waiting in the FIFO.
+        for (offset, value) in [(3, 0x80), (0, 0x01), (1, 0x00), (3, 0x03), (1, 0x0f)] {
+            dev.write(offset, &[value]);
+        }
+        dev.write(4, &[0x0b]);
+        dev.write(7, &[0x5a]);
+        let mut input: std::collections::VecDeque<u8> = b"hi".iter().copied().collect();
+        dev.feed_from(&mut input);
+        let mut fresh = uart();
+        crate::snapshot::persist::assert_save_restore_save(&dev, &mut fresh);
+        let mut b = [0u8];
+        fresh.read(7, &mut b);
+        assert_eq!(b[0], 0x5a, "the scratch register came back");
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b'h', "the input FIFO came back");
+    }
+}

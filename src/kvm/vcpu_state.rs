@@ -102,6 +102,31 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// By hand: `kvm_xsave` is not `Clone` (it ends in a zero-length array);
+/// its 4 KiB region is all that KVM_GET_XSAVE fills.
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        VcpuState {
+            index: self.index,
+            cpuid: self.cpuid.clone(),
+            mp_state: self.mp_state,
+            regs: self.regs,
+            sregs: self.sregs,
+            fpu: self.fpu.clone(),
+            xsave: self.xsave.as_ref().map(|x| kvm_xsave {
+                region: x.region,
+                ..Default::default()
+            }),
+            xcrs: self.xcrs,
+            debugregs: self.debugregs,
+            lapic: self.lapic,
+            msrs: self.msrs.clone(),
+            vcpu_events: self.vcpu_events,
+            tsc_khz: self.tsc_khz,
+        }
+    }
+}
+
 /// Reads `indices` in batches. KVM_GET_MSRS stops at the first MSR it cannot
 /// read and returns how many it did (no errno), so skip that one and go on.
 pub fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuStateError> {

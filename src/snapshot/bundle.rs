@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{crc64_xz, encode_state, write_json_file, FormatError};
 use super::ops;
-use super::state::{MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
+use super::state::{StoredState, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 use super::store::{self, StoreError};
 use crate::fsutil;
 
@@ -68,20 +68,27 @@ pub fn layer_path(snapshot_dir: &Path, layer: &Path) -> PathBuf {
 
 /// Writes a standalone copy of the snapshot in `src` to `dest` (which must
 /// not exist). Returns the bytes of disk data written.
-pub fn export(src: &Path, dest: &Path) -> Result<u64, BundleError> {
-    let (mut manifest, mut state) = ops::load(src).map_err(|e| BundleError::Load(e.to_string()))?;
+pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleError> {
+    let (mut manifest, mut state) =
+        ops::load::<S>(src).map_err(|e| BundleError::Load(e.to_string()))?;
     let tmp = store::begin(dest)?;
     let result = (|| {
         let mut disk_bytes = 0;
         manifest.disk_layers.clear();
-        for (index, d) in state.disks.iter_mut().enumerate() {
+        let layers: Vec<(PathBuf, PathBuf)> = state
+            .disk_layers()
+            .into_iter()
+            .map(|(base, frozen)| (base.path.clone(), layer_path(src, frozen)))
+            .collect();
+        for (index, ((base, layer), frozen)) in
+            layers.iter().zip(state.disk_layers_mut()).enumerate()
+        {
             let name = PathBuf::from(format!("disk{index}.qcow2"));
             let out = tmp.join(&name);
-            let layer = layer_path(src, &d.frozen);
-            crate::disk::collapse(&layer, &d.base.path, &out)
+            crate::disk::collapse(layer, base, &out)
                 .map_err(|source| BundleError::Disk { index, source })?;
             disk_bytes += super::layers::allocated_bytes(&out);
-            d.frozen = name.clone();
+            *frozen = name.clone();
             manifest.disk_layers.push(name);
         }
         copy_sparse(&src.join(MEMORY_FILE), &tmp.join(MEMORY_FILE))?;

@@ -1,4 +1,8 @@
-//! Snapshots: what a capture contains, how it is written and read.
+//! Snapshot storage: the state file format, bundles (checked, exported),
+//! the store, memory layers and the boot cache. The machine state itself
+//! and the host it is checked against are the VMM's (`vmm::MachineState`,
+//! read here through `state::StoredState`); nothing here imports `vmm`,
+//! `devices` or `kvm`.
 
 pub mod boot_cache;
 pub mod bundle;

@@ -7,28 +7,27 @@ use std::path::{Path, PathBuf};
 
 use super::format::read_state_file_summed;
 use super::state::{
-    feature_leaves, host_features, host_kind_name, missing_cpu_features, MachineState, Manifest,
-    MANIFEST_VERSION, MEMORY_FILE, STATE_FILE,
+    feature_leaves, missing_cpu_features, CpuidFeatures, Manifest, StoredState, MANIFEST_VERSION,
+    MEMORY_FILE, PVM_HOST_KIND, STATE_FILE,
 };
 use super::store::{read_manifest, StoreError};
-use crate::arch::host::HostKind;
 use crate::config::VmConfig;
-use crate::vmm::VmmError;
 
 /// A bundle that passed [`validate`]: its memory file is open (and of the
 /// right length), so what was checked is what gets read.
-pub struct Bundle {
+pub struct Bundle<S> {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    pub state: MachineState,
+    pub state: S,
     pub memory: File,
 }
 
 /// Where a bundle is about to be loaded.
 pub struct Target<'a> {
-    pub host: HostKind,
-    /// This host's `KVM_GET_SUPPORTED_CPUID`.
-    pub supported_cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    /// This host's kind, as a manifest names it (`HostIdentity::kind`).
+    pub host_kind: String,
+    /// The CPU features a guest can be given on this host.
+    pub offered: Vec<CpuidFeatures>,
     /// The TSC frequency the target's vCPUs run at (a revert) or get (a
     /// restore), when KVM says.
     pub tsc_khz: Option<u32>,
@@ -100,19 +99,9 @@ pub enum BundleError {
     },
 }
 
-impl From<BundleError> for VmmError {
-    fn from(e: BundleError) -> VmmError {
-        match e {
-            // Keeps "no such snapshot" a 404.
-            BundleError::Store(s @ StoreError::NotFound { .. }) => VmmError::Store(s),
-            other => VmmError::Bundle(other),
-        }
-    }
-}
-
 /// A bundle's manifest and state, each checked on its own and against the
 /// other (what `snapshot info` needs; [`validate`] checks the rest).
-pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
+pub fn load<S: StoredState>(dir: &Path) -> Result<(Manifest, S), BundleError> {
     let name = dir.display().to_string();
     if !dir.is_dir() {
         return Err(BundleError::NotADirectory(name));
@@ -126,7 +115,7 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
     }
     // The file's own header (magic, version, length, CRC) first: its errors
     // say more than a mismatch with the manifest would.
-    let (state, len, crc): (MachineState, u64, u64) =
+    let (state, len, crc): (S, u64, u64) =
         read_state_file_summed(&dir.join(STATE_FILE)).map_err(StoreError::from)?;
     if len != manifest.state_bytes {
         return Err(BundleError::StateMismatch {
@@ -149,8 +138,11 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), BundleError> {
 /// Checks everything about the bundle in `dir` that can be checked without
 /// touching the target VM: files, lengths, checksums, internal consistency,
 /// disk layers, this host, and (for a revert) the running VM's shape.
-pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
-    let (manifest, state) = load(dir)?;
+pub fn validate<S: StoredState>(dir: &Path, target: &Target) -> Result<Bundle<S>, BundleError> {
+    let (manifest, state) = load::<S>(dir)?;
+    let config = state.config();
+    let vcpus = state.vcpus();
+    let disks = state.disk_layers();
     let name = || dir.display().to_string();
     let inconsistent = |what: String| BundleError::Inconsistent { dir: name(), what };
 
@@ -172,11 +164,11 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             source,
         })?
         .len();
-    let expected = crate::memory::ram_end(state.config.mem_bytes());
+    let expected = crate::memory::ram_end(config.mem_bytes());
     if manifest.memory_file_len != expected {
         return Err(inconsistent(format!(
             "the manifest's memory_file_len {} is not that of a {} MiB VM ({expected})",
-            manifest.memory_file_len, state.config.mem_mib
+            manifest.memory_file_len, config.mem_mib
         )));
     }
     if found != expected {
@@ -186,46 +178,36 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
             expected,
         });
     }
-    if state.vcpus.len() != state.config.cpus as usize {
+    if vcpus.len() != config.cpus as usize {
         return Err(inconsistent(format!(
             "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            state.config.cpus
+            vcpus.len(),
+            config.cpus
         )));
     }
-    if state.devices.virtio.len() != state.disks.len() {
-        return Err(inconsistent(format!(
-            "{} virtio states for {} disks",
-            state.devices.virtio.len(),
-            state.disks.len()
-        )));
-    }
-    for (index, d) in state.disks.iter().enumerate() {
+    for (index, &(base, frozen)) in disks.iter().enumerate() {
         let disk_err = |reason: String| BundleError::Disk {
             dir: name(),
             index,
             reason,
         };
         // Layer names are relative to the snapshot directory (it can move).
-        let layer = super::bundle::layer_path(dir, &d.frozen);
+        let layer = super::bundle::layer_path(dir, frozen);
         if !layer.is_file() {
             return Err(disk_err(format!(
                 "its layer {} is missing",
                 layer.display()
             )));
         }
-        d.base.verify().map_err(|e| disk_err(e.to_string()))?;
+        base.verify().map_err(|e| disk_err(e.to_string()))?;
     }
 
-    check_host(dir, &manifest, &state, target)?;
+    check_host(dir, &manifest, &vcpus, target)?;
     if let Some(run) = &target.running {
         let shape = |c: &VmConfig, disks: usize| {
             format!("{} MiB, {} vCPUs and {disks} disks", c.mem_mib, c.cpus)
         };
-        let (theirs, ours) = (
-            shape(&state.config, state.disks.len()),
-            shape(run.config, run.disks),
-        );
+        let (theirs, ours) = (shape(config, disks.len()), shape(run.config, run.disks));
         if theirs != ours {
             return Err(BundleError::OtherMachine {
                 dir: name(),
@@ -235,8 +217,8 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
         }
     }
     // The manifest's figure (readable, what a user sees) and every vCPU's.
-    let vcpus = state.vcpus.iter().map(|v| v.tsc_khz);
-    for saved in std::iter::once(manifest.host.tsc_khz).chain(vcpus) {
+    let rates = vcpus.iter().map(|&(_, tsc_khz)| tsc_khz);
+    for saved in std::iter::once(manifest.host.tsc_khz).chain(rates) {
         if tsc_differs(saved, target.tsc_khz) {
             let how = if target.running.is_some() {
                 ": a revert cannot change it, use rewind restore"
@@ -261,29 +243,27 @@ pub fn validate(dir: &Path, target: &Target) -> Result<Bundle, BundleError> {
 fn check_host(
     dir: &Path,
     manifest: &Manifest,
-    state: &MachineState,
+    vcpus: &[(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)],
     target: &Target,
 ) -> Result<(), BundleError> {
-    let current = host_kind_name(target.host);
+    let current = &target.host_kind;
     let found = &manifest.host.kind;
     // A guest set up for PVM (features hidden, quirks on) runs anywhere;
     // one set up for hardware KVM may rely on what PVM cannot emulate.
-    if *found != current && *found != host_kind_name(HostKind::Pvm) {
+    if found != current && found != PVM_HOST_KIND {
         return Err(BundleError::HostKind {
             dir: dir.display().to_string(),
             found: found.clone(),
-            current,
+            current: current.clone(),
         });
     }
-    let given: Vec<_> = state
-        .vcpus
+    let given: Vec<_> = vcpus
         .iter()
-        .map(|v| feature_leaves(&v.cpuid))
+        .map(|&(cpuid, _)| feature_leaves(cpuid))
         .collect();
     let mut needed: Vec<&[_]> = vec![&manifest.host.cpu_features];
     needed.extend(given.iter().map(Vec::as_slice));
-    let offered = host_features(target.host, target.supported_cpuid);
-    let missing = missing_cpu_features(&needed, &offered);
+    let missing = missing_cpu_features(&needed, &target.offered);
     if !missing.is_empty() {
         return Err(BundleError::CpuFeatures {
             dir: dir.display().to_string(),

@@ -10,3 +10,16 @@ pub trait Persist {
     fn save(&self) -> Self::State;
     fn restore(&mut self, state: &Self::State) -> Result<(), String>;
 }
+
+/// Save, restore into a fresh component, save again: the two saves must be
+/// equal (crosvm's snapshot-restore-snapshot, per device). Catches a field
+/// that `save` writes and `restore` drops, or the reverse.
+#[cfg(test)]
+pub(crate) fn assert_save_restore_save<P: Persist>(original: &P, fresh: &mut P)
+where
+    P::State: PartialEq + std::fmt::Debug,
+{
+    let saved = original.save();
+    fresh.restore(&saved).expect("a state just saved restores");
+    assert_eq!(fresh.save(), saved);
+}

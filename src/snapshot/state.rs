@@ -1,48 +1,34 @@
-//! What a snapshot holds: the machine state in `state.bin` (bincode, via
-//! format.rs) and a readable `manifest.json`.
+//! What a snapshot directory holds: the machine state in `state.bin`
+//! (`vmm::MachineState`, bincode via format.rs) and a readable
+//! `manifest.json`.
 
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::devices::debug_console::DebugConsoleState;
-use crate::devices::exit_port::ExitPortState;
-use crate::devices::i8042::I8042State;
-use crate::devices::serial::UartState;
-use crate::kvm::vcpu_state::VcpuState;
-use crate::kvm::vm::VmState;
+use crate::disk::BaseIdentity;
 
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// Bumped whenever `MachineState` or the memory layout changes meaning.
+/// Bumped whenever the machine state (`vmm::MachineState`) or the memory
+/// layout changes meaning.
 pub const MANIFEST_VERSION: u32 = 1;
 
-#[derive(Clone, Serialize, Deserialize)]
-pub struct DevicesState {
-    pub com1: UartState,
-    pub com2: UartState,
-    pub acpi_pm: crate::devices::acpi_pm::AcpiPmState,
-    pub i8042: I8042State,
-    pub exit_port: ExitPortState,
-    pub debug_console: DebugConsoleState,
-    /// One virtio-mmio transport per disk, in disk order.
-    pub virtio: Vec<crate::devices::virtio::MmioState>,
-}
-
-/// Everything but memory. Order of restore: VM (irqchips, PIT, clock), then
-/// vCPUs, then devices (a UART re-raising its interrupt needs the irqchip).
-#[derive(Serialize, Deserialize)]
-pub struct MachineState {
-    pub config: VmConfig,
-    /// What the capturing host's KVM offered (`KVM_GET_SUPPORTED_CPUID`),
-    /// for the record: a guest relies only on its vCPUs' own CPUID, which
-    /// is what a restore host is checked against (see ops.rs).
-    pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    pub vm: VmState,
-    pub vcpus: Vec<VcpuState>,
-    pub devices: DevicesState,
-    /// Each disk's frozen layer, in disk order.
-    pub disks: Vec<crate::vmm::disks::DiskSnapshot>,
+/// What storage reads of the machine state in `state.bin`. The state is
+/// the VMM's (`vmm::MachineState`); snapshot/ checks a bundle and rewrites
+/// its disk layers through this view, without knowing devices or vCPUs.
+pub trait StoredState: Serialize + DeserializeOwned {
+    fn config(&self) -> &VmConfig;
+    /// Per vCPU, in order: the CPUID it was given and its TSC rate.
+    fn vcpus(&self) -> Vec<(&[kvm_bindings::kvm_cpuid_entry2], Option<u32>)>;
+    /// Per disk, in order: its base and its frozen layer (relative to the
+    /// snapshot directory unless absolute).
+    fn disk_layers(&self) -> Vec<(&BaseIdentity, &Path)>;
+    /// The frozen layers' names, for a copy that moves them (export).
+    fn disk_layers_mut(&mut self) -> Vec<&mut PathBuf>;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,42 +83,17 @@ pub struct CpuidFeatures {
     pub edx: u32,
 }
 
-impl HostIdentity {
-    /// This host, and what vCPU 0 of the guest was given (`tsc_khz`, `cpuid`).
-    pub fn current(
-        kind: crate::arch::host::HostKind,
-        tsc_khz: Option<u32>,
-        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
-    ) -> HostIdentity {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let field = |name: &str| {
-            cpuinfo
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        HostIdentity {
-            kind: host_kind_name(kind),
-            cpu_vendor: field("vendor_id"),
-            cpu_model: field("model name"),
-            tsc_khz,
-            cpu_features: feature_leaves(cpuid),
-        }
-    }
-}
-
-pub fn host_kind_name(kind: crate::arch::host::HostKind) -> String {
-    format!("{kind:?}").to_lowercase()
-}
+/// `HostIdentity::kind` of a PVM host. A guest set up for PVM (features
+/// hidden, quirks on) runs anywhere; one set up for hardware KVM may rely on
+/// what PVM cannot emulate.
+pub const PVM_HOST_KIND: &str = "pvm";
 
 /// CPUID leaves holding feature flags: (leaf, subleaf, and per register
 /// eax, ebx, ecx, edx the bits that are flags). Left out: fields that are
 /// sizes, counts or IDs; bits rewind sets per VM (leaf 1 ECX 31 hypervisor,
 /// EDX 28 HTT); and bits KVM derives from guest control registers (leaf 1
 /// ECX 27 OSXSAVE, leaf 7 ECX 4 OSPKE), which no host "supports".
-const FEATURE_LEAVES: &[(u32, u32, [u32; 4])] = &[
+pub const FEATURE_LEAVES: &[(u32, u32, [u32; 4])] = &[
     (1, 0, [0, 0, !((1 << 31) | (1 << 27)), !(1 << 28)]),
     (7, 0, [0, !0, !(1 << 4), !0]),
     (7, 1, [!0, 0, 0, !0]),
@@ -239,63 +200,6 @@ const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
     (0x8000_0001, 0, 3, 27, "rdtscp"),
     (0x8000_0007, 0, 3, 8, "invariant-tsc"),
 ];
-
-/// The feature flags a guest can be given here. On hardware KVM that is
-/// `KVM_GET_SUPPORTED_CPUID`. On PVM it is not: that list holds little more
-/// than what KVM itself emulates, while guest ring 3 runs on the host CPU
-/// natively and a vCPU's CPUID reads back the host's own flags (measured:
-/// supported leaf 1 ECX 0x81202000, a vCPU's 0xf7f83203), so the CPU's
-/// own CPUID counts too.
-pub fn host_features(
-    kind: crate::arch::host::HostKind,
-    supported: &[kvm_bindings::kvm_cpuid_entry2],
-) -> Vec<CpuidFeatures> {
-    let mut offered = feature_leaves(supported);
-    if kind != crate::arch::host::HostKind::Pvm {
-        return offered;
-    }
-    for &(leaf, subleaf, [a, b, c, d]) in FEATURE_LEAVES {
-        // The hypervisor range describes the outer hypervisor, not PVM.
-        if (0x4000_0000..0x5000_0000).contains(&leaf) {
-            continue;
-        }
-        let Some(raw) = raw_cpuid(leaf, subleaf) else {
-            continue;
-        };
-        let i = match offered
-            .iter()
-            .position(|f| f.leaf == leaf && f.subleaf == subleaf)
-        {
-            Some(i) => i,
-            None => {
-                offered.push(CpuidFeatures {
-                    leaf,
-                    subleaf,
-                    eax: 0,
-                    ebx: 0,
-                    ecx: 0,
-                    edx: 0,
-                });
-                offered.len() - 1
-            }
-        };
-        let f = &mut offered[i];
-        f.eax |= raw.eax & a;
-        f.ebx |= raw.ebx & b;
-        f.ecx |= raw.ecx & c;
-        f.edx |= raw.edx & d;
-    }
-    offered
-}
-
-/// This CPU's own CPUID leaf, if it has that leaf.
-fn raw_cpuid(leaf: u32, subleaf: u32) -> Option<std::arch::x86_64::CpuidResult> {
-    use std::arch::x86_64::__cpuid_count;
-    // CPUID is available on every x86-64 CPU; the leaf's range is checked
-    // against the range's maximum first.
-    let max = __cpuid_count(leaf & 0x8000_0000, 0).eax;
-    (leaf <= max).then(|| __cpuid_count(leaf, subleaf))
-}
 
 /// Features in any of `needed` that `host` does not offer, by name,
 /// without repeats.

@@ -108,19 +108,22 @@ impl Vmm {
         )
     }
 
-    /// Restores the snapshot in `dir` into a new VM named `name`: memory is
-    /// mapped copy-on-write from the snapshot, state applied in place.
+    /// Restores the snapshot in `dir` into a new VM named `name`: built from
+    /// the stored config with memory mapped copy-on-write from the snapshot
+    /// and disks on its frozen layers, then the state applied in place.
     pub fn restore(dir: &Path, name: &str, opts: &RunOptions) -> Result<Vmm, VmmError> {
         let started = Instant::now();
         let vm = Vm::new()?;
+        let host = HostKind::detect();
         let target = snapshot::ops::Target {
-            host: HostKind::detect(),
-            supported_cpuid: vm.supported_cpuid.as_slice(),
+            host_kind: super::host_identity::host_kind_name(host),
+            offered: super::host_identity::host_features(host, vm.supported_cpuid.as_slice()),
             tsc_khz: vm.tsc_khz(),
             can_scale_tsc: vm.can_scale_tsc(),
             running: None,
         };
-        let snapshot::ops::Bundle { state, memory, .. } = snapshot::ops::validate(dir, &target)?;
+        let snapshot::ops::Bundle { state, memory, .. } =
+            snapshot::ops::validate::<super::MachineState>(dir, &target)?;
         let mut config = state.config.clone();
         config.name = name.to_string();
         config.validate(host_mem_mib(), vm.max_vcpus())?;
@@ -128,15 +131,19 @@ impl Vmm {
         let mem = snapshot::memory::map_private(&mem_path, config.mem_bytes())
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
         let populated = snapshot::memory::data_bitmap(&memory, &mem);
-        // VM-wide state first: the irqchips must exist in their saved state
-        // before vCPU LAPICs and pending events are applied on top.
-        vm.restore_state(&state.vm)?;
-        let vcpu_states = &state.vcpus;
         let lowers = state
+            .devices
             .disks
             .iter()
-            .map(|d| (d.base.clone(), snapshot::bundle::layer_path(dir, &d.frozen)))
+            .map(|d| {
+                let layer = &d.layer;
+                (
+                    layer.base.clone(),
+                    snapshot::bundle::layer_path(dir, &layer.frozen),
+                )
+            })
             .collect();
+        let saved_tsc: Vec<_> = state.vcpus.iter().map(|v| v.tsc_khz).collect();
         let mut vmm = Vmm::assemble(
             vm,
             config,
@@ -145,7 +152,9 @@ impl Vmm {
             Some(dir.to_path_buf()),
             lowers,
             |index, fd, _| {
-                let saved = vcpu_states[index].tsc_khz;
+                // A vCPU's TSC rate is set before its state: the saved TSC
+                // value and deadline count in the guest's rate.
+                let saved = saved_tsc[index];
                 let host = fd.get_tsc_khz().ok();
                 if snapshot::ops::tsc_differs(saved, host) {
                     // Only KVM_CAP_TSC_CONTROL hosts can scale a guest's TSC.
@@ -153,14 +162,10 @@ impl Vmm {
                         snapshot::ops::tsc_error(dir, saved, host, " and KVM here cannot scale it")
                     })?;
                 }
-                let refused = crate::kvm::vcpu_state::apply(fd, &vcpu_states[index])
-                    .map_err(|e| VmmError::Snapshot(format!("vCPU {index}: {e}")))?;
-                report_refused_msrs(index, &refused);
                 Ok(())
             },
         )?;
-        vmm.restore_devices(&state.devices)?;
-        vmm.kick_disks();
+        vmm.apply_state(&state)?;
         vmm.wake_restored_test_guest()?;
         vmm.populated = populated;
         vmm.started = started;
@@ -328,17 +333,6 @@ impl Vmm {
             has_xsave,
             tsc_khz,
         })
-    }
-}
-
-/// KVM refusing an MSR it listed is unusual; say so rather than hide it.
-pub(crate) fn report_refused_msrs(index: usize, refused: &[u32]) {
-    if !refused.is_empty() {
-        let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
-        eprintln!(
-            "rewind: vCPU {index}: KVM refused to restore MSRs {} (left at their reset values)",
-            list.join(", ")
-        );
     }
 }
 

@@ -50,6 +50,9 @@ pub struct DiskSnapshot {
 pub struct VmDisk {
     pub index: usize,
     pub base: BaseIdentity,
+    /// The layer under the live overlay: the base at boot, else the frozen
+    /// layer of the snapshot last taken or applied.
+    pub layer: PathBuf,
     pub disk: Arc<Mutex<Disk>>,
     pub transport: Arc<Mutex<MmioTransport<Block>>>,
 }
@@ -162,6 +165,7 @@ pub fn attach(
     let d = VmDisk {
         index,
         base,
+        layer: lower.to_path_buf(),
         disk,
         transport: Arc::new(Mutex::new(transport)),
     };

@@ -6,11 +6,14 @@ mod commands;
 pub mod disks;
 mod event_loop;
 mod exec;
+mod host_identity;
+mod persist;
 mod signals;
 mod snapshots;
 
 pub use commands::{Reply, VmInfo};
 pub use exec::{ExecCallback, ExecError, ExecOutput, ExecResult};
+pub use persist::{DevicesState, DiskState, MachineState};
 pub use signals::SignalFd;
 pub use snapshots::{RevertReport, SnapshotReport};
 

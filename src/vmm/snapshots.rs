@@ -1,7 +1,6 @@
 //! Snapshot create and in-place revert on a running VM.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::channel;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -9,13 +8,9 @@ use serde::Serialize;
 use super::{Vmm, VmmError};
 use crate::devices::bus::lock;
 use crate::fsutil;
-use crate::kvm::vcpu_state::{self, VcpuState};
 use crate::snapshot::format::{crc64_xz, encode_state};
-use crate::snapshot::state::{
-    DevicesState, HostIdentity, MachineState, Manifest, MANIFEST_FILE, MANIFEST_VERSION,
-    MEMORY_FILE, STATE_FILE,
-};
-use crate::snapshot::{format, memory as snapmem, ops, stall, store, Persist};
+use crate::snapshot::state::{Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
+use crate::snapshot::{format, memory as snapmem, ops, stall, store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
@@ -44,90 +39,6 @@ fn ms(since: Instant) -> f64 {
 }
 
 impl Vmm {
-    fn capture_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
-        let mut states = Vec::with_capacity(self.vcpus.len());
-        for handle in &self.vcpus {
-            let (tx, rx) = channel();
-            let msrs = self.msr_indices.clone();
-            let has_xsave = self.has_xsave;
-            let index = handle.index as u32;
-            handle.run_task(Box::new(move |fd| {
-                let state =
-                    vcpu_state::capture(fd, index, &msrs, has_xsave).map_err(|e| e.to_string())?;
-                tx.send(state)
-                    .map_err(|_| "capture receiver gone".to_string())
-            }))?;
-            states.push(
-                rx.recv()
-                    .map_err(|_| snap_err("vCPU state was not delivered"))?,
-            );
-        }
-        Ok(states)
-    }
-
-    fn capture_devices(&self) -> DevicesState {
-        DevicesState {
-            com1: lock(&self.devices.com1).save(),
-            com2: lock(&self.devices.com2).save(),
-            acpi_pm: lock(&self.devices.acpi_pm).save(),
-            i8042: lock(&self.devices.i8042).save(),
-            exit_port: lock(&self.devices.exit_port).save(),
-            debug_console: lock(&self.devices.debug_console).save(),
-            virtio: self
-                .devices
-                .disks
-                .iter()
-                .map(|d| lock(&d.transport).save())
-                .collect(),
-        }
-    }
-
-    pub(crate) fn restore_devices(&mut self, d: &DevicesState) -> Result<(), VmmError> {
-        // Destructured so that a device added to DevicesState cannot be
-        // captured and then silently left out here (com2 once was: a restored
-        // guest's agent never got another interrupt).
-        let DevicesState {
-            com1,
-            com2,
-            acpi_pm,
-            i8042,
-            exit_port,
-            debug_console,
-            virtio,
-        } = d;
-        lock(&self.devices.com1).restore(com1).map_err(snap_err)?;
-        lock(&self.devices.com2).restore(com2).map_err(snap_err)?;
-        lock(&self.devices.acpi_pm)
-            .restore(acpi_pm)
-            .map_err(snap_err)?;
-        lock(&self.devices.i8042).restore(i8042).map_err(snap_err)?;
-        lock(&self.devices.exit_port)
-            .restore(exit_port)
-            .map_err(snap_err)?;
-        lock(&self.devices.debug_console)
-            .restore(debug_console)
-            .map_err(snap_err)?;
-        if virtio.len() != self.devices.disks.len() {
-            return Err(snap_err(format!(
-                "snapshot has {} disks, this VM has {}",
-                virtio.len(),
-                self.devices.disks.len()
-            )));
-        }
-        for (disk, state) in self.devices.disks.iter().zip(virtio) {
-            lock(&disk.transport).restore(state).map_err(snap_err)?;
-        }
-        Ok(())
-    }
-
-    /// After a restore the guest may have queued requests whose notification
-    /// went to the old eventfd: process every queue once and re-signal.
-    pub(crate) fn kick_disks(&self) {
-        for d in &self.devices.disks {
-            lock(&d.transport).kick_after_restore();
-        }
-    }
-
     /// Per slot: pages written since tracking last started, by the guest
     /// (KVM's log) or by rewind itself (vm-memory's bitmap). Reading clears.
     fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
@@ -229,27 +140,17 @@ impl Vmm {
         // snapshot is safely written.
         let parent = self.baseline.take();
         let captured = self.take_dirty().and_then(|_| {
-            let mut disks = Vec::new();
             let mut frozen_paths = Vec::new();
-            let disks_and_next = self.devices.disks.iter().zip(&next);
-            for ((d, (_, size)), p) in disks_and_next.zip(prepared) {
+            for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
                 let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
-                disks.push(super::disks::DiskSnapshot {
-                    base: d.base.clone(),
-                    frozen: super::disks::layer_name_in(final_dir, &frozen),
-                    size: *size,
-                });
+                d.layer = frozen.clone();
                 frozen_paths.push(frozen);
             }
             stall::point("overlay-switched", name);
-            let state = MachineState {
-                disks,
-                config: self.config.clone(),
-                host_cpuid: self.vm.supported_cpuid.as_slice().to_vec(),
-                vm: self.vm.save_state()?,
-                vcpus: self.capture_vcpus()?,
-                devices: self.capture_devices(),
-            };
+            let mut state = self.save_state()?;
+            for d in &mut state.devices.disks {
+                d.layer.frozen = super::disks::layer_name_in(final_dir, &d.layer.frozen);
+            }
             let vcpu0 = state
                 .vcpus
                 .first()
@@ -316,7 +217,7 @@ impl Vmm {
             config: self.config.clone(),
             kernel: crate::snapshot::boot_cache::kernel_identity(&self.config.kernel)
                 .unwrap_or_else(|e| e.to_string()),
-            host: HostIdentity::current(self.host, vcpu0.0, &vcpu0.1),
+            host: super::host_identity::host_identity(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
             memory_file_len: crate::memory::ram_end(self.config.mem_bytes()),
@@ -348,8 +249,11 @@ impl Vmm {
         let t0 = Instant::now();
         let dir = store::resolve(name, Some(&self.config.name))?;
         let target = ops::Target {
-            host: self.host,
-            supported_cpuid: self.vm.supported_cpuid.as_slice(),
+            host_kind: super::host_identity::host_kind_name(self.host),
+            offered: super::host_identity::host_features(
+                self.host,
+                self.vm.supported_cpuid.as_slice(),
+            ),
             tsc_khz: self.tsc_khz,
             can_scale_tsc: false,
             running: Some(ops::Running {
@@ -361,12 +265,13 @@ impl Vmm {
             state,
             memory: file,
             ..
-        } = ops::validate(&dir, &target)?;
+        } = ops::validate::<super::MachineState>(&dir, &target)?;
         let mem_path = dir.join(MEMORY_FILE);
         // Fresh overlays on the snapshot's frozen layers, made before the pause.
         let vm_dir = crate::paths::vm_dir(&self.config.name);
         let mut fresh = Vec::new();
-        for (d, snap) in self.devices.disks.iter().zip(&state.disks) {
+        for (d, snap) in self.devices.disks.iter().zip(&state.devices.disks) {
+            let snap = &snap.layer;
             let path = super::disks::overlay_path(&vm_dir, d.index);
             let layer = crate::snapshot::bundle::layer_path(&dir, &snap.frozen);
             crate::disk::create_overlay(
@@ -382,8 +287,15 @@ impl Vmm {
         let was_running = !self.paused;
         self.pause()?;
         let mut replaced = Vec::new();
-        for (d, opened) in self.devices.disks.iter().zip(fresh) {
+        for ((d, opened), snap) in self
+            .devices
+            .disks
+            .iter_mut()
+            .zip(fresh)
+            .zip(&state.devices.disks)
+        {
             let old = std::mem::replace(&mut *lock(&d.disk), opened);
+            d.layer = crate::snapshot::bundle::layer_path(&dir, &snap.layer.frozen);
             replaced.push(old.path().to_path_buf());
         }
         let fast = self
@@ -405,19 +317,7 @@ impl Vmm {
         if self.host.shadows_guest_page_tables() {
             self.vm.reload_memory(&self.mem)?;
         }
-        // VM-wide state before the vCPUs' (see vcpu_state.rs for the order
-        // within a vCPU), devices last.
-        self.vm.restore_state(&state.vm)?;
-        for (handle, vstate) in self.vcpus.iter().zip(state.vcpus) {
-            let index = handle.index;
-            handle.run_task(Box::new(move |fd| {
-                let refused = vcpu_state::apply(fd, &vstate).map_err(|e| e.to_string())?;
-                super::builder::report_refused_msrs(index, &refused);
-                Ok(())
-            }))?;
-        }
-        self.restore_devices(&state.devices)?;
-        self.kick_disks();
+        self.apply_state(&state)?;
         self.baseline = Some(dir);
         if was_running {
             self.resume()?;
