@@ -414,10 +414,16 @@ impl<S: Read + Write + AsRawFd> AgentClient<S> {
     fn turn(&mut self, deadline: Instant, limit: Duration) -> Result<Vec<Event>, AgentError> {
         let out: Vec<u8> = self.engine.outgoing().drain(..).collect();
         self.stream.write_all(&out)?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let now = Instant::now();
+        if deadline <= now {
             return Err(AgentError::Timeout(limit));
         }
+        // Wake for the engine's own deadlines too, so they fail on time.
+        let until = self
+            .engine
+            .next_deadline()
+            .map_or(deadline, |d| d.min(deadline));
+        let left = until.saturating_duration_since(now);
         let mut pfd = libc::pollfd {
             fd: self.stream.as_raw_fd(),
             events: libc::POLLIN,
