@@ -175,9 +175,9 @@ fn restored_machine_state_is_the_saved_one() {
     let console = home.path.join("console.txt");
     let mut vmm = Vmm::boot(config, &options(&console)).expect("the test guest boots");
     vmm.resume().unwrap();
-    wait_for_line(&console, "REWIND-READY");
-    // Some ticks, so timers, queues and the UART have moved.
-    std::thread::sleep(Duration::from_millis(300));
+    // Some ticks on both vCPUs, so timers and the UART have moved.
+    wait_for_line(&console, "cpu0 tick 3 ok");
+    wait_for_line(&console, "cpu1 tick 3 ok");
     vmm.pause().unwrap();
 
     let dir = home.path.join("snap");
