@@ -305,7 +305,8 @@ fn ctrl_a_x_on_console_input_stops_the_vm_from_a_pipe_or_a_file() {
         .spawn()
         .unwrap();
     let mut input = child.stdin.take().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Typed once the VM is up (its socket exists), not buffered before it.
+    wait_for_path(&home.socket("pipe"), "the VM's socket");
     input.write_all(b"hello\x01x").unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
