@@ -352,12 +352,7 @@ fn boot_snapshot_restore(cwd: &Path, home: &str, abs_home: &Path, disk: &str) {
     // Every file rewind wrote names its backing file by an absolute path
     // or a name in its own directory, so it is valid from any cwd.
     for vm in ["r", "r2"] {
-        for f in std::fs::read_dir(abs_home.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_img(&["check", f.path().to_str().unwrap()]);
-        }
+        check_vm_disks(abs_home, vm);
     }
 }
 

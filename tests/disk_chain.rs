@@ -30,17 +30,6 @@ fn image_fds(pid: u32, base: &Path) -> usize {
         .count()
 }
 
-fn qemu_check(path: &Path) {
-    if let Some(o) = host_tool("qemu-img", &["check", path.to_str().unwrap()]) {
-        assert!(
-            o.status.success(),
-            "qemu-img check {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&o.stdout)
-        );
-    }
-}
-
 /// The snapshot's disk layer: its manifest names it relative to the snapshot directory, so the
 /// VM's directory can be moved whole.
 fn layer_of(home: &Home, snap: &str) -> PathBuf {
@@ -180,12 +169,7 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     restore_and_check(&home, "s296", lo[296], "r-late");
     eprintln!("restored at {:?}", t0.elapsed());
     for vm in ["t", "r-early", "r-late"] {
-        for f in std::fs::read_dir(home.path.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home.path, vm);
     }
     eprintln!("checked at {:?}", t0.elapsed());
 }
@@ -282,12 +266,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
         stdout(&o)
     );
     for vm in ["t", "r-home2"] {
-        for f in std::fs::read_dir(home2.path.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home2.path, vm);
     }
 
     // The bundle moved to another folder, with the VM it came from (store, layers) gone.
@@ -333,12 +312,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
             "{clone} (snapshot taken at tick >= {lo}): {out}"
         );
         qemu_check(&dir.join("disk0.qcow2"));
-        for f in std::fs::read_dir(home.path.join("vms").join(clone).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home.path, clone);
         let chain = rewind::disk::backing_chain(&dir.join("disk0.qcow2")).unwrap();
         assert_eq!(chain.len(), 2, "{chain:?}");
         assert_eq!(chain[1].0, base);

@@ -30,14 +30,7 @@ fn check_all(home: &Path) {
             if f.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            if let Some(o) = qemu_img(&["check", p.to_str().unwrap()]) {
-                assert!(
-                    o.status.success(),
-                    "qemu-img check {}: {}",
-                    p.display(),
-                    String::from_utf8_lossy(&o.stdout)
-                );
-            }
+            qemu_check(&p);
         }
     }
 }

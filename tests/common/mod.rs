@@ -422,3 +422,26 @@ pub fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
     f(&mut bytes);
     std::fs::write(path, bytes).unwrap();
 }
+
+/// `qemu-img check` one image, when the host has qemu-img: what rewind wrote must be a valid
+/// qcow2 to an independent reader.
+pub fn qemu_check(path: &Path) {
+    if let Some(o) = host_tool("qemu-img", &["check", path.to_str().unwrap()]) {
+        assert!(
+            o.status.success(),
+            "qemu-img check {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
+
+/// `qemu_check` every file in VM `vm`'s disks directory under the REWIND_HOME `home`.
+pub fn check_vm_disks(home: &Path, vm: &str) {
+    for f in std::fs::read_dir(home.join("vms").join(vm).join("disks"))
+        .unwrap()
+        .flatten()
+    {
+        qemu_check(&f.path());
+    }
+}
