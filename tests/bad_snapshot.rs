@@ -9,21 +9,7 @@ use std::path::PathBuf;
 /// every tick line it printed came before the snapshot, so the last one
 /// is the tick the snapshot holds. Returns the bundle and that tick.
 fn take_snapshot(home: &Home) -> (PathBuf, u64) {
-    let vm = VmProcess::start(
-        home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     vm.api_ok("PUT", "/vm/pause", None);
@@ -126,21 +112,7 @@ fn snapshot_errors_from_a_running_vm() {
         return;
     }
     let home = Home::new("snaperr");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(&home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm.api_ok(
@@ -299,21 +271,7 @@ fn full_disk_fails_the_snapshot_cleanly() {
     let small_home = Home {
         path: small.clone(),
     };
-    let vm = VmProcess::start(
-        &small_home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=1",
-        ],
-    );
+    let vm = start_guest(&small_home, "v", "120", "period_ms=20 region=1", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     vm.api_ok(
@@ -372,21 +330,7 @@ fn missing_duplicate_and_invalid_snapshot_names_are_usage_errors() {
         return;
     }
     let home = Home::new("snapusage");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(&home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     let o = home.run(&["snapshot", "create", "x", "--vm", "v"]);

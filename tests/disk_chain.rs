@@ -99,24 +99,12 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     let home = Home::new("longchain");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x6Bu8; 4 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--mem",
-            "32",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=20 disk_sectors=64",
-        ],
+        "600",
+        "mode=disk period_ms=20 disk_sectors=64",
+        &["--mem", "32", "--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| disk_tick(l) == Some(2));
@@ -182,24 +170,12 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     let home = Home::new("bundle");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x7Eu8; 4 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--mem",
-            "32",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=30 disk_sectors=64",
-        ],
+        "600",
+        "mode=disk period_ms=30 disk_sectors=64",
+        &["--mem", "32", "--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     // Three snapshots a few ticks apart: the last one's disk is a chain of three layers.

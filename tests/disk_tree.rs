@@ -133,22 +133,12 @@ fn tree_of_snapshots_with_branches_reverts_deletes_and_exports() {
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x5Au8; 8 << 20]).unwrap();
     let base_bytes = std::fs::read(&base).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=150 disk_sectors=2048",
-        ],
+        "600",
+        "mode=disk period_ms=150 disk_sectors=2048",
+        &["--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     // a(2) -> b(4) -> d(6) ; a(2) -> c(4)
@@ -261,22 +251,12 @@ fn kill_9_during_deletes_leaves_every_listed_snapshot_usable() {
     let home = Home::new("killdel");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x11u8; 32 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=100 disk_sectors=32768",
-        ],
+        "600",
+        "mode=disk period_ms=100 disk_sectors=32768",
+        &["--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     let mut i = 0;

@@ -445,3 +445,25 @@ pub fn check_vm_disks(home: &Path, vm: &str) {
         qemu_check(&f.path());
     }
 }
+
+/// Boots the test guest as VM `name` with its console on stdout:
+/// `run --name <name> <extra...> --console stdio --timeout <timeout> --append <append>`.
+pub fn start_guest(
+    home: &Home,
+    name: &str,
+    timeout: &str,
+    append: &str,
+    extra: &[&str],
+) -> VmProcess {
+    let mut args = vec!["run", "--name", name];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--console",
+        "stdio",
+        "--timeout",
+        timeout,
+        "--append",
+        append,
+    ]);
+    VmProcess::start(home, name, &args)
+}
