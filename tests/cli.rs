@@ -9,21 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 fn ticking_vm(home: &Home, name: &str) -> VmProcess {
-    let vm = VmProcess::start(
-        home,
-        name,
-        &[
-            "run",
-            "--name",
-            name,
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(home, name, "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm

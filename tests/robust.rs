@@ -204,23 +204,7 @@ fn a_vm_keeps_one_live_overlay_per_disk_and_reverts_leave_none_behind() {
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
     let b = base.to_str().unwrap();
-    let vm = VmProcess::start(
-        &home,
-        "d",
-        &[
-            "run",
-            "--name",
-            "d",
-            "--disk",
-            b,
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--append",
-            "mode=disk period_ms=20",
-        ],
-    );
+    let vm = start_guest(&home, "d", "60", "mode=disk period_ms=20", &["--disk", b]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 disk ok");
     vm.api_ok(
@@ -275,21 +259,7 @@ fn a_restored_test_guest_with_resumed_1_says_so_before_its_next_tick() {
     let home = Home::new("resumed");
     // A 2 s tick: without the wake-up the clone's first line would be the
     // next tick, up to 2 s after the restore.
-    let vm = VmProcess::start(
-        &home,
-        "o",
-        &[
-            "run",
-            "--name",
-            "o",
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--append",
-            "period_ms=2000 region=1 resumed=1",
-        ],
-    );
+    let vm = start_guest(&home, "o", "60", "period_ms=2000 region=1 resumed=1", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm.api_ok(
