@@ -317,11 +317,7 @@ fn full_disk_fails_the_snapshot_cleanly() {
 
 /// Status 2 and one line naming the problem.
 fn usage_error(o: &std::process::Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("PVM host")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+    one_line_error(o, 2, needle);
 }
 
 #[test]

@@ -467,3 +467,14 @@ pub fn start_guest(
     ]);
     VmProcess::start(home, name, &args)
 }
+
+/// Asserts exit status `code` and exactly one line on stderr (the PVM host notice aside) that
+/// contains `needle`; returns that line.
+pub fn one_line_error(o: &Output, code: i32, needle: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("PVM host")).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+    lines[0].to_string()
+}
