@@ -66,12 +66,12 @@ fn revert_and_check(vm: &VmProcess, snap: &str, lo: u64, stale: impl Fn(u64) -> 
     t
 }
 
-fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
-    let o = home.run(&[
-        "restore",
-        snap,
-        "--vm",
-        "t",
+/// Restores `from` (a snapshot name with `--vm`, or a bundle directory) as VM `clone`, running
+/// until the test guest's first disk check.
+fn restore_disk_guest(home: &Home, from: &[&str], clone: &str) -> std::process::Output {
+    let mut args = vec!["restore"];
+    args.extend_from_slice(from);
+    args.extend_from_slice(&[
         "--name",
         clone,
         "--console",
@@ -81,6 +81,11 @@ fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
         "--expect",
         "disk (ok|CORRUPT)",
     ]);
+    home.run(&args)
+}
+
+fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
+    let o = restore_disk_guest(home, &[snap, "--vm", "t"], clone);
     assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
     let out = stdout(&o);
     let first = out.lines().find(|l| disk_tick(l).is_some()).unwrap_or("");
@@ -221,20 +226,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     let home2 = Home::new("bundle-home2");
     std::fs::create_dir_all(home2.path.join("vms")).unwrap();
     std::fs::rename(home.path.join("vms/t"), home2.path.join("vms/t")).unwrap();
-    let o = home2.run(&[
-        "restore",
-        "s1",
-        "--vm",
-        "t",
-        "--name",
-        "r-home2",
-        "--console",
-        "stdio",
-        "--timeout",
-        "60",
-        "--expect",
-        "disk (ok|CORRUPT)",
-    ]);
+    let o = restore_disk_guest(&home2, &["s1", "--vm", "t"], "r-home2");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
         stdout(&o).contains(" disk ok") && !stdout(&o).contains("CORRUPT"),
@@ -268,18 +260,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     }
 
     for (dir, clone) in [(&moved, "r-moved"), (&copied, "r-copied")] {
-        let o = home.run(&[
-            "restore",
-            dir.to_str().unwrap(),
-            "--name",
-            clone,
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--expect",
-            "disk (ok|CORRUPT)",
-        ]);
+        let o = restore_disk_guest(&home, &[dir.to_str().unwrap()], clone);
         assert_eq!(o.status.code(), Some(0), "{clone}: {}", stderr(&o));
         let out = stdout(&o);
         let first = out.lines().find(|l| disk_tick(l).is_some()).unwrap_or("");
