@@ -177,20 +177,12 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
     for phase in rewind::snapshot::stall::PHASES {
         let name = format!("v-{phase}");
         let stall = format!("{phase}:victim");
-        let vm = VmProcess::start_env(
+        let vm = start_guest_env(
             &home,
             &name,
-            &[
-                "run",
-                "--name",
-                &name,
-                "--console",
-                "stdio",
-                "--timeout",
-                "300",
-                "--append",
-                "period_ms=50 region=8",
-            ],
+            "300",
+            "period_ms=50 region=8",
+            &[],
             &[("REWIND_TEST_STALL_AT", &stall)],
         );
         vm.socket_ready();

@@ -318,22 +318,12 @@ fn kill_9_during_snapshot_create_with_a_disk_keeps_earlier_snapshots() {
     for phase in rewind::snapshot::stall::PHASES {
         let name = format!("k-{phase}");
         let stall = format!("{phase}:victim");
-        let vm = VmProcess::start_env(
+        let vm = start_guest_env(
             &home,
             &name,
-            &[
-                "run",
-                "--name",
-                &name,
-                "--disk",
-                base.to_str().unwrap(),
-                "--console",
-                "stdio",
-                "--timeout",
-                "600",
-                "--append",
-                "mode=disk period_ms=100 disk_sectors=32768",
-            ],
+            "600",
+            "mode=disk period_ms=100 disk_sectors=32768",
+            &["--disk", base.to_str().unwrap()],
             &[("REWIND_TEST_STALL_AT", &stall)],
         );
         vm.socket_ready();

@@ -455,6 +455,18 @@ pub fn start_guest(
     append: &str,
     extra: &[&str],
 ) -> VmProcess {
+    start_guest_env(home, name, timeout, append, extra, &[])
+}
+
+/// `start_guest` with extra environment variables for the rewind process.
+pub fn start_guest_env(
+    home: &Home,
+    name: &str,
+    timeout: &str,
+    append: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> VmProcess {
     let mut args = vec!["run", "--name", name];
     args.extend_from_slice(extra);
     args.extend_from_slice(&[
@@ -465,7 +477,7 @@ pub fn start_guest(
         "--append",
         append,
     ]);
-    VmProcess::start(home, name, &args)
+    VmProcess::start_env(home, name, &args, env)
 }
 
 /// Asserts exit status `code` and exactly one line on stderr (the PVM host notice aside) that
