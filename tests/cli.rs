@@ -102,14 +102,10 @@ fn exec_without_an_agent_is_refused_at_once() {
 }
 
 fn vm_folders(home: &Home) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(home.path.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    files_in(&home.path.join("vms"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]

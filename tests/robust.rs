@@ -181,17 +181,6 @@ fn a_termination_signal_exits_128_plus_its_number_and_stop_exits_0() {
     assert_eq!(vm.stop(), Some(0));
 }
 
-fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A VM's `disks/` holds the frozen layers its snapshots need and one live
 /// overlay per disk: reverts remove the overlay they replace, and the one
 /// left when the VM ends is the guest's disk as it left it (exportable).

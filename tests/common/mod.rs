@@ -490,3 +490,15 @@ pub fn one_line_error(o: &Output, code: i32, needle: &str) -> String {
     assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
     lines[0].to_string()
 }
+
+/// The paths in `dir`, sorted; none when `dir` does not exist.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
