@@ -309,12 +309,7 @@ fn rm_leaves_clones_and_their_snapshots_usable() {
     let lines = b.lines();
     assert_eq!(b.stop(), Some(0));
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
-    for f in std::fs::read_dir(home.path.join("vms/b/disks")).unwrap() {
-        let p = f.unwrap().path();
-        if let Some(o) = host_tool("qemu-img", &["check", p.to_str().unwrap()]) {
-            assert!(o.status.success(), "{}: {}", p.display(), stdout(&o));
-        }
-    }
+    check_vm_disks(&home.path, "b");
     let o = home.run(&[
         "restore",
         "t",
