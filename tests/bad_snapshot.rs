@@ -193,17 +193,7 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
             Some(serde_json::json!({ "name": "before" })),
         );
         let k = snapshot_tick(&home, &name, "before");
-        let snapper = snapshot_in_background(&home, &name, "victim");
-        let marker = home.path.join(format!("stalled-at-{phase}"));
-        wait_for_path(&marker, &format!("the stall at {phase}"));
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
-        let _ = vm.wait_exit();
-        assert!(
-            !snapper.join().unwrap(),
-            "{phase}: the snapshot finished although rewind was killed inside it"
-        );
-        std::fs::remove_file(&marker).unwrap();
+        kill_inside_snapshot(&home, vm, &name, phase);
         // Only whole snapshots are listed: "victim" exists completely or not at all.
         let o = home.run(&["snapshot", "list", "--vm", &name]);
         assert!(!stdout(&o).contains("BROKEN"), "{}", stdout(&o));

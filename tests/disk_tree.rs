@@ -329,17 +329,7 @@ fn kill_9_during_snapshot_create_with_a_disk_keeps_earlier_snapshots() {
         vm.socket_ready();
         snap(&vm, 0, 2, "before");
         let k = snapshot_tick(&home, &name, "before");
-        let snapper = snapshot_in_background(&home, &name, "victim");
-        let marker = home.path.join(format!("stalled-at-{phase}"));
-        wait_for_path(&marker, &format!("the stall at {phase}"));
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
-        let _ = vm.wait_exit();
-        assert!(
-            !snapper.join().unwrap(),
-            "{phase}: the snapshot finished although rewind was killed inside it"
-        );
-        std::fs::remove_file(&marker).unwrap();
+        kill_inside_snapshot(&home, vm, &name, phase);
         check_all(&home.path);
         let listed = stdout(&home.run(&["snapshot", "list", "--vm", &name]));
         assert!(!listed.contains("BROKEN"), "{listed}");

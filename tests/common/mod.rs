@@ -502,3 +502,20 @@ pub fn files_in(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Snapshots `vm` (named `name`, started with `REWIND_TEST_STALL_AT=<phase>:victim`) as
+/// "victim" in the background, SIGKILLs rewind once it stalls at `phase`, and asserts the
+/// snapshot did not finish.
+pub fn kill_inside_snapshot(home: &Home, vm: VmProcess, name: &str, phase: &str) {
+    let snapper = snapshot_in_background(home, name, "victim");
+    let marker = home.path.join(format!("stalled-at-{phase}"));
+    wait_for_path(&marker, &format!("the stall at {phase}"));
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+    let _ = vm.wait_exit();
+    assert!(
+        !snapper.join().unwrap(),
+        "{phase}: the snapshot finished although rewind was killed inside it"
+    );
+    std::fs::remove_file(&marker).unwrap();
+}
