@@ -115,21 +115,7 @@ fn damaged_bundles_are_refused_by_revert_and_the_vm_runs_on() {
         return;
     }
     let home = Home::new("badrevert");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "300",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(&home, "v", "300", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     let snap = |name: &str| {
@@ -241,22 +227,12 @@ fn a_refused_revert_keeps_the_disk_overlays() {
     let home = Home::new("badrevertdisk");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x33u8; 8 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "d",
-        &[
-            "run",
-            "--name",
-            "d",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "300",
-            "--append",
-            "mode=disk period_ms=50 disk_sectors=512",
-        ],
+        "300",
+        "mode=disk period_ms=50 disk_sectors=512",
+        &["--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| first_tick(l) == Some(2));

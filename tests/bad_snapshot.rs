@@ -9,21 +9,7 @@ use std::path::PathBuf;
 /// every tick line it printed came before the snapshot, so the last one
 /// is the tick the snapshot holds. Returns the bundle and that tick.
 fn take_snapshot(home: &Home) -> (PathBuf, u64) {
-    let vm = VmProcess::start(
-        home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     vm.api_ok("PUT", "/vm/pause", None);
@@ -126,21 +112,7 @@ fn snapshot_errors_from_a_running_vm() {
         return;
     }
     let home = Home::new("snaperr");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(&home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm.api_ok(
@@ -205,20 +177,12 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
     for phase in rewind::snapshot::stall::PHASES {
         let name = format!("v-{phase}");
         let stall = format!("{phase}:victim");
-        let vm = VmProcess::start_env(
+        let vm = start_guest_env(
             &home,
             &name,
-            &[
-                "run",
-                "--name",
-                &name,
-                "--console",
-                "stdio",
-                "--timeout",
-                "300",
-                "--append",
-                "period_ms=50 region=8",
-            ],
+            "300",
+            "period_ms=50 region=8",
+            &[],
             &[("REWIND_TEST_STALL_AT", &stall)],
         );
         vm.socket_ready();
@@ -229,17 +193,7 @@ fn kill_9_during_snapshot_leaves_earlier_snapshots_intact() {
             Some(serde_json::json!({ "name": "before" })),
         );
         let k = snapshot_tick(&home, &name, "before");
-        let snapper = snapshot_in_background(&home, &name, "victim");
-        let marker = home.path.join(format!("stalled-at-{phase}"));
-        wait_for_path(&marker, &format!("the stall at {phase}"));
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
-        let _ = vm.wait_exit();
-        assert!(
-            !snapper.join().unwrap(),
-            "{phase}: the snapshot finished although rewind was killed inside it"
-        );
-        std::fs::remove_file(&marker).unwrap();
+        kill_inside_snapshot(&home, vm, &name, phase);
         // Only whole snapshots are listed: "victim" exists completely or not at all.
         let o = home.run(&["snapshot", "list", "--vm", &name]);
         assert!(!stdout(&o).contains("BROKEN"), "{}", stdout(&o));
@@ -299,21 +253,7 @@ fn full_disk_fails_the_snapshot_cleanly() {
     let small_home = Home {
         path: small.clone(),
     };
-    let vm = VmProcess::start(
-        &small_home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=1",
-        ],
-    );
+    let vm = start_guest(&small_home, "v", "120", "period_ms=20 region=1", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     vm.api_ok(
@@ -359,11 +299,7 @@ fn full_disk_fails_the_snapshot_cleanly() {
 
 /// Status 2 and one line naming the problem.
 fn usage_error(o: &std::process::Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("PVM host")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+    one_line_error(o, 2, needle);
 }
 
 #[test]
@@ -372,21 +308,7 @@ fn missing_duplicate_and_invalid_snapshot_names_are_usage_errors() {
         return;
     }
     let home = Home::new("snapusage");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(&home, "v", "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     let o = home.run(&["snapshot", "create", "x", "--vm", "v"]);

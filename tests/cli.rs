@@ -9,21 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 fn ticking_vm(home: &Home, name: &str) -> VmProcess {
-    let vm = VmProcess::start(
-        home,
-        name,
-        &[
-            "run",
-            "--name",
-            name,
-            "--console",
-            "stdio",
-            "--timeout",
-            "120",
-            "--append",
-            "period_ms=20 region=2",
-        ],
-    );
+    let vm = start_guest(home, name, "120", "period_ms=20 region=2", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm
@@ -116,14 +102,10 @@ fn exec_without_an_agent_is_refused_at_once() {
 }
 
 fn vm_folders(home: &Home) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(home.path.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    files_in(&home.path.join("vms"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -327,12 +309,7 @@ fn rm_leaves_clones_and_their_snapshots_usable() {
     let lines = b.lines();
     assert_eq!(b.stop(), Some(0));
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
-    for f in std::fs::read_dir(home.path.join("vms/b/disks")).unwrap() {
-        let p = f.unwrap().path();
-        if let Some(o) = host_tool("qemu-img", &["check", p.to_str().unwrap()]) {
-            assert!(o.status.success(), "{}: {}", p.display(), stdout(&o));
-        }
-    }
+    check_vm_disks(&home.path, "b");
     let o = home.run(&[
         "restore",
         "t",

@@ -53,22 +53,12 @@ fn disk_follows_snapshot_revert_restore_and_the_base_is_never_written() {
     std::fs::write(&base, vec![0xA5u8; 8 << 20]).unwrap();
     let before = sha(&base);
     let b = base.to_str().unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "d",
-        &[
-            "run",
-            "--name",
-            "d",
-            "--disk",
-            b,
-            "--console",
-            "stdio",
-            "--timeout",
-            "300",
-            "--append",
-            "mode=disk period_ms=200 disk_sectors=512",
-        ],
+        "300",
+        "mode=disk period_ms=200 disk_sectors=512",
+        &["--disk", b],
     );
     vm.socket_ready();
     vm.wait_for(0, "disk id", |l| l == "disk id rewind-disk0");
@@ -352,12 +342,7 @@ fn boot_snapshot_restore(cwd: &Path, home: &str, abs_home: &Path, disk: &str) {
     // Every file rewind wrote names its backing file by an absolute path
     // or a name in its own directory, so it is valid from any cwd.
     for vm in ["r", "r2"] {
-        for f in std::fs::read_dir(abs_home.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_img(&["check", f.path().to_str().unwrap()]);
-        }
+        check_vm_disks(abs_home, vm);
     }
 }
 

@@ -30,17 +30,6 @@ fn image_fds(pid: u32, base: &Path) -> usize {
         .count()
 }
 
-fn qemu_check(path: &Path) {
-    if let Some(o) = host_tool("qemu-img", &["check", path.to_str().unwrap()]) {
-        assert!(
-            o.status.success(),
-            "qemu-img check {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&o.stdout)
-        );
-    }
-}
-
 /// The snapshot's disk layer: its manifest names it relative to the snapshot directory, so the
 /// VM's directory can be moved whole.
 fn layer_of(home: &Home, snap: &str) -> PathBuf {
@@ -77,12 +66,12 @@ fn revert_and_check(vm: &VmProcess, snap: &str, lo: u64, stale: impl Fn(u64) -> 
     t
 }
 
-fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
-    let o = home.run(&[
-        "restore",
-        snap,
-        "--vm",
-        "t",
+/// Restores `from` (a snapshot name with `--vm`, or a bundle directory) as VM `clone`, running
+/// until the test guest's first disk check.
+fn restore_disk_guest(home: &Home, from: &[&str], clone: &str) -> std::process::Output {
+    let mut args = vec!["restore"];
+    args.extend_from_slice(from);
+    args.extend_from_slice(&[
         "--name",
         clone,
         "--console",
@@ -92,6 +81,11 @@ fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
         "--expect",
         "disk (ok|CORRUPT)",
     ]);
+    home.run(&args)
+}
+
+fn restore_and_check(home: &Home, snap: &str, lo: u64, clone: &str) {
+    let o = restore_disk_guest(home, &[snap, "--vm", "t"], clone);
     assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
     let out = stdout(&o);
     let first = out.lines().find(|l| disk_tick(l).is_some()).unwrap_or("");
@@ -110,24 +104,12 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     let home = Home::new("longchain");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x6Bu8; 4 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--mem",
-            "32",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=20 disk_sectors=64",
-        ],
+        "600",
+        "mode=disk period_ms=20 disk_sectors=64",
+        &["--mem", "32", "--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| disk_tick(l) == Some(2));
@@ -180,12 +162,7 @@ fn three_hundred_snapshots_in_a_row_keep_chains_and_open_files_bounded() {
     restore_and_check(&home, "s296", lo[296], "r-late");
     eprintln!("restored at {:?}", t0.elapsed());
     for vm in ["t", "r-early", "r-late"] {
-        for f in std::fs::read_dir(home.path.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home.path, vm);
     }
     eprintln!("checked at {:?}", t0.elapsed());
 }
@@ -198,24 +175,12 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     let home = Home::new("bundle");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x7Eu8; 4 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--mem",
-            "32",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=30 disk_sectors=64",
-        ],
+        "600",
+        "mode=disk period_ms=30 disk_sectors=64",
+        &["--mem", "32", "--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     // Three snapshots a few ticks apart: the last one's disk is a chain of three layers.
@@ -261,20 +226,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     let home2 = Home::new("bundle-home2");
     std::fs::create_dir_all(home2.path.join("vms")).unwrap();
     std::fs::rename(home.path.join("vms/t"), home2.path.join("vms/t")).unwrap();
-    let o = home2.run(&[
-        "restore",
-        "s1",
-        "--vm",
-        "t",
-        "--name",
-        "r-home2",
-        "--console",
-        "stdio",
-        "--timeout",
-        "60",
-        "--expect",
-        "disk (ok|CORRUPT)",
-    ]);
+    let o = restore_disk_guest(&home2, &["s1", "--vm", "t"], "r-home2");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
         stdout(&o).contains(" disk ok") && !stdout(&o).contains("CORRUPT"),
@@ -282,12 +234,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
         stdout(&o)
     );
     for vm in ["t", "r-home2"] {
-        for f in std::fs::read_dir(home2.path.join("vms").join(vm).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home2.path, vm);
     }
 
     // The bundle moved to another folder, with the VM it came from (store, layers) gone.
@@ -313,18 +260,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
     }
 
     for (dir, clone) in [(&moved, "r-moved"), (&copied, "r-copied")] {
-        let o = home.run(&[
-            "restore",
-            dir.to_str().unwrap(),
-            "--name",
-            clone,
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--expect",
-            "disk (ok|CORRUPT)",
-        ]);
+        let o = restore_disk_guest(&home, &[dir.to_str().unwrap()], clone);
         assert_eq!(o.status.code(), Some(0), "{clone}: {}", stderr(&o));
         let out = stdout(&o);
         let first = out.lines().find(|l| disk_tick(l).is_some()).unwrap_or("");
@@ -333,12 +269,7 @@ fn exported_snapshot_with_a_disk_moves_and_restores_elsewhere() {
             "{clone} (snapshot taken at tick >= {lo}): {out}"
         );
         qemu_check(&dir.join("disk0.qcow2"));
-        for f in std::fs::read_dir(home.path.join("vms").join(clone).join("disks"))
-            .unwrap()
-            .flatten()
-        {
-            qemu_check(&f.path());
-        }
+        check_vm_disks(&home.path, clone);
         let chain = rewind::disk::backing_chain(&dir.join("disk0.qcow2")).unwrap();
         assert_eq!(chain.len(), 2, "{chain:?}");
         assert_eq!(chain[1].0, base);

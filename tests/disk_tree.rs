@@ -30,14 +30,7 @@ fn check_all(home: &Path) {
             if f.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            if let Some(o) = qemu_img(&["check", p.to_str().unwrap()]) {
-                assert!(
-                    o.status.success(),
-                    "qemu-img check {}: {}",
-                    p.display(),
-                    String::from_utf8_lossy(&o.stdout)
-                );
-            }
+            qemu_check(&p);
         }
     }
 }
@@ -140,22 +133,12 @@ fn tree_of_snapshots_with_branches_reverts_deletes_and_exports() {
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x5Au8; 8 << 20]).unwrap();
     let base_bytes = std::fs::read(&base).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=150 disk_sectors=2048",
-        ],
+        "600",
+        "mode=disk period_ms=150 disk_sectors=2048",
+        &["--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     // a(2) -> b(4) -> d(6) ; a(2) -> c(4)
@@ -268,22 +251,12 @@ fn kill_9_during_deletes_leaves_every_listed_snapshot_usable() {
     let home = Home::new("killdel");
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0x11u8; 32 << 20]).unwrap();
-    let vm = VmProcess::start(
+    let vm = start_guest(
         &home,
         "t",
-        &[
-            "run",
-            "--name",
-            "t",
-            "--disk",
-            base.to_str().unwrap(),
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "mode=disk period_ms=100 disk_sectors=32768",
-        ],
+        "600",
+        "mode=disk period_ms=100 disk_sectors=32768",
+        &["--disk", base.to_str().unwrap()],
     );
     vm.socket_ready();
     let mut i = 0;
@@ -345,38 +318,18 @@ fn kill_9_during_snapshot_create_with_a_disk_keeps_earlier_snapshots() {
     for phase in rewind::snapshot::stall::PHASES {
         let name = format!("k-{phase}");
         let stall = format!("{phase}:victim");
-        let vm = VmProcess::start_env(
+        let vm = start_guest_env(
             &home,
             &name,
-            &[
-                "run",
-                "--name",
-                &name,
-                "--disk",
-                base.to_str().unwrap(),
-                "--console",
-                "stdio",
-                "--timeout",
-                "600",
-                "--append",
-                "mode=disk period_ms=100 disk_sectors=32768",
-            ],
+            "600",
+            "mode=disk period_ms=100 disk_sectors=32768",
+            &["--disk", base.to_str().unwrap()],
             &[("REWIND_TEST_STALL_AT", &stall)],
         );
         vm.socket_ready();
         snap(&vm, 0, 2, "before");
         let k = snapshot_tick(&home, &name, "before");
-        let snapper = snapshot_in_background(&home, &name, "victim");
-        let marker = home.path.join(format!("stalled-at-{phase}"));
-        wait_for_path(&marker, &format!("the stall at {phase}"));
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
-        let _ = vm.wait_exit();
-        assert!(
-            !snapper.join().unwrap(),
-            "{phase}: the snapshot finished although rewind was killed inside it"
-        );
-        std::fs::remove_file(&marker).unwrap();
+        kill_inside_snapshot(&home, vm, &name, phase);
         check_all(&home.path);
         let listed = stdout(&home.run(&["snapshot", "list", "--vm", &name]));
         assert!(!listed.contains("BROKEN"), "{listed}");

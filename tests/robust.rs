@@ -181,17 +181,6 @@ fn a_termination_signal_exits_128_plus_its_number_and_stop_exits_0() {
     assert_eq!(vm.stop(), Some(0));
 }
 
-fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A VM's `disks/` holds the frozen layers its snapshots need and one live
 /// overlay per disk: reverts remove the overlay they replace, and the one
 /// left when the VM ends is the guest's disk as it left it (exportable).
@@ -204,23 +193,7 @@ fn a_vm_keeps_one_live_overlay_per_disk_and_reverts_leave_none_behind() {
     let base = home.path.join("base.img");
     std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
     let b = base.to_str().unwrap();
-    let vm = VmProcess::start(
-        &home,
-        "d",
-        &[
-            "run",
-            "--name",
-            "d",
-            "--disk",
-            b,
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--append",
-            "mode=disk period_ms=20",
-        ],
-    );
+    let vm = start_guest(&home, "d", "60", "mode=disk period_ms=20", &["--disk", b]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 disk ok");
     vm.api_ok(
@@ -275,21 +248,7 @@ fn a_restored_test_guest_with_resumed_1_says_so_before_its_next_tick() {
     let home = Home::new("resumed");
     // A 2 s tick: without the wake-up the clone's first line would be the
     // next tick, up to 2 s after the restore.
-    let vm = VmProcess::start(
-        &home,
-        "o",
-        &[
-            "run",
-            "--name",
-            "o",
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--append",
-            "period_ms=2000 region=1 resumed=1",
-        ],
-    );
+    let vm = start_guest(&home, "o", "60", "period_ms=2000 region=1 resumed=1", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 1", |l| l == "tick 1 ok");
     vm.api_ok(

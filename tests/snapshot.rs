@@ -192,21 +192,7 @@ fn revert_between_two_snapshots_uses_full_copy_and_stays_exact() {
         return;
     }
     let home = Home::new("two");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            &format!("period_ms={PERIOD_MS}"),
-        ],
-    );
+    let vm = start_guest(&home, "v", "600", &format!("period_ms={PERIOD_MS}"), &[]);
     vm.socket_ready();
     let i = vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     vm.api_ok(
@@ -260,21 +246,7 @@ fn two_hundred_reverts_in_a_row_keep_the_timer_alive() {
         return;
     }
     let home = Home::new("r200");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "period_ms=20 region=4",
-        ],
-    );
+    let vm = start_guest(&home, "v", "600", "period_ms=20 region=4", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 3", |l| l == "tick 3 ok");
     vm.api_ok(
@@ -303,21 +275,7 @@ fn ten_clones_at_once_all_continue() {
         return;
     }
     let home = Home::new("clones");
-    let vm = VmProcess::start(
-        &home,
-        "v",
-        &[
-            "run",
-            "--name",
-            "v",
-            "--console",
-            "stdio",
-            "--timeout",
-            "600",
-            "--append",
-            "period_ms=50 region=8",
-        ],
-    );
+    let vm = start_guest(&home, "v", "600", "period_ms=50 region=8", &[]);
     vm.socket_ready();
     vm.wait_for(0, "tick 2", |l| l == "tick 2 ok");
     // Paused, then stopped: its last tick line is the tick the snapshot holds.

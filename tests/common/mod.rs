@@ -422,3 +422,100 @@ pub fn mutate(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
     f(&mut bytes);
     std::fs::write(path, bytes).unwrap();
 }
+
+/// `qemu-img check` one image, when the host has qemu-img: what rewind wrote must be a valid
+/// qcow2 to an independent reader.
+pub fn qemu_check(path: &Path) {
+    if let Some(o) = host_tool("qemu-img", &["check", path.to_str().unwrap()]) {
+        assert!(
+            o.status.success(),
+            "qemu-img check {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
+
+/// `qemu_check` every file in VM `vm`'s disks directory under the REWIND_HOME `home`.
+pub fn check_vm_disks(home: &Path, vm: &str) {
+    for f in std::fs::read_dir(home.join("vms").join(vm).join("disks"))
+        .unwrap()
+        .flatten()
+    {
+        qemu_check(&f.path());
+    }
+}
+
+/// Boots the test guest as VM `name` with its console on stdout:
+/// `run --name <name> <extra...> --console stdio --timeout <timeout> --append <append>`.
+pub fn start_guest(
+    home: &Home,
+    name: &str,
+    timeout: &str,
+    append: &str,
+    extra: &[&str],
+) -> VmProcess {
+    start_guest_env(home, name, timeout, append, extra, &[])
+}
+
+/// `start_guest` with extra environment variables for the rewind process.
+pub fn start_guest_env(
+    home: &Home,
+    name: &str,
+    timeout: &str,
+    append: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> VmProcess {
+    let mut args = vec!["run", "--name", name];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--console",
+        "stdio",
+        "--timeout",
+        timeout,
+        "--append",
+        append,
+    ]);
+    VmProcess::start_env(home, name, &args, env)
+}
+
+/// Asserts exit status `code` and exactly one line on stderr (the PVM host notice aside) that
+/// contains `needle`; returns that line.
+pub fn one_line_error(o: &Output, code: i32, needle: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("PVM host")).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+    lines[0].to_string()
+}
+
+/// The paths in `dir`, sorted; none when `dir` does not exist.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Snapshots `vm` (named `name`, started with `REWIND_TEST_STALL_AT=<phase>:victim`) as
+/// "victim" in the background, SIGKILLs rewind once it stalls at `phase`, and asserts the
+/// snapshot did not finish.
+pub fn kill_inside_snapshot(home: &Home, vm: VmProcess, name: &str, phase: &str) {
+    let snapper = snapshot_in_background(home, name, "victim");
+    let marker = home.path.join(format!("stalled-at-{phase}"));
+    wait_for_path(&marker, &format!("the stall at {phase}"));
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+    let _ = vm.wait_exit();
+    assert!(
+        !snapper.join().unwrap(),
+        "{phase}: the snapshot finished although rewind was killed inside it"
+    );
+    std::fs::remove_file(&marker).unwrap();
+}
