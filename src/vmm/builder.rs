@@ -122,8 +122,12 @@ impl Vmm {
             can_scale_tsc: vm.can_scale_tsc(),
             running: None,
         };
-        let snapshot::ops::Bundle { state, memory, .. } =
-            snapshot::ops::validate::<super::MachineState>(dir, &target)?;
+        let snapshot::ops::Bundle {
+            state,
+            memory,
+            manifest,
+            ..
+        } = snapshot::ops::validate::<super::MachineState>(dir, &target)?;
         let mut config = state.config.clone();
         config.name = name.to_string();
         config.validate(host_mem_mib(), vm.max_vcpus())?;
@@ -169,6 +173,7 @@ impl Vmm {
         vmm.wake_restored_test_guest()?;
         vmm.populated = populated;
         vmm.started = started;
+        vmm.kernel_identity = Some(manifest.kernel);
         Ok(vmm)
     }
 
@@ -332,6 +337,7 @@ impl Vmm {
             msr_indices,
             has_xsave,
             tsc_khz,
+            kernel_identity: None,
         })
     }
 }

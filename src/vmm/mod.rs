@@ -186,6 +186,10 @@ pub struct Vmm {
     pub(crate) has_xsave: bool,
     /// vCPU 0's TSC frequency: a revert must not change it under the guest.
     pub(crate) tsc_khz: Option<u32>,
+    /// The kernel's identity for manifests: the restored snapshot's, or read
+    /// from the kernel file at the first snapshot (a checksum of the whole
+    /// file, so not on every snapshot and not on the boot path).
+    pub(crate) kernel_identity: Option<String>,
 }
 
 /// The devices whose state a snapshot carries.

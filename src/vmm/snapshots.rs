@@ -215,8 +215,7 @@ impl Vmm {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             config: self.config.clone(),
-            kernel: crate::snapshot::boot_cache::kernel_identity(&self.config.kernel)
-                .unwrap_or_else(|e| e.to_string()),
+            kernel: self.kernel_identity(),
             host: super::host_identity::host_identity(self.host, vcpu0.0, &vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
@@ -241,6 +240,19 @@ impl Vmm {
             pause_ms,
             total_ms: ms(t0),
         })
+    }
+
+    /// The kernel's identity, read once (see `Vmm::kernel_identity`). A kernel
+    /// file gone since boot is recorded as the error, as it always was: the
+    /// field is for people, and the snapshot itself does not need it.
+    fn kernel_identity(&mut self) -> String {
+        if let Some(k) = &self.kernel_identity {
+            return k.clone();
+        }
+        match crate::snapshot::boot_cache::kernel_identity(&self.config.kernel) {
+            Ok(k) => self.kernel_identity.insert(k).clone(),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Puts the running VM back to snapshot `name` in place. The bundle is
