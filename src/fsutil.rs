@@ -90,6 +90,16 @@ fn atomic_write_with(
     fsync_dir(parent_dir(path))
 }
 
+/// Creates `path`, which must not exist, for reading and writing: the one
+/// place snapshot data files are created, so they all get the same rules.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 /// Makes directory entry changes (creates, renames, unlinks) in `dir`
 /// durable; fsyncing a file does not persist the name pointing at it.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
