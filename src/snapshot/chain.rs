@@ -178,10 +178,33 @@ impl MemoryChain {
     }
 
     /// Copies the incremental layers over memory that already equals the
-    /// full layer (a fresh private mapping of it, or a full revert).
+    /// full layer (a fresh private mapping of it, or a full revert). Top
+    /// layer first, and each page only from the topmost layer that has it,
+    /// so a deep chain of layers rewriting the same pages costs what one does.
     pub fn apply_layers(&self, mem: &GuestMemory) -> Result<(), ChainError> {
-        for layer in &self.layers {
-            delta::apply(mem, &layer.file, &layer.dir.join(DELTA_FILE), &layer.index)?;
+        let pages = self.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
+        let mut done = vec![0u64; (pages as usize).div_ceil(64)];
+        let mut is_done = |p: u64| {
+            let (w, b) = ((p / 64) as usize, p % 64);
+            match done.get_mut(w) {
+                Some(word) if *word & (1 << b) == 0 => {
+                    *word |= 1 << b;
+                    false
+                }
+                _ => true,
+            }
+        };
+        for layer in self.layers.iter().rev() {
+            let todo: Vec<usize> = (0..layer.index.pages.len())
+                .filter(|&i| !is_done(layer.index.pages[i]))
+                .collect();
+            delta::apply_some(
+                mem,
+                &layer.file,
+                &layer.dir.join(DELTA_FILE),
+                &layer.index,
+                &todo,
+            )?;
         }
         Ok(())
     }

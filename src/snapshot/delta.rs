@@ -227,22 +227,30 @@ pub fn read_index(path: &Path) -> Result<(File, DeltaIndex), DeltaError> {
     ))
 }
 
-/// Copies every page of the layer into guest memory (vCPUs paused).
-pub fn apply(
+/// Copies the pages at positions `which` (ascending) of the layer's index
+/// into guest memory (vCPUs paused), one read per run of consecutive pages.
+pub fn apply_some(
     mem: &GuestMemory,
     file: &File,
     path: &Path,
     index: &DeltaIndex,
+    which: &[usize],
 ) -> Result<(), DeltaError> {
     let pages = &index.pages;
-    let mut i = 0;
-    while i < pages.len() {
+    let mut k = 0;
+    while k < which.len() {
+        let i = which[k];
         let (host, room) = host_run(mem, pages[i]).ok_or_else(|| DeltaError::Corrupt {
             path: path.display().to_string(),
             what: format!("page {:#x} is outside guest memory", pages[i] * PAGE_SIZE),
         })?;
+        // A run: consecutive index positions holding consecutive pages.
         let mut n = 1;
-        while i + n < pages.len() && pages[i + n] == pages[i] + n as u64 && (n as u64) < room {
+        while k + n < which.len()
+            && which[k + n] == i + n
+            && pages[i + n] == pages[i] + n as u64
+            && (n as u64) < room
+        {
             n += 1;
         }
         // SAFETY: the run lies inside one live guest region (host_run), and
@@ -253,7 +261,7 @@ pub fn apply(
                 path: path.display().to_string(),
                 source,
             })?;
-        i += n;
+        k += n;
     }
     Ok(())
 }

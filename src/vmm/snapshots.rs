@@ -28,6 +28,10 @@ pub struct SnapshotReport {
     pub incremental_on: Option<String>,
     pub live: bool,
     pub pause_ms: f64,
+    /// Where the pause went: stopping the vCPUs, taking the dirty logs,
+    /// switching disk layers, saving vCPU and device state, starting (live)
+    /// or doing (paused) the memory write, and resuming.
+    pub pause_parts_ms: PauseParts,
     pub total_ms: f64,
 }
 
@@ -48,6 +52,16 @@ pub struct SnapshotHow {
     pub full: bool,
 }
 
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PauseParts {
+    pub stop_vcpus: f64,
+    pub dirty_log: f64,
+    pub disk_switch: f64,
+    pub state: f64,
+    pub memory: f64,
+    pub resume: f64,
+}
+
 /// What the pause captured, to be finished with the guest running.
 struct Captured {
     body: Vec<u8>,
@@ -56,6 +70,7 @@ struct Captured {
     writer: Option<live::Writer>,
     frozen_paths: Vec<PathBuf>,
     vcpu0: (Option<u32>, Vec<kvm_bindings::kvm_cpuid_entry2>),
+    parts: PauseParts,
 }
 
 impl Vmm {
@@ -200,13 +215,21 @@ impl Vmm {
         delta_parent: Option<&str>,
         paused: bool,
     ) -> Result<Captured, VmmError> {
+        let mut parts = PauseParts::default();
+        let mut lap = Instant::now();
+        let mut split = |into: &mut f64| {
+            *into = ms(lap);
+            lap = Instant::now();
+        };
         self.collect_dirty()?;
+        split(&mut parts.dirty_log);
         let mut frozen_paths = Vec::new();
         for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
             let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
             d.layer = frozen.clone();
             frozen_paths.push(frozen);
         }
+        split(&mut parts.disk_switch);
         stall::point("overlay-switched", name);
         let mut state = self.save_state()?;
         for d in &mut state.devices.disks {
@@ -218,6 +241,7 @@ impl Vmm {
             .map(|v| (v.tsc_khz, v.cpuid.clone()))
             .unwrap_or_default();
         let body = encode_state(&state).map_err(snap_err)?;
+        split(&mut parts.state);
         let delta = delta_parent.map(|parent| DeltaIndex {
             parent: parent.to_string(),
             mem_file_len: crate::memory::ram_end(self.config.mem_bytes()),
@@ -251,7 +275,9 @@ impl Vmm {
                     .map_err(|e| snap_err(format!("cannot start the memory writer: {e}")))?,
             )
         };
+        split(&mut parts.memory);
         Ok(Captured {
+            parts,
             body,
             memory,
             delta,
@@ -276,6 +302,7 @@ impl Vmm {
         let was_running = !self.paused;
         let pause_start = Instant::now();
         self.pause()?;
+        let stop_vcpus = ms(pause_start);
         let captured = self.capture(
             tmp,
             final_dir,
@@ -284,10 +311,12 @@ impl Vmm {
             delta_parent.as_deref(),
             paused,
         );
+        let resume_start = Instant::now();
         if was_running {
             self.resume()?;
         }
         let pause_ms = ms(pause_start);
+        let resume = ms(resume_start);
         let mut c = match captured {
             Ok(c) => c,
             Err(e) => {
@@ -380,6 +409,11 @@ impl Vmm {
             incremental_on: delta_parent,
             live: !paused,
             pause_ms,
+            pause_parts_ms: PauseParts {
+                stop_vcpus,
+                resume,
+                ..c.parts
+            },
             total_ms: ms(t0),
         })
     }
