@@ -7,7 +7,8 @@
 //! kill it. Phases, in order: `overlays-created` (before the pause),
 //! `overlay-switched` (with the guest paused), `memory-write-started` (in the
 //! memory writer: a forked child for a live snapshot, so the guest runs),
-//! `memory-written`, `state-written`, `before-publish`, `published`; and in
+//! `state-written` (written while the memory writer works),
+//! `memory-written`, `before-publish`, `published`; and in
 //! a delete that merges memory layers, `merge-written`, `flatten-written`
 //! and `flatten-renamed` (NAME is then the child being rewritten).
 //! Not for users: a matching snapshot never finishes.
@@ -18,8 +19,8 @@ pub const PHASES: &[&str] = &[
     "overlays-created",
     "overlay-switched",
     "memory-write-started",
-    "memory-written",
     "state-written",
+    "memory-written",
     "before-publish",
     "published",
 ];

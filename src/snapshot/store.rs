@@ -142,10 +142,7 @@ pub fn begin(final_dir: &Path) -> Result<PathBuf, StoreError> {
 }
 
 pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
-    fsutil::fsync_dir(tmp).map_err(|source| StoreError::Io {
-        path: tmp.to_path_buf(),
-        source,
-    })?;
+    // publish_dir makes tmp's entries durable before the rename.
     fsutil::publish_dir(tmp, final_dir).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             StoreError::Exists(final_dir.display().to_string())

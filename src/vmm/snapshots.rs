@@ -335,15 +335,22 @@ impl Vmm {
                 return Err(e);
             }
         };
-        // The layers just frozen must survive a crash before the snapshot
-        // that names them is published (done while the writer works).
-        let disks_durable = (|| {
+        // While the writer works: the state file, and the layers just frozen,
+        // which must survive a crash before the snapshot naming them is
+        // published.
+        let state_path = tmp.join(STATE_FILE);
+        let state_written = fsutil::write_new_synced(&state_path, &c.body)
+            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())));
+        if state_written.is_ok() {
+            stall::point("state-written", name);
+        }
+        let disks_durable = state_written.and_then(|_| {
             for (path, d) in c.frozen_paths.iter().zip(&self.devices.disks) {
                 crate::disk::make_durable(path).map_err(snap_err)?;
                 bound_chain(path, &d.base.path)?;
             }
             Ok::<_, VmmError>(())
-        })();
+        });
         let memory_durable = match c.writer.take() {
             Some(w) if disks_durable.is_err() => {
                 w.abandon();
@@ -364,11 +371,7 @@ impl Vmm {
             Some(index) => index.pages.len() as u64 * crate::memory::PAGE_SIZE,
             None => chain::allocated(&c.memory),
         };
-        let state_path = tmp.join(STATE_FILE);
-        fsutil::atomic_write(&state_path, &c.body)
-            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))?;
         let state_bytes = c.body.len() as u64;
-        stall::point("state-written", name);
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
@@ -397,7 +400,10 @@ impl Vmm {
                 .map(|f| super::disks::layer_name_in(final_dir, f))
                 .collect(),
         };
-        format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
+        let json = format::json_bytes(&manifest).map_err(snap_err)?;
+        let manifest_path = tmp.join(MANIFEST_FILE);
+        fsutil::write_new_synced(&manifest_path, &json)
+            .map_err(|e| snap_err(format!("cannot write {}: {e}", manifest_path.display())))?;
         stall::point("before-publish", name);
         store::publish(tmp, final_dir)?;
         stall::point("published", name);
