@@ -90,6 +90,25 @@ fn atomic_write_with(
     fsync_dir(parent_dir(path))
 }
 
+/// Creates `path`, which must not exist, for reading and writing: the one
+/// place snapshot data files are created, so they all get the same rules.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+/// Writes a new file inside a directory that is published later as a whole
+/// (`publish_dir`): no rename of its own is needed, only the data on disk
+/// before the directory's.
+pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = create_new(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 /// Makes directory entry changes (creates, renames, unlinks) in `dir`
 /// durable; fsyncing a file does not persist the name pointing at it.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {

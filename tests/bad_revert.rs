@@ -131,7 +131,24 @@ fn damaged_bundles_are_refused_by_revert_and_the_vm_runs_on() {
 
     // The latest snapshot is the baseline a fast revert copies dirty pages
     // from: truncated, it once left the VM paused and half reverted.
-    snap("latest");
+    vm.api_ok(
+        "PUT",
+        "/snapshots",
+        Some(serde_json::json!({ "name": "latest", "full": true })),
+    );
+    // An incremental snapshot on it: its own layer damaged, then its base.
+    let r = snap("inc");
+    assert_eq!(r["incremental_on"], "latest", "{r}");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("inc/memory.delta"))
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() - 4096).unwrap();
+    revert_refused(
+        &vm,
+        "inc",
+        "memory.delta is not a rewind memory layer or is corrupt",
+    );
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(snaps.join("latest/memory.bin"))

@@ -230,15 +230,22 @@ fn commands_snapshot_revert_and_restore_in_a_new_process() {
     let uptime: f64 = uptime.parse().unwrap();
     assert!(uptime > 0.0, "{uptime}");
 
+    // Live: Linux keeps running (its timer, the agent) while memory is written.
     let o = home.run(&["snapshot", "create", "shell", "--vm", "cmds"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     eprintln!("snapshot at the shell: {}", stdout(&o).trim());
+    assert!(stdout(&o).contains(" live,"), "{}", stdout(&o));
     let o = exec(
         home,
         "cmds",
         "echo after-snapshot > /tmp/marker && echo written",
     );
     assert_eq!(stdout(&o), "written\n", "{}", stderr(&o));
+    // Incremental: only what Linux wrote since "shell".
+    let o = home.run(&["snapshot", "create", "later", "--vm", "cmds"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    eprintln!("second snapshot: {}", stdout(&o).trim());
+    assert!(stdout(&o).contains("changes over shell"), "{}", stdout(&o));
     let check = "read -r m < /tmp/marker; read -r up idle < /proc/uptime; echo $m $up";
     let seen = |o: &std::process::Output| -> (String, f64) {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
@@ -255,16 +262,20 @@ fn commands_snapshot_revert_and_restore_in_a_new_process() {
         up >= uptime,
         "clock went backwards after revert: {up} < {uptime}"
     );
+    let o = home.run(&["snapshot", "revert", "later", "--vm", "cmds"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (m, _) = seen(&exec(home, "cmds", check));
+    assert_eq!(m, "after-snapshot", "revert to the incremental snapshot");
     assert_eq!(vm.stop(), Some(0));
 
-    // A fresh process from the snapshot (the original stopped first: one
+    // A fresh process from the later snapshot (the original stopped first: one
     // emulated guest at a time).
     let clone = VmProcess::start(
         home,
         "cmds2",
         &[
             "restore",
-            "shell",
+            "later",
             "--vm",
             "cmds",
             "--name",
@@ -277,7 +288,8 @@ fn commands_snapshot_revert_and_restore_in_a_new_process() {
     );
     clone.socket_ready();
     let (m, up) = seen(&exec(home, "cmds2", check));
-    assert_eq!(m, "before-snapshot", "restore in a new process");
+    // The incremental snapshot, composed on its full parent.
+    assert_eq!(m, "after-snapshot", "restore in a new process");
     assert!(
         up >= uptime,
         "clock went backwards after restore: {up} < {uptime}"

@@ -146,6 +146,7 @@ fn options(console: &Path) -> RunOptions {
         timeout: None,
         exec: None,
         snapshot_when_ready: None,
+        start_paused: false,
     }
 }
 
@@ -181,7 +182,7 @@ fn restored_machine_state_is_the_saved_one() {
     vmm.pause().unwrap();
 
     let dir = home.path.join("snap");
-    vmm.snapshot_create_at(&dir, "rt", Instant::now())
+    vmm.snapshot_create_at(&dir, "rt", Instant::now(), Default::default())
         .expect("snapshot");
     let saved: MachineState = read_state_file(&dir.join("state.bin")).expect("state.bin reads");
     // The running VM, saved again, is what the file holds.

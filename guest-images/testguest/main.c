@@ -7,6 +7,9 @@
  * Command line (space separated, all optional):
  *   mode=verify|disk|exit|exitport|triple|insn   default verify
  *   region=MIB      verify: per-vCPU data region, default 16 (0: ticks only)
+ *   fill=MIB        verify: per-vCPU area written once at boot and checked
+ *                   every 4th tick (much memory, little rewritten: what
+ *                   incremental snapshots are for), default 0
  *   disk_sectors=N  disk: sectors checked and rewritten per tick, default 256
  *   period_ms=N     LAPIC timer period, default 100
  *   exit_after=N    verify, disk: vCPU 0 exits with `status` once every vCPU
@@ -157,7 +160,7 @@ static int starts_with(const char *s, const char *prefix)
 
 struct options {
 	const char *mode;
-	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
+	uint64_t region_mib, fill_mib, period_ms, exit_after, status, disk_sectors;
 	const char *insn;
 	const char *say;
 };
@@ -179,6 +182,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->mode = c + 5;
 		else if (starts_with(c, "region="))
 			o->region_mib = parse_u64(c + 7);
+		else if (starts_with(c, "fill="))
+			o->fill_mib = parse_u64(c + 5);
 		else if (starts_with(c, "period_ms="))
 			o->period_ms = parse_u64(c + 10);
 		else if (starts_with(c, "exit_after="))
@@ -257,16 +262,21 @@ static int all_reached(uint64_t ncpus, uint64_t tick)
 static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const struct options *o)
 {
 	uint64_t pages = o->region_mib * (1UL << 20) / PAGE;
+	uint64_t fill_pages = o->fill_mib * (1UL << 20) / PAGE;
 	uint64_t top = ram_top(zp) & ~(PAGE - 1);
 	uint64_t need = (cpu + 1) * pages * PAGE;
-	if (need > top || top - need < LOW_RESERVED) {
-		say("REGION-TOO-BIG: not enough guest memory for region=MIB per vCPU");
+	uint64_t fill_need = ncpus * pages * PAGE + (cpu + 1) * fill_pages * PAGE;
+	if (fill_need > top || top - fill_need < LOW_RESERVED) {
+		say("REGION-TOO-BIG: not enough guest memory for region=MIB and fill=MIB per vCPU");
 		guest_exit(3);
 	}
 	/* Regions sit at the top of RAM so that large guests exercise the memory above the 32-bit gap. */
 	volatile uint64_t *region = (volatile uint64_t *)(uintptr_t)(top - need);
+	/* The fill areas lie below every vCPU's region; tick number ~0 marks them. */
+	volatile uint64_t *fill = (volatile uint64_t *)(uintptr_t)(top - fill_need);
 	uint64_t seq = 0, seen = ticks[cpu], woken = resumes[cpu];
 	write_pattern(region, pages, cpu, 0);
+	write_pattern(fill, fill_pages, cpu, 0xFFFFFF);
 	for (;;) {
 		while (ticks[cpu] == seen && resumes[cpu] == woken)
 			wait_for_interrupt();
@@ -286,11 +296,15 @@ static void run_verify(uint64_t cpu, uint64_t ncpus, const uint8_t *zp, const st
 		seq++;
 		struct line l = { .len = 0 };
 		uint64_t bad = check_pattern(region, pages, cpu, seq - 1);
+		uint64_t fill_bad = seq % 4 ? fill_pages : check_pattern(fill, fill_pages, cpu, 0xFFFFFF);
 		write_pattern(region, pages, cpu, seq);
 		tick_line(&l, cpu, ncpus, seq);
 		if (bad < pages) {
 			put_str(&l, " CORRUPT page ");
 			put_u64(&l, bad);
+		} else if (fill_bad < fill_pages) {
+			put_str(&l, " CORRUPT fill page ");
+			put_u64(&l, fill_bad);
 		} else {
 			put_str(&l, " ok");
 		}

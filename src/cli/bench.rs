@@ -25,9 +25,39 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
-    /// Full snapshot create (pause and total) with the guest touching `region` MiB.
+    /// Full snapshot create (pause and total) with the guest rewriting
+    /// `region` MiB every 50 ms tick; live unless --paused.
     Snapshot {
         #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        #[arg(long, default_value_t = 16)]
+        region: u64,
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Incremental snapshots: a full one, then `runs` more, each after
+    /// `ticks` guest ticks; the guest holds `fill` MiB written once and
+    /// rewrites `region` MiB every `period_ms`.
+    Incremental {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 1024)]
+        mem: u64,
+        #[arg(long, default_value_t = 512)]
+        fill: u64,
+        #[arg(long, default_value_t = 16)]
+        region: u64,
+        #[arg(long, default_value_t = 100)]
+        period_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        ticks: u64,
+    },
+    /// Restore of the 10th incremental snapshot of a chain against
+    /// restore of the chain's full base, until the clone's first line.
+    Chain {
+        #[arg(long, default_value_t = 20)]
         runs: usize,
         #[arg(long, default_value_t = 256)]
         mem: u64,
@@ -78,6 +108,33 @@ fn report(what: &str, samples: Vec<f64>) {
     println!(
         "{what:<58} median {:>9.3} ms  (min {min:.3}, max {max:.3}, n={n})",
         median(samples)
+    );
+}
+
+/// Medians of each part of the snapshot pauses in `replies`.
+fn report_parts(what: &str, replies: &[serde_json::Value]) {
+    let parts = [
+        "stop_vcpus",
+        "dirty_log",
+        "disk_switch",
+        "state",
+        "memory",
+        "resume",
+    ];
+    let line: Vec<String> = parts
+        .iter()
+        .map(|p| {
+            let v = replies
+                .iter()
+                .filter_map(|r| r["pause_parts_ms"][p].as_f64())
+                .collect();
+            format!("{p} {:.2}", median(v))
+        })
+        .collect();
+    println!(
+        "{:<58} {} (ms, medians)",
+        format!("{what}: pause parts"),
+        line.join(", ")
     );
 }
 
@@ -175,36 +232,156 @@ fn pause(runs: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn snapshot(runs: usize, mem: u64, region: u64) -> Result<(), String> {
+fn snapshot(runs: usize, mem: u64, region: u64, paused: bool) -> Result<(), String> {
+    let how = if paused { "paused" } else { "live" };
     let vm = start_guest(
-        &format!("snap-{mem}-{region}"),
+        &format!("snap-{mem}-{region}-{how}"),
         mem,
         &format!("period_ms=50 region={region}"),
     )?;
     let (mut pause, mut total, mut size) = (Vec::new(), Vec::new(), 0.0);
+    let mut replies = Vec::new();
     for i in 0..runs {
+        // Each one full: the one before is deleted, so no baseline remains.
         let r = vm.api_ok(
             "PUT",
             "/snapshots",
-            Some(&serde_json::json!({ "name": format!("s{i}") })),
+            Some(&serde_json::json!({ "name": format!("s{i}"), "paused": paused })),
             None,
         )?;
         pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
         total.push(r["total_ms"].as_f64().unwrap_or(0.0));
         size = r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+        replies.push(r);
         vm.api_ok("DELETE", &format!("/snapshots/s{i}"), None, None)?;
     }
     vm.stop();
     report(
-        &format!("snapshot create, {mem} MiB guest, {region} MiB touched: pause"),
+        &format!("{how} snapshot, {mem} MiB guest rewriting {region} MiB: pause"),
         pause,
     );
     report(
-        &format!(
-            "snapshot create, {mem} MiB guest, {region} MiB touched: total ({size:.1} MiB file)"
-        ),
+        &format!("{how} snapshot, {mem} MiB guest rewriting {region} MiB: total ({size:.1} MiB)"),
         total,
     );
+    report_parts(
+        &format!("{how} snapshot, {mem} MiB, {region} MiB"),
+        &replies,
+    );
+    Ok(())
+}
+
+fn incremental(
+    runs: usize,
+    mem: u64,
+    fill: u64,
+    region: u64,
+    period_ms: u64,
+    ticks: u64,
+) -> Result<(), String> {
+    let name = format!("inc-{mem}-{fill}-{region}-{period_ms}");
+    let vm = start_guest(
+        &name,
+        mem,
+        &format!("period_ms={period_ms} region={region} fill={fill}"),
+    )?;
+    let create = |name: &str| {
+        vm.api_ok(
+            "PUT",
+            "/snapshots",
+            Some(&serde_json::json!({ "name": name })),
+            None,
+        )
+    };
+    let first = create("full")?;
+    let (mut pause, mut total, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut replies = Vec::new();
+    for i in 0..runs {
+        let at = vm.next_line(|l| tick_of(l).is_some())?;
+        let start = tick_of(&at).unwrap_or(0);
+        if ticks > 1 {
+            vm.next_line(|l| tick_of(l).is_some_and(|n| n >= start + ticks - 1))?;
+        }
+        let r = create(&format!("i{i}"))?;
+        if r["incremental_on"].is_null() {
+            return Err(format!("snapshot i{i} was not incremental: {r}"));
+        }
+        pause.push(r["pause_ms"].as_f64().unwrap_or(0.0));
+        total.push(r["total_ms"].as_f64().unwrap_or(0.0));
+        sizes.push(r["size_bytes"].as_f64().unwrap_or(0.0) / 1024.0);
+        replies.push(r);
+    }
+    vm.stop();
+    let what = format!(
+        "incremental, {mem} MiB guest, fill={fill} region={region}, every {}",
+        if ticks * period_ms >= 1000 {
+            format!("{:.1} s", (ticks * period_ms) as f64 / 1e3)
+        } else {
+            format!("{} ms", ticks * period_ms)
+        }
+    );
+    report(&format!("{what}: pause"), pause);
+    report(&format!("{what}: total"), total);
+    report_parts(&what, &replies);
+    let sum: f64 = sizes.iter().sum();
+    println!(
+        "{:<58} median {:>9.1} KiB  (all {runs}: {:.1} MiB; the full one: {:.1} MiB)",
+        format!("{what}: size"),
+        median(sizes),
+        sum / 1024.0,
+        first["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+    );
+    Ok(())
+}
+
+fn chain(runs: usize, mem: u64, region: u64) -> Result<(), String> {
+    let orig = format!("chain-{mem}-{region}");
+    let vm = start_guest(
+        &orig,
+        mem,
+        &format!("period_ms=20 region={region} resumed=1"),
+    )?;
+    for i in 0..=10 {
+        vm.next_line(|l| tick_of(l).is_some())?;
+        vm.api_ok(
+            "PUT",
+            "/snapshots",
+            Some(&serde_json::json!({ "name": format!("c{i}") })),
+            None,
+        )?;
+    }
+    vm.stop();
+    let (mut base, mut top) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        for (snap, samples) in [("c0", &mut base), ("c10", &mut top)] {
+            let name = format!("chain-restored-{snap}-{i}");
+            let t = Instant::now();
+            let c = spawn(
+                &name,
+                &[
+                    "restore",
+                    snap,
+                    "--vm",
+                    &orig,
+                    "--name",
+                    &name,
+                    "--console",
+                    "stdio",
+                    "--timeout",
+                    "30",
+                    "--expect",
+                    "resumed",
+                ],
+            )?;
+            c.next_line(|l| l == "resumed")?;
+            samples.push(ms(t.elapsed()));
+        }
+    }
+    report(
+        &format!("restore of a full snapshot ({mem} MiB, {region} MiB rewritten per layer)"),
+        base,
+    );
+    report("restore of the 10th incremental snapshot on it", top);
     Ok(())
 }
 
@@ -360,16 +537,35 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
     let result = match cmd {
         BenchCmd::Boot { runs, mem, cpus } => boot(runs, mem, cpus),
         BenchCmd::Pause { runs } => pause(runs),
-        BenchCmd::Snapshot { runs, mem, region } => snapshot(runs, mem, region),
+        BenchCmd::Snapshot {
+            runs,
+            mem,
+            region,
+            paused,
+        } => snapshot(runs, mem, region, paused),
+        BenchCmd::Incremental {
+            runs,
+            mem,
+            fill,
+            region,
+            period_ms,
+            ticks,
+        } => incremental(runs, mem, fill, region, period_ms, ticks),
+        BenchCmd::Chain { runs, mem, region } => chain(runs, mem, region),
         BenchCmd::Revert { runs, region } => revert(runs, region),
         BenchCmd::Restore { runs, mem, region } => restore(runs, mem, region),
         BenchCmd::Disk { mib } => disk(mib),
         BenchCmd::All => boot(20, 256, 1)
             .and_then(|_| pause(50))
-            .and_then(|_| snapshot(10, 256, 16))
-            .and_then(|_| snapshot(5, 256, 200))
-            .and_then(|_| snapshot(5, 1024, 16))
-            .and_then(|_| snapshot(5, 1024, 900))
+            .and_then(|_| snapshot(10, 256, 16, false))
+            .and_then(|_| snapshot(5, 256, 200, false))
+            .and_then(|_| snapshot(5, 1024, 256, false))
+            .and_then(|_| snapshot(5, 1024, 256, true))
+            .and_then(|_| snapshot(5, 1024, 900, false))
+            .and_then(|_| incremental(10, 1024, 100, 0, 1000, 1))
+            .and_then(|_| incremental(10, 1024, 0, 100, 1000, 1))
+            .and_then(|_| incremental(10, 1024, 512, 16, 100, 1))
+            .and_then(|_| chain(10, 256, 16))
             .and_then(|_| revert(50, 1))
             .and_then(|_| revert(20, 16))
             .and_then(|_| restore(20, 256, 0))

@@ -51,7 +51,7 @@ pub fn run() -> Result<i32, String> {
     let snap = vm.api_ok("PUT", "/snapshots", None, None)?;
     let snap_name = snap["name"].as_str().unwrap_or("snap-1").to_string();
     println!(
-        "2. snapshot  {:>8.2} ms  '{snap_name}' after \"{line}\": guest paused {:.2} ms, {:.1} MiB on disk",
+        "2. snapshot  {:>8.2} ms  '{snap_name}' after \"{line}\": live, guest paused {:.2} ms, {:.1} MiB on disk",
         field(&snap, "total_ms"),
         field(&snap, "pause_ms"),
         field(&snap, "size_bytes") / 1048576.0

@@ -106,6 +106,10 @@ struct RestoreArgs {
     /// Name of the new VM (generated when absent).
     #[arg(long)]
     name: Option<String>,
+    /// Leave the restored VM paused (`rewind resume --vm NAME` or the API
+    /// starts it).
+    #[arg(long)]
+    paused: bool,
     #[command(flatten)]
     io: IoArgs,
 }
@@ -333,6 +337,7 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         timeout,
         exec: io.exec.clone(),
         snapshot_when_ready: None,
+        start_paused: false,
     })
 }
 
@@ -439,7 +444,8 @@ fn run(args: RunArgs) -> Result<i32, Failure> {
 }
 
 fn restore(args: RestoreArgs) -> Result<i32, Failure> {
-    let opts = run_options(&args.io)?;
+    let mut opts = run_options(&args.io)?;
+    opts.start_paused = args.paused;
     let dir = store::resolve(&args.snapshot, args.vm.as_deref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
     if args.io.exec.is_some()

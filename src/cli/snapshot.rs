@@ -9,15 +9,32 @@ use clap::Subcommand;
 
 use crate::{api, Failure};
 use rewind::snapshot::state::Manifest;
-use rewind::snapshot::{bundle, layers, store};
+use rewind::snapshot::{bundle, chain, layers, store};
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
-    /// Pause, capture the whole machine, resume; prints name, path, size and pause time.
+    /// Capture the whole machine; prints name, path, size, pause and total
+    /// time. Live: the guest runs while memory is written (it stops only to
+    /// capture vCPU and device state). Incremental when the VM's memory last
+    /// equalled one of its snapshots: only the pages written since are stored.
     Create {
         name: Option<String>,
         #[arg(long)]
         vm: String,
+        /// Keep the guest paused until memory is written.
+        #[arg(long)]
+        paused: bool,
+        /// Store all of memory (start a new chain) even when the changes
+        /// over the VM's last snapshot would do.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Make NAME standalone: write its memory as one full layer instead of
+    /// the changes over its parent.
+    Flatten {
+        name: String,
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Put the running VM back to NAME in place.
     Revert {
@@ -79,16 +96,44 @@ pub enum DiskCmd {
 
 pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
     match cmd {
-        SnapshotCmd::Create { name, vm } => {
-            let body = name.map(|n| serde_json::json!({ "name": n }));
-            let r = api(&vm, "PUT", "/snapshots", body)?;
+        SnapshotCmd::Create {
+            name,
+            vm,
+            paused,
+            full,
+        } => {
+            let body = serde_json::json!({ "name": name, "paused": paused, "full": full });
+            let r = api(&vm, "PUT", "/snapshots", Some(body))?;
+            let kind = match r["incremental_on"].as_str() {
+                Some(p) => format!("changes over {p}"),
+                None => "full".to_string(),
+            };
             println!(
-                "snapshot {} at {} ({:.1} MiB, guest paused {:.2} ms, total {:.2} ms)",
+                "snapshot {} at {} ({:.1} MiB, {kind}, {} guest paused {:.2} ms, total {:.2} ms)",
                 r["name"].as_str().unwrap_or("?"),
                 r["path"].as_str().unwrap_or("?"),
                 r["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                if r["live"].as_bool().unwrap_or(false) {
+                    "live,"
+                } else {
+                    "paused,"
+                },
                 r["pause_ms"].as_f64().unwrap_or(0.0),
                 r["total_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        SnapshotCmd::Flatten { name, vm } => {
+            let dir =
+                store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
+            let m = store::read_manifest(&dir).map_err(|e| Failure::Usage(e.to_string()))?;
+            let bytes = chain::flatten(&dir, m.memory_file_len).map_err(|e| match e {
+                chain::ChainError::Write { .. } => Failure::Runtime(e.to_string()),
+                other => Failure::Usage(other.to_string()),
+            })?;
+            println!(
+                "snapshot {name} is standalone: {:.1} MiB of memory in {}",
+                bytes as f64 / 1048576.0,
+                dir.join(rewind::snapshot::state::MEMORY_FILE).display()
             );
         }
         SnapshotCmd::Revert { name, vm } => {
@@ -166,7 +211,21 @@ fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
         }
         None => store::read_manifest(&dir).map_err(|e| Failure::Runtime(e.to_string()))?,
     };
-    println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+    let mut shown = serde_json::to_value(&m).unwrap_or_default();
+    // What restoring it reads: its own layer and those it sits on.
+    if let Ok(c) = chain::open(&dir, m.memory_file_len) {
+        let bytes = c.layer_bytes();
+        shown["memory_chain"] = serde_json::json!({
+            "depth": c.depth(),
+            "base": c.base_dir,
+            "own_bytes": bytes.last().copied().unwrap_or(0),
+            "chain_bytes": bytes.iter().sum::<u64>(),
+        });
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&shown).unwrap_or_default()
+    );
     if vcpus {
         let (_, state) = rewind::snapshot::ops::load::<rewind::vmm::MachineState>(&dir)
             .map_err(|e| Failure::Runtime(e.to_string()))?;

@@ -43,6 +43,12 @@ pub enum Command {
     SnapshotCreate {
         /// Requested snapshot name, already validated.
         name: Option<String>,
+        /// Keep the guest paused while memory is written (`{"paused": true}`);
+        /// by default the snapshot is live.
+        paused: bool,
+        /// Store all of memory even when only changes over the VM's baseline
+        /// would do (`{"full": true}`): starts a new chain.
+        full: bool,
     },
     /// `PUT /snapshots/{name}/revert`: restore the VM to a snapshot.
     SnapshotRevert {
@@ -129,9 +135,10 @@ pub fn route(req: &http::Request) -> Result<Command, ApiResponse> {
         },
         ["snapshots"] => match method {
             "GET" => Ok(Command::SnapshotList),
-            "PUT" => Ok(Command::SnapshotCreate {
-                name: create_body_name(&req.body)?,
-            }),
+            "PUT" => {
+                let (name, paused, full) = create_body(&req.body)?;
+                Ok(Command::SnapshotCreate { name, paused, full })
+            }
             _ => Err(not_allowed(method, path, "GET or PUT")),
         },
         ["snapshots", name] => match method {
@@ -221,15 +228,19 @@ fn exec_body(body: &[u8]) -> Result<Command, ApiResponse> {
 struct CreateBody {
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    full: bool,
 }
 
 /// The optional `name` of `PUT /snapshots`. Unknown fields are rejected so a
 /// typo like `{"nmae": "x"}` fails loudly instead of creating an unnamed
 /// snapshot. The Content-Type is not checked because `curl -d` sends a form
 /// type by default.
-fn create_body_name(body: &[u8]) -> Result<Option<String>, ApiResponse> {
+fn create_body(body: &[u8]) -> Result<(Option<String>, bool, bool), ApiResponse> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok((None, false, false));
     }
     let invalid = |e: serde_json::Error| {
         ApiResponse::error(
@@ -246,7 +257,8 @@ fn create_body_name(body: &[u8]) -> Result<Option<String>, ApiResponse> {
         ));
     }
     let parsed = CreateBody::deserialize(value).map_err(invalid)?;
-    parsed.name.map(|n| checked_name(&n)).transpose()
+    let name = parsed.name.map(|n| checked_name(&n)).transpose()?;
+    Ok((name, parsed.paused, parsed.full))
 }
 
 /// Turns a lowercase error message into the sentence form used in bodies.
@@ -354,21 +366,35 @@ mod tests {
         assert_eq!(route_ok("GET", "/snapshots", ""), Command::SnapshotList);
         assert_eq!(
             route_ok("PUT", "/snapshots", ""),
-            Command::SnapshotCreate { name: None }
+            Command::SnapshotCreate {
+                name: None,
+                paused: false,
+                full: false
+            }
         );
         assert_eq!(
             route_ok("PUT", "/snapshots", r#"{"name": "base-1.0"}"#),
             Command::SnapshotCreate {
-                name: Some(s("base-1.0"))
+                name: Some(s("base-1.0")),
+                paused: false,
+                full: false
             }
         );
         assert_eq!(
             route_ok("PUT", "/snapshots", r#"{"name": null}"#),
-            Command::SnapshotCreate { name: None }
+            Command::SnapshotCreate {
+                name: None,
+                paused: false,
+                full: false
+            }
         );
         assert_eq!(
             route_ok("PUT", "/snapshots", "{}"),
-            Command::SnapshotCreate { name: None }
+            Command::SnapshotCreate {
+                name: None,
+                paused: false,
+                full: false
+            }
         );
         assert_eq!(
             route_ok("PUT", "/snapshots/s1/revert", ""),

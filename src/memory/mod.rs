@@ -43,10 +43,23 @@ pub fn ram_end(mem_bytes: u64) -> u64 {
 
 /// Anonymous guest memory with a dirty bitmap per region.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
-    GuestMemory::from_ranges(&ram_ranges(mem_bytes)).map_err(|source| MemoryError::Allocate {
-        mib: mem_bytes >> 20,
-        source,
-    })
+    let mem = GuestMemory::from_ranges(&ram_ranges(mem_bytes)).map_err(|source| {
+        MemoryError::Allocate {
+            mib: mem_bytes >> 20,
+            source,
+        }
+    })?;
+    for r in mem.iter() {
+        // Huge pages make the page tables 512 times smaller, and copying
+        // them is what a live snapshot's fork costs inside the guest's pause
+        // (1 GiB: 0.4 ms instead of 17 ms here). Advice only: without
+        // transparent huge pages memory simply stays in 4 KiB pages.
+        // SAFETY: madvise on a mapping this region owns, for its length.
+        unsafe {
+            libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE);
+        }
+    }
+    Ok(mem)
 }
 
 /// (guest address, size, host address) of every region, in slot order.

@@ -9,10 +9,7 @@
 //! the same path. Like every snapshot directory it appears whole or not at
 //! all (written under a temp name beside DIR, then renamed).
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::format::{crc64_xz, encode_state, write_json_file, FormatError};
@@ -91,7 +88,11 @@ pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleErro
             *frozen = name.clone();
             manifest.disk_layers.push(name);
         }
-        copy_sparse(&src.join(MEMORY_FILE), &tmp.join(MEMORY_FILE))?;
+        // A bundle stands alone, so its memory is one full layer.
+        let mem_path = tmp.join(MEMORY_FILE);
+        super::chain::open(src, manifest.memory_file_len)
+            .and_then(|chain| chain.flatten_to(&mem_path))
+            .map_err(|e| BundleError::Load(e.to_string()))?;
         let body = encode_state(&state)?;
         let state_path = tmp.join(STATE_FILE);
         fsutil::atomic_write(&state_path, &body).map_err(|source| BundleError::Io {
@@ -111,53 +112,4 @@ pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleErro
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
-}
-
-/// Copies `from` to `to` keeping holes (memory.bin stores zero pages as
-/// holes, and a copy that filled them could be as large as guest RAM).
-fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
-    let io = |op: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BundleError::Io { op, path, source }
-    };
-    let src = File::open(from).map_err(io("open", from))?;
-    let len = src.metadata().map_err(io("stat", from))?.len();
-    let dst = File::create(to).map_err(io("create", to))?;
-    dst.set_len(len).map_err(io("resize", to))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        let Some(data) = seek(&src, pos, libc::SEEK_DATA).map_err(io("read", from))? else {
-            break;
-        };
-        let hole = seek(&src, data, libc::SEEK_HOLE)
-            .map_err(io("read", from))?
-            .unwrap_or(len);
-        let mut at = data;
-        while at < hole {
-            let n = ((hole - at) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], at)
-                .map_err(io("read", from))?;
-            dst.write_all_at(&buf[..n], at).map_err(io("write", to))?;
-            at += n as u64;
-        }
-        pos = hole;
-    }
-    dst.sync_all().map_err(io("fsync", to))
-}
-
-/// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no more data.
-fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a file descriptor we own (borrowed from `file`, open
-    // for the whole call); it only moves the file offset, which nothing else
-    // uses (all reads here are positional).
-    let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    Ok(Some(r as u64))
 }

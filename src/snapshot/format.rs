@@ -367,6 +367,16 @@ pub fn read_state_file_summed<T: DeserializeOwned>(
 }
 
 /// Writes `value` as pretty JSON (with trailing newline) atomically.
+/// A value as the pretty JSON rewind's files hold.
+pub fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, FormatError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| FormatError::JsonEncode {
+        path: Default::default(),
+        source,
+    })?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
 pub fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<(), FormatError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| FormatError::JsonEncode {
         path: path.to_owned(),

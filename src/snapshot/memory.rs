@@ -4,7 +4,7 @@
 //! `MAP_PRIVATE`: nothing is read up front, clones share clean pages, and
 //! the guest's writes never reach the file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -47,7 +47,7 @@ pub enum MemoryFileError {
 }
 
 /// Host view of a region's bytes. Callers only use it while every vCPU is
-/// paused, so nothing else writes guest memory concurrently.
+/// paused, or in a forked child, so nothing writes guest memory meanwhile.
 fn region_bytes<R: GuestMemoryRegion>(region: &R) -> &[u8] {
     let ptr = region
         .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -77,31 +77,31 @@ fn is_zero(page: &[u8]) -> bool {
         && suffix.iter().all(|&b| b == 0)
 }
 
-/// Writes every non-zero page at its guest-physical offset, looking only
-/// at `populated` pages (one bit per page per slot: everything that can be
-/// non-zero), so the cost follows what the guest touched, not its size.
-/// Returns the number of data bytes written. The caller syncs the file
-/// (after the guest has resumed, so the pause excludes the disk flush).
-/// `snapshot` names the snapshot for the test-only stall points.
-pub fn write_full(
-    mem: &GuestMemory,
-    mem_bytes: u64,
-    populated: &[Vec<u64>],
-    path: &Path,
-    snapshot: &str,
-) -> Result<u64, MemoryFileError> {
+/// Creates a full layer's file, `mem_bytes` of guest RAM long and empty.
+pub fn create_full(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError> {
     let err = |source| MemoryFileError::Write {
         path: path.display().to_string(),
         source,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(err)?;
+    let file = crate::fsutil::create_new(path).map_err(err)?;
     file.set_len(memory::ram_end(mem_bytes)).map_err(err)?;
+    Ok(file)
+}
+
+/// Writes every non-zero page at its guest-physical offset, looking only
+/// at `populated` pages (one bit per page per slot: everything that can be
+/// non-zero), so the cost follows what the guest touched, not its size.
+/// `first_write` runs once, after the first write (a test's stall point).
+/// Makes no allocation and takes no lock, so a forked child may call it.
+/// The caller syncs the file.
+pub fn write_full(
+    mem: &GuestMemory,
+    populated: &[Vec<u64>],
+    file: &File,
+    first_write: &dyn Fn(),
+) -> std::io::Result<()> {
     let page = PAGE_SIZE as usize;
-    let mut written = 0u64;
+    let mut started = false;
     for (region, bitmap) in mem.iter().zip(populated) {
         let bytes = region_bytes(region);
         let base = region.start_addr().0;
@@ -126,15 +126,14 @@ pub fn write_full(
             while wanted(p) {
                 p += 1;
             }
-            file.write_all_at(&bytes[start * page..p * page], base + (start * page) as u64)
-                .map_err(err)?;
-            if written == 0 {
-                super::stall::point("memory-write-started", snapshot);
+            file.write_all_at(&bytes[start * page..p * page], base + (start * page) as u64)?;
+            if !started {
+                started = true;
+                first_write();
             }
-            written += ((p - start) * page) as u64;
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 /// One bit per page of each slot, set where the snapshot file holds data.
@@ -213,42 +212,6 @@ pub fn map_private(path: &Path, mem_bytes: u64) -> Result<GuestMemory, MemoryFil
         path: path.display().to_string(),
         reason: e.to_string(),
     })
-}
-
-/// Copies back only `dirty` pages (per slot, one bit per page) from the
-/// snapshot: the fast in-place revert when memory was equal to this
-/// snapshot when tracking last started. Returns pages copied.
-pub fn revert_dirty(
-    mem: &GuestMemory,
-    file: &File,
-    path: &Path,
-    dirty: &[Vec<u64>],
-) -> Result<u64, MemoryFileError> {
-    let mut copied = 0;
-    for (region, bitmap) in mem.iter().zip(dirty) {
-        // SAFETY: reverts run with every vCPU paused, on the VMM thread.
-        let bytes = unsafe { region_bytes_mut(region) };
-        let base = region.start_addr().0;
-        for (w, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let off = (w * 64 + bit) * PAGE_SIZE as usize;
-                if off >= bytes.len() {
-                    continue;
-                }
-                read_exact_at(
-                    file,
-                    path,
-                    &mut bytes[off..off + PAGE_SIZE as usize],
-                    base + off as u64,
-                )?;
-                copied += 1;
-            }
-        }
-    }
-    Ok(copied)
 }
 
 fn read_exact_at(

@@ -6,8 +6,11 @@
 
 pub mod boot_cache;
 pub mod bundle;
+pub mod chain;
+pub mod delta;
 pub mod format;
 pub mod layers;
+pub mod live;
 pub(crate) mod memory;
 pub mod ops;
 pub(crate) mod persist;

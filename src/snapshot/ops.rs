@@ -2,7 +2,7 @@
 //! may touch a VM is here, in [`validate`], used by both revert and
 //! restore: a revert refused here leaves the running VM exactly as it was.
 
-use std::fs::File;
+use super::chain::{self, ChainError, MemoryChain};
 use std::path::{Path, PathBuf};
 
 use super::format::read_state_file_summed;
@@ -13,13 +13,13 @@ use super::state::{
 use super::store::{read_manifest, StoreError};
 use crate::config::VmConfig;
 
-/// A bundle that passed [`validate`]: its memory file is open (and of the
-/// right length), so what was checked is what gets read.
+/// A bundle that passed [`validate`]: its memory layers are open (and
+/// checked), so what was checked is what gets read.
 pub struct Bundle<S> {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub state: S,
-    pub memory: File,
+    pub memory: MemoryChain,
 }
 
 /// Where a bundle is about to be loaded.
@@ -64,6 +64,8 @@ pub enum BundleError {
         found: u64,
         expected: u64,
     },
+    #[error(transparent)]
+    MemoryChain(ChainError),
     #[error("snapshot {dir} is corrupt: {what}")]
     Inconsistent { dir: String, what: String },
     #[error("snapshot {dir}: disk {index}: {reason}")]
@@ -146,24 +148,6 @@ pub fn validate<S: StoredState>(dir: &Path, target: &Target) -> Result<Bundle<S>
     let name = || dir.display().to_string();
     let inconsistent = |what: String| BundleError::Inconsistent { dir: name(), what };
 
-    let mem_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&mem_path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            BundleError::MemoryMissing { dir: name() }
-        } else {
-            BundleError::MemoryOpen {
-                dir: name(),
-                source,
-            }
-        }
-    })?;
-    let found = memory
-        .metadata()
-        .map_err(|source| BundleError::MemoryOpen {
-            dir: name(),
-            source,
-        })?
-        .len();
     let expected = crate::memory::ram_end(config.mem_bytes());
     if manifest.memory_file_len != expected {
         return Err(inconsistent(format!(
@@ -171,13 +155,20 @@ pub fn validate<S: StoredState>(dir: &Path, target: &Target) -> Result<Bundle<S>
             manifest.memory_file_len, config.mem_mib
         )));
     }
-    if found != expected {
-        return Err(BundleError::MemoryLength {
-            dir: name(),
+    let memory = chain::open(dir, expected).map_err(|e| match e {
+        ChainError::Missing { dir } => BundleError::MemoryMissing { dir },
+        ChainError::Open { dir, source } => BundleError::MemoryOpen { dir, source },
+        ChainError::Length {
+            dir,
             found,
             expected,
-        });
-    }
+        } => BundleError::MemoryLength {
+            dir,
+            found,
+            expected,
+        },
+        other => BundleError::MemoryChain(other),
+    })?;
     if vcpus.len() != config.cpus as usize {
         return Err(inconsistent(format!(
             "{} vCPU states for {} vCPUs",

@@ -44,8 +44,14 @@ pub struct Manifest {
     pub kernel: String,
     pub host: HostIdentity,
     pub state_bytes: u64,
-    /// Bytes of memory data actually stored (zero pages are holes).
+    /// Bytes of memory data this snapshot stores itself (a full layer's zero
+    /// pages are holes; an incremental layer holds only changed pages).
     pub memory_bytes: u64,
+    /// For an incremental snapshot, the snapshot its memory layer sits on
+    /// when it was taken (`memory.delta` names it authoritatively: a delete
+    /// merges layers and may move it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_parent: Option<String>,
     /// Logical length of memory.bin (its offsets are guest-physical addresses).
     pub memory_file_len: u64,
     pub state_crc64: u64,

@@ -142,10 +142,7 @@ pub fn begin(final_dir: &Path) -> Result<PathBuf, StoreError> {
 }
 
 pub fn publish(tmp: &Path, final_dir: &Path) -> Result<(), StoreError> {
-    fsutil::fsync_dir(tmp).map_err(|source| StoreError::Io {
-        path: tmp.to_path_buf(),
-        source,
-    })?;
+    // publish_dir makes tmp's entries durable before the rename.
     fsutil::publish_dir(tmp, final_dir).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             StoreError::Exists(final_dir.display().to_string())
@@ -184,6 +181,7 @@ pub fn delete_with_layers(dir: &Path) -> Result<DeleteReport, StoreError> {
         .map(|m| m.disk_layers.clone())
         .unwrap_or_default();
     let new_parent = manifest.and_then(|m| m.parent);
+    merge_memory_into_children(dir)?;
     let reparented = reparent_children(dir, new_parent.as_deref())?;
     delete(dir)?;
     let layers = super::layers::release(&layers).map_err(|e| StoreError::Io {
@@ -195,6 +193,43 @@ pub fn delete_with_layers(dir: &Path) -> Result<DeleteReport, StoreError> {
         reparented,
         new_parent,
     })
+}
+
+/// Snapshots whose incremental memory layer sits directly on `dir` take
+/// its pages into their own layer (or become full if `dir` is), each in one
+/// rename, so nothing reads through `dir`'s memory once it is gone.
+fn merge_memory_into_children(dir: &Path) -> Result<(), StoreError> {
+    let Some(name) = dir.file_name() else {
+        return Ok(());
+    };
+    let siblings = std::fs::read_dir(dir.parent().unwrap_or(Path::new(".")))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        // Temp directories are unpublished snapshots (or leftovers).
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        });
+    for child in siblings {
+        if child.join(super::state::MEMORY_FILE).exists() {
+            continue;
+        }
+        let Ok((_, index)) = super::delta::read_index(&child.join(super::delta::DELTA_FILE)) else {
+            continue;
+        };
+        if std::ffi::OsStr::new(&index.parent) != name {
+            continue;
+        }
+        super::chain::merge_parent_into(&child, index.mem_file_len).map_err(|e| {
+            StoreError::Io {
+                path: child.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// The snapshot directory a manifest's `parent` names: a bare name is a

@@ -131,10 +131,14 @@ impl Vmm {
         let mut config = state.config.clone();
         config.name = name.to_string();
         config.validate(host_mem_mib(), vm.max_vcpus())?;
-        let mem_path = dir.join(snapshot::state::MEMORY_FILE);
-        let mem = snapshot::memory::map_private(&mem_path, config.mem_bytes())
+        // The full layer is mapped copy-on-write (read lazily, shared by
+        // clones); incremental layers above it are copied in.
+        let mem = snapshot::memory::map_private(&memory.base_path(), config.mem_bytes())
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-        let populated = snapshot::memory::data_bitmap(&memory, &mem);
+        memory
+            .apply_layers(&mem)
+            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+        let populated = memory.data_bitmap(&mem);
         let lowers = state
             .devices
             .disks
@@ -333,6 +337,7 @@ impl Vmm {
             paused: true,
             started: Instant::now(),
             baseline,
+            since_baseline: populated.iter().map(|s| vec![0; s.len()]).collect(),
             populated,
             msr_indices,
             has_xsave,

@@ -91,7 +91,9 @@ impl Vmm {
                 self.resume()?;
                 Reply::Running
             }
-            Command::SnapshotCreate { name } => Reply::SnapshotCreated(self.snapshot_create(name)?),
+            Command::SnapshotCreate { name, paused, full } => {
+                Reply::SnapshotCreated(self.snapshot_create(name, paused, full)?)
+            }
             Command::SnapshotRevert { name } => Reply::Reverted(self.revert(&name)?),
             Command::SnapshotList => Reply::Snapshots(store::list_json(Some(&self.config.name))),
             Command::SnapshotInfo { name } => {

@@ -8,14 +8,16 @@ mod event_loop;
 mod exec;
 mod host_identity;
 mod persist;
+mod revert;
 mod signals;
 mod snapshots;
 
 pub use commands::{Reply, VmInfo};
 pub use exec::{ExecCallback, ExecError, ExecOutput, ExecResult};
 pub use persist::{DevicesState, DiskState, MachineState};
+pub use revert::RevertReport;
 pub use signals::SignalFd;
-pub use snapshots::{RevertReport, SnapshotReport};
+pub use snapshots::{SnapshotHow, SnapshotReport};
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -155,6 +157,8 @@ pub struct RunOptions {
     /// Snapshot the guest into this directory when it prints REWIND-READY
     /// (the boot cache: later runs restore it instead of booting).
     pub snapshot_when_ready: Option<PathBuf>,
+    /// Start with the vCPUs paused (resume through the API).
+    pub start_paused: bool,
 }
 
 /// How long `rewind exec` waits for a command unless told otherwise.
@@ -182,6 +186,10 @@ pub struct Vmm {
     /// Pages that may be non-zero (one bit per page per slot): a snapshot
     /// reads only these, so its cost follows what the guest touched.
     pub(crate) populated: Vec<Vec<u64>>,
+    /// Pages written since memory last equalled `baseline` and already taken
+    /// from the dirty logs. Cleared only once a snapshot holding them is
+    /// durable (or memory is reverted), so a failed snapshot loses none.
+    pub(crate) since_baseline: Vec<Vec<u64>>,
     pub(crate) msr_indices: Vec<u32>,
     pub(crate) has_xsave: bool,
     /// vCPU 0's TSC frequency: a revert must not change it under the guest.
@@ -306,7 +314,9 @@ impl Vmm {
             self.exec
                 .start(cmd.clone(), timeout, exec::Waiter::Console, com2);
         }
-        self.resume()?;
+        if !opts.start_paused {
+            self.resume()?;
+        }
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
@@ -380,7 +390,8 @@ impl Vmm {
         if let Some(i) = events.iter().position(|e| *e == VmEvent::Ready) {
             events.remove(i);
             if let Some(dir) = &opts.snapshot_when_ready {
-                match self.snapshot_create_at(dir, "boot-cache", Instant::now()) {
+                match self.snapshot_create_at(dir, "boot-cache", Instant::now(), Default::default())
+                {
                     Ok(r) => eprintln!(
                         "rewind: booted guest cached in {} (guest paused {:.1} ms)",
                         dir.display(),

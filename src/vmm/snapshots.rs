@@ -1,5 +1,9 @@
-//! Snapshot create and in-place revert on a running VM.
+//! Snapshot create on a running VM: live (the guest runs while a forked
+//! writer saves memory as it was at the pause, see `snapshot::live`) or
+//! paused, full or incremental (only the pages written since the VM's
+//! baseline, when that baseline is a snapshot of this VM).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -8,40 +12,73 @@ use serde::Serialize;
 use super::{Vmm, VmmError};
 use crate::devices::bus::lock;
 use crate::fsutil;
+use crate::snapshot::chain::{self, MAX_DEPTH};
+use crate::snapshot::delta::{self, DeltaIndex, DELTA_FILE};
 use crate::snapshot::format::{crc64_xz, encode_state};
+use crate::snapshot::live::{self, StallMarker};
 use crate::snapshot::state::{Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
-use crate::snapshot::{format, memory as snapmem, ops, stall, store};
+use crate::snapshot::{format, memory as snapmem, stall, store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotReport {
     pub name: String,
     pub path: PathBuf,
     pub size_bytes: u64,
+    /// The parent whose memory this snapshot's incremental layer sits on.
+    pub incremental_on: Option<String>,
+    pub live: bool,
     pub pause_ms: f64,
+    /// Where the pause went: stopping the vCPUs, taking the dirty logs,
+    /// switching disk layers, saving vCPU and device state, starting (live)
+    /// or doing (paused) the memory write, and resuming.
+    pub pause_parts_ms: PauseParts,
     pub total_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct RevertReport {
-    pub name: String,
-    /// Pages copied back; with `full` every data page of the snapshot.
-    pub pages_copied: u64,
-    pub full: bool,
-    pub total_ms: f64,
-}
-
-fn snap_err(e: impl std::fmt::Display) -> VmmError {
+pub(super) fn snap_err(e: impl std::fmt::Display) -> VmmError {
     VmmError::Snapshot(e.to_string())
 }
 
-fn ms(since: Instant) -> f64 {
+pub(super) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// How to take a snapshot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotHow {
+    /// Keep the guest paused until memory is written.
+    pub paused: bool,
+    /// Store all of memory, not only the changes over the baseline.
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PauseParts {
+    pub stop_vcpus: f64,
+    pub dirty_log: f64,
+    pub disk_switch: f64,
+    pub state: f64,
+    pub memory: f64,
+    pub resume: f64,
+}
+
+/// What the pause captured, to be finished with the guest running.
+struct Captured {
+    body: Vec<u8>,
+    memory: File,
+    delta: Option<DeltaIndex>,
+    writer: Option<live::Writer>,
+    frozen_paths: Vec<PathBuf>,
+    vcpu0: (Option<u32>, Vec<kvm_bindings::kvm_cpuid_entry2>),
+    parts: PauseParts,
+}
+
 impl Vmm {
-    /// Per slot: pages written since tracking last started, by the guest
-    /// (KVM's log) or by rewind itself (vm-memory's bitmap). Reading clears.
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
+    /// Takes the dirty logs (KVM's for the guest's writes, vm-memory's for
+    /// rewind's own) into `since_baseline` and `populated`. Reading clears
+    /// the logs; nothing is lost, since both sets only grow until a
+    /// snapshot holding them is durable.
+    pub(super) fn collect_dirty(&mut self) -> Result<(), VmmError> {
         let vmm_dirty = snapmem::take_vmm_dirty(&self.mem);
         let mut out = Vec::new();
         for (slot, (_, size, _)) in crate::memory::regions(&self.mem).into_iter().enumerate() {
@@ -54,7 +91,16 @@ impl Vmm {
             out.push(log);
         }
         snapmem::merge_bitmaps(&mut self.populated, &out);
-        Ok(out)
+        snapmem::merge_bitmaps(&mut self.since_baseline, &out);
+        Ok(())
+    }
+
+    /// Memory equals the snapshot just written or reverted to.
+    pub(super) fn set_baseline(&mut self, dir: Option<PathBuf>) {
+        self.baseline = dir;
+        for slot in &mut self.since_baseline {
+            slot.fill(0);
+        }
     }
 
     fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
@@ -73,13 +119,20 @@ impl Vmm {
             .unwrap_or_else(|| "snap".into()))
     }
 
-    /// Pauses every vCPU, captures the whole machine, resumes. The snapshot
+    /// Captures the whole machine. Live unless `paused`: the vCPUs stop only
+    /// while state is captured and the memory writer forked. The snapshot
     /// directory appears whole (renamed from a temp dir) or not at all.
-    pub fn snapshot_create(&mut self, name: Option<String>) -> Result<SnapshotReport, VmmError> {
+    pub fn snapshot_create(
+        &mut self,
+        name: Option<String>,
+        paused: bool,
+        full: bool,
+    ) -> Result<SnapshotReport, VmmError> {
         let t0 = Instant::now();
         let name = self.snapshot_name(name)?;
         let final_dir = store::snapshots_dir(&self.config.name).join(&name);
-        self.snapshot_create_at(&final_dir, &name, t0)
+        let how = SnapshotHow { paused, full };
+        self.snapshot_create_at(&final_dir, &name, t0, how)
     }
 
     /// Captures into `final_dir` anywhere (the boot cache uses this).
@@ -88,24 +141,40 @@ impl Vmm {
         final_dir: &Path,
         name: &str,
         t0: Instant,
+        how: SnapshotHow,
     ) -> Result<SnapshotReport, VmmError> {
         let tmp = store::begin(final_dir)?;
-        let result = self.write_snapshot(&tmp, final_dir, name, t0);
+        let result = self.write_snapshot(&tmp, final_dir, name, t0, how);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         result
     }
 
-    fn write_snapshot(
-        &mut self,
-        tmp: &Path,
-        final_dir: &Path,
-        name: &str,
-        t0: Instant,
-    ) -> Result<SnapshotReport, VmmError> {
-        // New overlays are created before the pause (it costs an fsync);
-        // the switch inside the pause only re-points the open layer.
+    /// The snapshot a new one in `final_dir` may store only changes over:
+    /// the baseline, when it is a sibling (same VM) whose chain is short.
+    fn incremental_parent(&self, final_dir: &Path) -> Option<String> {
+        let parent = self.baseline.as_ref()?;
+        let same_store = match (parent.parent(), final_dir.parent()) {
+            (Some(a), Some(b)) => fsutil::same_file(a, b),
+            _ => false,
+        };
+        if !same_store {
+            return None;
+        }
+        let len = crate::memory::ram_end(self.config.mem_bytes());
+        let chain = chain::open(parent, len).ok()?;
+        (chain.depth() < MAX_DEPTH)
+            .then(|| parent.file_name())
+            .flatten()
+            .map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// New overlays for every disk, created before the pause (it costs an
+    /// fsync); the switch inside the pause only re-points the open layer.
+    fn prepare_overlays(
+        &self,
+    ) -> Result<(Vec<PathBuf>, Vec<crate::disk::PreparedSwitch>), VmmError> {
         let vm_dir = crate::paths::vm_dir(&self.config.name);
         let mut next = Vec::new();
         let mut prepared = Vec::new();
@@ -116,68 +185,144 @@ impl Vmm {
             };
             let path = super::disks::overlay_path(&vm_dir, d.index);
             let name = super::disks::backing_name(&path, &current);
-            crate::disk::create_overlay(&path, &name, crate::disk::ImageFormat::Qcow2, size)
-                .map_err(snap_err)?;
-            let p = lock(&d.disk).prepare_switch(&path);
-            match p {
+            let made =
+                crate::disk::create_overlay(&path, &name, crate::disk::ImageFormat::Qcow2, size)
+                    .map_err(snap_err)
+                    .and_then(|_| lock(&d.disk).prepare_switch(&path).map_err(snap_err));
+            match made {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
-                    for (path, _) in &next {
+                    for path in &next {
                         let _ = std::fs::remove_file(path);
                     }
-                    return Err(snap_err(e));
+                    return Err(e);
                 }
             }
-            next.push((path, size));
+            next.push(path);
         }
+        Ok((next, prepared))
+    }
+
+    /// Inside the pause: dirty logs, disk switch, machine state, and the
+    /// memory write started (live: forked) or done (paused).
+    fn capture(
+        &mut self,
+        tmp: &Path,
+        final_dir: &Path,
+        name: &str,
+        prepared: Vec<crate::disk::PreparedSwitch>,
+        delta_parent: Option<&str>,
+        paused: bool,
+    ) -> Result<Captured, VmmError> {
+        let mut parts = PauseParts::default();
+        let mut lap = Instant::now();
+        let mut split = |into: &mut f64| {
+            *into = ms(lap);
+            lap = Instant::now();
+        };
+        self.collect_dirty()?;
+        split(&mut parts.dirty_log);
+        let mut frozen_paths = Vec::new();
+        for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
+            let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
+            d.layer = frozen.clone();
+            frozen_paths.push(frozen);
+        }
+        split(&mut parts.disk_switch);
+        stall::point("overlay-switched", name);
+        let mut state = self.save_state()?;
+        for d in &mut state.devices.disks {
+            d.layer.frozen = super::disks::layer_name_in(final_dir, &d.layer.frozen);
+        }
+        let vcpu0 = state
+            .vcpus
+            .first()
+            .map(|v| (v.tsc_khz, v.cpuid.clone()))
+            .unwrap_or_default();
+        let body = encode_state(&state).map_err(snap_err)?;
+        split(&mut parts.state);
+        let delta = delta_parent.map(|parent| DeltaIndex {
+            parent: parent.to_string(),
+            mem_file_len: crate::memory::ram_end(self.config.mem_bytes()),
+            pages: chain::pages_of(&self.since_baseline, &self.mem),
+        });
+        let memory = match &delta {
+            Some(index) => delta::create(&tmp.join(DELTA_FILE), index).map_err(snap_err)?,
+            None => snapmem::create_full(&tmp.join(MEMORY_FILE), self.config.mem_bytes())
+                .map_err(snap_err)?,
+        };
+        let mem = &self.mem;
+        let populated = &self.populated;
+        let write = |first_write: &dyn Fn()| match &delta {
+            Some(index) => {
+                first_write();
+                delta::write_pages(&memory, mem, index)
+            }
+            None => snapmem::write_full(mem, populated, &memory, first_write),
+        };
+        let writer = if paused {
+            write(&|| stall::point("memory-write-started", name)).map_err(snap_err)?;
+            None
+        } else {
+            let job = || {
+                write(&|| ())?;
+                memory.sync_all()
+            };
+            let stall_marker = StallMarker::for_point("memory-write-started", name);
+            Some(
+                live::spawn(&stall_marker, job)
+                    .map_err(|e| snap_err(format!("cannot start the memory writer: {e}")))?,
+            )
+        };
+        split(&mut parts.memory);
+        Ok(Captured {
+            parts,
+            body,
+            memory,
+            delta,
+            writer,
+            frozen_paths,
+            vcpu0,
+        })
+    }
+
+    fn write_snapshot(
+        &mut self,
+        tmp: &Path,
+        final_dir: &Path,
+        name: &str,
+        t0: Instant,
+        how: SnapshotHow,
+    ) -> Result<SnapshotReport, VmmError> {
+        let paused = how.paused;
+        let (next, prepared) = self.prepare_overlays()?;
         stall::point("overlays-created", name);
+        let delta_parent = self.incremental_parent(final_dir).filter(|_| !how.full);
         let was_running = !self.paused;
         let pause_start = Instant::now();
         self.pause()?;
-        // Taking the dirty log folds it into `populated` (nothing is lost),
-        // and the baseline it counted from is dropped until the new
-        // snapshot is safely written.
-        let parent = self.baseline.take();
-        let captured = self.take_dirty().and_then(|_| {
-            let mut frozen_paths = Vec::new();
-            for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
-                let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
-                d.layer = frozen.clone();
-                frozen_paths.push(frozen);
-            }
-            stall::point("overlay-switched", name);
-            let mut state = self.save_state()?;
-            for d in &mut state.devices.disks {
-                d.layer.frozen = super::disks::layer_name_in(final_dir, &d.layer.frozen);
-            }
-            let vcpu0 = state
-                .vcpus
-                .first()
-                .map(|v| (v.tsc_khz, v.cpuid.clone()))
-                .unwrap_or_default();
-            let body = encode_state(&state).map_err(snap_err)?;
-            let mem_bytes = snapmem::write_full(
-                &self.mem,
-                self.config.mem_bytes(),
-                &self.populated,
-                &tmp.join(MEMORY_FILE),
-                name,
-            )
-            .map_err(snap_err)?;
-            stall::point("memory-written", name);
-            Ok::<_, VmmError>((body, mem_bytes, frozen_paths, vcpu0))
-        });
+        let stop_vcpus = ms(pause_start);
+        let captured = self.capture(
+            tmp,
+            final_dir,
+            name,
+            prepared,
+            delta_parent.as_deref(),
+            paused,
+        );
+        let resume_start = Instant::now();
         if was_running {
             self.resume()?;
         }
         let pause_ms = ms(pause_start);
-        let (body, mem_bytes, frozen_paths, vcpu0) = match captured {
+        let resume = ms(resume_start);
+        let mut c = match captured {
             Ok(c) => c,
             Err(e) => {
                 // Overlays not switched to are unused; one the VM now writes
                 // to stays (its lower layer is simply not in any snapshot).
-                for (path, _) in &next {
+                for path in &next {
                     if !self
                         .devices
                         .disks
@@ -190,54 +335,91 @@ impl Vmm {
                 return Err(e);
             }
         };
-        // The layers just frozen must survive a crash before the snapshot
-        // that names them is published.
-        for (path, d) in frozen_paths.iter().zip(&self.devices.disks) {
-            crate::disk::make_durable(path).map_err(snap_err)?;
-            bound_chain(path, &d.base.path)?;
-        }
-        let mem_path = tmp.join(MEMORY_FILE);
-        std::fs::File::open(&mem_path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| snap_err(format!("cannot flush {}: {e}", mem_path.display())))?;
+        // While the writer works: the state file, and the layers just frozen,
+        // which must survive a crash before the snapshot naming them is
+        // published.
         let state_path = tmp.join(STATE_FILE);
-        fsutil::atomic_write(&state_path, &body)
-            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))?;
-        let state_bytes = body.len() as u64;
-        stall::point("state-written", name);
+        let state_written = fsutil::write_new_synced(&state_path, &c.body)
+            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())));
+        if state_written.is_ok() {
+            stall::point("state-written", name);
+        }
+        let disks_durable = state_written.and_then(|_| {
+            for (path, d) in c.frozen_paths.iter().zip(&self.devices.disks) {
+                crate::disk::make_durable(path).map_err(snap_err)?;
+                bound_chain(path, &d.base.path)?;
+            }
+            Ok::<_, VmmError>(())
+        });
+        let memory_durable = match c.writer.take() {
+            Some(w) if disks_durable.is_err() => {
+                w.abandon();
+                Ok(())
+            }
+            Some(w) => w
+                .wait()
+                .map_err(|e| snap_err(format!("cannot write guest memory: {e}"))),
+            None => c
+                .memory
+                .sync_all()
+                .map_err(|e| snap_err(format!("cannot flush guest memory: {e}"))),
+        };
+        disks_durable?;
+        memory_durable?;
+        stall::point("memory-written", name);
+        let mem_bytes = match &c.delta {
+            Some(index) => index.pages.len() as u64 * crate::memory::PAGE_SIZE,
+            None => chain::allocated(&c.memory),
+        };
+        let state_bytes = c.body.len() as u64;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             name: name.to_string(),
             vm: self.config.name.clone(),
-            parent: parent.as_ref().map(|p| parent_label(p, &self.config.name)),
+            parent: self
+                .baseline
+                .as_ref()
+                .map(|p| parent_label(p, &self.config.name)),
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             config: self.config.clone(),
             kernel: self.kernel_identity(),
-            host: super::host_identity::host_identity(self.host, vcpu0.0, &vcpu0.1),
+            host: super::host_identity::host_identity(self.host, c.vcpu0.0, &c.vcpu0.1),
             state_bytes,
             memory_bytes: mem_bytes,
+            memory_parent: delta_parent.clone(),
             memory_file_len: crate::memory::ram_end(self.config.mem_bytes()),
-            state_crc64: crc64_xz(&body),
+            state_crc64: crc64_xz(&c.body),
             pause_ms,
             total_ms: ms(t0),
-            disk_layers: frozen_paths
+            disk_layers: c
+                .frozen_paths
                 .iter()
                 .map(|f| super::disks::layer_name_in(final_dir, f))
                 .collect(),
         };
-        format::write_json_file(&tmp.join(MANIFEST_FILE), &manifest).map_err(snap_err)?;
+        let json = format::json_bytes(&manifest).map_err(snap_err)?;
+        let manifest_path = tmp.join(MANIFEST_FILE);
+        fsutil::write_new_synced(&manifest_path, &json)
+            .map_err(|e| snap_err(format!("cannot write {}: {e}", manifest_path.display())))?;
         stall::point("before-publish", name);
         store::publish(tmp, final_dir)?;
         stall::point("published", name);
-        self.baseline = Some(final_dir.to_path_buf());
+        self.set_baseline(Some(final_dir.to_path_buf()));
         Ok(SnapshotReport {
             name: name.to_string(),
             path: final_dir.to_path_buf(),
             size_bytes: state_bytes + mem_bytes,
+            incremental_on: delta_parent,
+            live: !paused,
             pause_ms,
+            pause_parts_ms: PauseParts {
+                stop_vcpus,
+                resume,
+                ..c.parts
+            },
             total_ms: ms(t0),
         })
     }
@@ -253,98 +435,6 @@ impl Vmm {
             Ok(k) => self.kernel_identity.insert(k).clone(),
             Err(e) => e.to_string(),
         }
-    }
-
-    /// Puts the running VM back to snapshot `name` in place. The bundle is
-    /// validated whole first: a refused revert leaves the VM as it was.
-    pub fn revert(&mut self, name: &str) -> Result<RevertReport, VmmError> {
-        let t0 = Instant::now();
-        let dir = store::resolve(name, Some(&self.config.name))?;
-        let target = ops::Target {
-            host_kind: super::host_identity::host_kind_name(self.host),
-            offered: super::host_identity::host_features(
-                self.host,
-                self.vm.supported_cpuid.as_slice(),
-            ),
-            tsc_khz: self.tsc_khz,
-            can_scale_tsc: false,
-            running: Some(ops::Running {
-                config: &self.config,
-                disks: self.devices.disks.len(),
-            }),
-        };
-        let ops::Bundle {
-            state,
-            memory: file,
-            ..
-        } = ops::validate::<super::MachineState>(&dir, &target)?;
-        let mem_path = dir.join(MEMORY_FILE);
-        // Fresh overlays on the snapshot's frozen layers, made before the pause.
-        let vm_dir = crate::paths::vm_dir(&self.config.name);
-        let mut fresh = Vec::new();
-        for (d, snap) in self.devices.disks.iter().zip(&state.devices.disks) {
-            let snap = &snap.layer;
-            let path = super::disks::overlay_path(&vm_dir, d.index);
-            let layer = crate::snapshot::bundle::layer_path(&dir, &snap.frozen);
-            crate::disk::create_overlay(
-                &path,
-                &super::disks::backing_name(&path, &layer),
-                crate::disk::ImageFormat::Qcow2,
-                snap.size,
-            )
-            .map_err(snap_err)?;
-            let opened = crate::disk::Disk::open(&path).map_err(snap_err)?;
-            fresh.push(opened);
-        }
-        let was_running = !self.paused;
-        self.pause()?;
-        let mut replaced = Vec::new();
-        for ((d, opened), snap) in self
-            .devices
-            .disks
-            .iter_mut()
-            .zip(fresh)
-            .zip(&state.devices.disks)
-        {
-            let old = std::mem::replace(&mut *lock(&d.disk), opened);
-            d.layer = crate::snapshot::bundle::layer_path(&dir, &snap.layer.frozen);
-            replaced.push(old.path().to_path_buf());
-        }
-        let fast = self
-            .baseline
-            .as_deref()
-            .is_some_and(|b| crate::fsutil::same_file(b, &dir));
-        let dirty = self.take_dirty()?;
-        // From here guest memory is being rewritten: if anything fails, no
-        // baseline is trustworthy any more.
-        self.baseline = None;
-        let pages_copied = if fast {
-            snapmem::revert_dirty(&self.mem, &file, &mem_path, &dirty).map_err(snap_err)?
-        } else {
-            snapmem::revert_full(&self.mem, &file, &mem_path).map_err(snap_err)?;
-            let data = snapmem::data_bitmap(&file, &self.mem);
-            snapmem::merge_bitmaps(&mut self.populated, &data);
-            data.iter().flatten().map(|w| w.count_ones() as u64).sum()
-        };
-        if self.host.shadows_guest_page_tables() {
-            self.vm.reload_memory(&self.mem)?;
-        }
-        self.apply_state(&state)?;
-        self.baseline = Some(dir);
-        if was_running {
-            self.resume()?;
-        }
-        // The replaced tops were live overlays, never part of a snapshot
-        // (a snapshot freezes its layer and moves the VM to a new one).
-        for path in replaced {
-            let _ = std::fs::remove_file(path);
-        }
-        Ok(RevertReport {
-            name: name.to_string(),
-            pages_copied,
-            full: !fast,
-            total_ms: ms(t0),
-        })
     }
 }
 
