@@ -31,6 +31,11 @@ mod vms;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Open the VM folders, snapshots, disk layers, exports and control
+    /// socket this command creates to the owner's group (0750/0640, socket
+    /// 0660) instead of the owner alone (0700/0600).
+    #[arg(long, global = true)]
+    group_access: bool,
 }
 
 #[derive(Subcommand)]
@@ -358,7 +363,8 @@ fn host_vm(
     let signals =
         SignalFd::new().map_err(|e| Failure::Runtime(format!("cannot watch signals: {e}")))?;
     let dir = paths::vm_dir(name);
-    std::fs::create_dir_all(&dir)
+    paths::create_private_dir_all(&dir)
+        .and_then(|()| paths::set_mode(&dir, paths::dir_mode()))
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     let control = ControlServer::bind(&paths::api_socket(name)).map_err(|e| match e {
         // The name is taken, like a snapshot name that exists: bad input.
@@ -527,6 +533,7 @@ pub(crate) fn stop(vm: &str) -> Result<i32, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    rewind::paths::set_group_access(cli.group_access);
     if !matches!(
         cli.command,
         Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }

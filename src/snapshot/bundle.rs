@@ -122,7 +122,7 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
     };
     let src = File::open(from).map_err(io("open", from))?;
     let len = src.metadata().map_err(io("stat", from))?.len();
-    let dst = File::create(to).map_err(io("create", to))?;
+    let dst = crate::paths::create_private_file(to, false).map_err(io("create", to))?;
     dst.set_len(len).map_err(io("resize", to))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;

@@ -4,7 +4,7 @@
 //! `MAP_PRIVATE`: nothing is read up front, clones share clean pages, and
 //! the guest's writes never reach the file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -94,11 +94,7 @@ pub fn write_full(
         path: path.display().to_string(),
         source,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(err)?;
+    let file = crate::paths::create_private_file(path, true).map_err(err)?;
     file.set_len(memory::ram_end(mem_bytes)).map_err(err)?;
     let page = PAGE_SIZE as usize;
     let mut written = 0u64;
