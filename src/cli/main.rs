@@ -36,6 +36,9 @@ struct Cli {
     /// 0660) instead of the owner alone (0700/0600).
     #[arg(long, global = true)]
     group_access: bool,
+    /// Run the VM without its seccomp filters (for debugging; see src/seccomp.rs).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
 }
 
 #[derive(Subcommand)]
@@ -389,6 +392,10 @@ fn run_hosted(
     build: impl FnOnce() -> Result<Vmm, VmmError>,
 ) -> Result<i32, Failure> {
     let mut vmm = build()?;
+    // Built: from here on the main thread is the event loop (API, devices,
+    // snapshots), and opens no socket and runs no program.
+    rewind::seccomp::install(rewind::seccomp::Thread::Vmm)
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
     if generated {
         eprintln!("rewind: VM name {name}");
     }
@@ -534,6 +541,11 @@ pub(crate) fn stop(vm: &str) -> Result<i32, Failure> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rewind::paths::set_group_access(cli.group_access);
+    if !cli.no_seccomp {
+        // Only this process's VM threads install filters (run, restore);
+        // other commands never start one.
+        rewind::seccomp::enable();
+    }
     if !matches!(
         cli.command,
         Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }
