@@ -19,6 +19,12 @@
 //! and ends the process with status 159 (128 + SIGSYS). `--no-seccomp`
 //! turns every filter off, for debugging.
 //!
+//! The main thread starts no threads or processes once filtered, so VMM
+//! has no clone: a helper thread started from the event loop (live
+//! snapshots) needs `clone3`, `clone`, `set_robust_list` and `rseq` added
+//! to VMM, then its own [`Thread`] kind installed first thing in it; a
+//! forked child inherits VMM's filter.
+//!
 //! Arguments are not filtered (ioctl numbers, clone flags): the lists keep
 //! a compromised thread from opening sockets, executing programs, tracing
 //! or signalling other processes and changing its credentials.
