@@ -33,7 +33,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -103,7 +106,7 @@ const COMMON: &[i64] = &[
     libc::SYS_restart_syscall,
 ];
 
-/// KVM ioctls (run, capture, apply, kvmclock), eventfd reads and writes
+/// KVM ioctls only (run, capture, apply, kvmclock), eventfd reads and writes
 /// (irqfds, waking the event loop), closing its vCPU fd when it ends; the
 /// emulation assist reads guest memory through the mapping (no calls).
 const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
@@ -234,7 +237,15 @@ fn program(kind: Thread) -> Result<BpfProgram, SeccompError> {
         kind: kind.name(),
         detail,
     };
-    let rules: BTreeMap<i64, Vec<_>> = allowed(kind).into_iter().map(|n| (n, vec![])).collect();
+    let mut rules = BTreeMap::new();
+    for nr in allowed(kind) {
+        let only = if kind == Thread::Vcpu && nr == libc::SYS_ioctl {
+            vec![kvm_ioctls_only().map_err(|e| build(e.to_string()))?]
+        } else {
+            vec![]
+        };
+        rules.insert(nr, only);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -246,6 +257,21 @@ fn program(kind: Thread) -> Result<BpfProgram, SeccompError> {
         .try_into()
         .map_err(|e: seccompiler::BackendError| build(e.to_string()))
 }
+
+/// A vCPU thread's ioctls are all KVM's (type 0xAE in the request number):
+/// it has no business with terminals, sockets or block devices.
+fn kvm_ioctls_only() -> Result<SeccompRule, seccompiler::BackendError> {
+    let cond = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        u64::from(KVMIO) << 8,
+    )?;
+    SeccompRule::new(vec![cond])
+}
+
+/// The ioctl type of every KVM request (`linux/kvm.h`).
+const KVMIO: u32 = 0xAE;
 
 /// Installs `kind`'s filter on the calling thread when filters are on.
 /// Threads it starts afterwards inherit the filter (and may add theirs).
@@ -262,8 +288,10 @@ pub fn install(kind: Thread) -> Result<(), SeccompError> {
         kind: kind.name(),
         detail: e.to_string(),
     })?;
-    if probe.as_deref() == Some(kind.name()) {
-        self::probe();
+    match probe.as_deref() {
+        Some(p) if p == kind.name() => self::probe(),
+        Some("vcpu-ioctl") if kind == Thread::Vcpu => probe_ioctl(),
+        _ => {}
     }
     Ok(())
 }
@@ -286,6 +314,15 @@ fn probe() {
     // SAFETY: chroot reads a NUL-terminated path that lives for the call;
     // the path does not exist, so without a filter it fails with ENOENT.
     unsafe { libc::syscall(libc::SYS_chroot, path.as_ptr()) };
+}
+
+/// `REWIND_TEST_SECCOMP_PROBE=vcpu-ioctl`: a vCPU thread asks for a
+/// terminal's window size, an ioctl that is not KVM's.
+fn probe_ioctl() {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which outlives the
+    // call; on a non-terminal it fails with ENOTTY and writes nothing.
+    unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) };
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -334,10 +371,16 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         &digits[i..],
         b", which its filter forbids (lists in src/seccomp.rs; --no-seccomp turns filters off)\n",
     ];
+    // One write, so lines other threads print cannot land inside it.
+    let mut line = [0u8; 256];
+    let mut len = 0;
     for p in parts {
-        // SAFETY: write(2) of a live buffer; async-signal-safe.
-        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+        let n = p.len().min(line.len() - len);
+        line[len..len + n].copy_from_slice(&p[..n]);
+        len += n;
     }
+    // SAFETY: write(2) of a live buffer; async-signal-safe.
+    unsafe { libc::write(2, line.as_ptr().cast(), len) };
     // SAFETY: _exit is async-signal-safe and ends the whole process.
     unsafe { libc::_exit(128 + libc::SIGSYS) };
 }

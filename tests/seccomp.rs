@@ -47,6 +47,21 @@ fn a_forbidden_call_ends_the_vm_in_every_kind_of_thread() {
     }
 }
 
+/// A vCPU thread may make ioctls, but only KVM's.
+#[test]
+fn a_vcpu_thread_is_refused_an_ioctl_that_is_not_kvms() {
+    if !kvm_available("seccomp_ioctl") {
+        return;
+    }
+    let home = Home::new("seccomp-ioctl");
+    let o = probe(&home, "vcpu-ioctl", &[]);
+    assert_eq!(o.status.code(), Some(159), "{}", stderr(&o));
+    let needle = "rewind: seccomp: the vcpu thread made system call 16,";
+    assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+    let o = probe(&home, "vcpu-ioctl", &["--no-seccomp"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn no_seccomp_lets_the_same_call_through() {
     if !kvm_available("seccomp_off") {
