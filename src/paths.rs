@@ -154,3 +154,36 @@ pub fn create_private_file(path: &Path, create_new: bool) -> io::Result<File> {
     file.set_permissions(std::fs::Permissions::from_mode(file_mode()))?;
     Ok(file)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsutil::tests::TestDir;
+    use std::os::unix::fs::MetadataExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn new_directories_are_private_and_existing_ones_keep_their_mode() {
+        let d = TestDir::new("private-dirs");
+        set_mode(d.path(), 0o755).unwrap();
+        let leaf = d.join("a/b/c");
+        create_private_dir_all(&leaf).unwrap();
+        for p in [d.join("a"), d.join("a/b"), leaf.clone()] {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+        }
+        // An export's parent (say /tmp) is not ours to change.
+        assert_eq!(mode(d.path()), 0o755);
+        create_private_dir_all(&leaf).unwrap();
+
+        let f = d.join("a/f");
+        create_private_file(&f, true).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        assert!(create_private_file(&f, true).is_err(), "create_new");
+        set_mode(&f, 0o666).unwrap();
+        create_private_file(&f, false).unwrap();
+        assert_eq!(mode(&f), 0o600, "a truncated file is made private too");
+    }
+}
