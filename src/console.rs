@@ -101,6 +101,7 @@ impl Sink {
     }
 
     fn write_loop(&self, out: &mut dyn Write, events: &VmEventSender) {
+        crate::seccomp::install_or_exit(crate::seccomp::Thread::Console);
         loop {
             let chunk = {
                 let mut st = lock(&self.state);

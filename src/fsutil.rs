@@ -9,7 +9,7 @@
 //! [`remove_reusable_temps`] deletes while the VM directory is idle.
 
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -71,11 +71,7 @@ fn atomic_write_with(
     let result = (|| {
         // truncate rather than create_new: after a reboot our PID may match a
         // stale temp from a previous boot, and that one is garbage anyway.
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut file = crate::paths::create_private_file(&tmp, false)?;
         fill(&mut file)?;
         file.sync_all()?;
         drop(file);
@@ -93,11 +89,17 @@ fn atomic_write_with(
 /// Creates `path`, which must not exist, for reading and writing: the one
 /// place snapshot data files are created, so they all get the same rules.
 pub fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mode = crate::paths::file_mode();
+    let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)
+        .mode(mode)
+        .open(path)?;
+    // Whatever the umask: snapshot data is private unless --group-access.
+    file.set_permissions(fs::Permissions::from_mode(mode))?;
+    Ok(file)
 }
 
 /// Writes a new file inside a directory that is published later as a whole

@@ -56,6 +56,25 @@ fn broken_bundles_are_refused_with_one_clear_line() {
     mutate(&d.join("state.bin"), |b| b.truncate(b.len() / 2));
     restore_fails(&home, &d, "truncated");
 
+    // A length field claiming u64::MAX body bytes: refused on the header,
+    // nothing the size of the claim is ever allocated.
+    let d = variant("huge-length");
+    mutate(&d.join("state.bin"), |b| {
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes())
+    });
+    restore_fails(&home, &d, "header says 18446744073709551615 body bytes");
+
+    // A sparse 64 GiB state.bin: refused on its size before it is read, so
+    // no 64 GiB buffer is ever asked for (that would abort, not exit 2).
+    let d = variant("huge-file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("state.bin"))
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    restore_fails(&home, &d, "is too large: 68719476736 bytes");
+
     let d = variant("no-memory");
     std::fs::remove_file(d.join("memory.bin")).unwrap();
     restore_fails(&home, &d, "memory.bin is missing");

@@ -31,6 +31,14 @@ mod vms;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Open the VM folders, snapshots, disk layers, exports and control
+    /// socket this command creates to the owner's group (0750/0640, socket
+    /// 0660) instead of the owner alone (0700/0600).
+    #[arg(long, global = true)]
+    group_access: bool,
+    /// Run the VM without its seccomp filters (for debugging; see src/seccomp.rs).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
 }
 
 #[derive(Subcommand)]
@@ -363,7 +371,8 @@ fn host_vm(
     let signals =
         SignalFd::new().map_err(|e| Failure::Runtime(format!("cannot watch signals: {e}")))?;
     let dir = paths::vm_dir(name);
-    std::fs::create_dir_all(&dir)
+    paths::create_private_dir_all(&dir)
+        .and_then(|()| paths::set_mode(&dir, paths::dir_mode()))
         .map_err(|e| Failure::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     let control = ControlServer::bind(&paths::api_socket(name)).map_err(|e| match e {
         // The name is taken, like a snapshot name that exists: bad input.
@@ -388,6 +397,10 @@ fn run_hosted(
     build: impl FnOnce() -> Result<Vmm, VmmError>,
 ) -> Result<i32, Failure> {
     let mut vmm = build()?;
+    // Built: from here on the main thread is the event loop (API, devices,
+    // snapshots), and opens no socket and runs no program.
+    rewind::seccomp::install(rewind::seccomp::Thread::Vmm)
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
     if generated {
         eprintln!("rewind: VM name {name}");
     }
@@ -533,6 +546,12 @@ pub(crate) fn stop(vm: &str) -> Result<i32, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    rewind::paths::set_group_access(cli.group_access);
+    if !cli.no_seccomp {
+        // Only this process's VM threads install filters (run, restore);
+        // other commands never start one.
+        rewind::seccomp::enable();
+    }
     if !matches!(
         cli.command,
         Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }

@@ -58,6 +58,10 @@ impl ControlServer {
             Err(e) => return Err(ControlError::io(path, e)),
         }
         let listener = UnixListener::bind(path).map_err(|e| ControlError::io(path, e))?;
+        // bind() applies the umask; the VM directory is private already, so
+        // nobody can reach the socket between the bind and this chmod.
+        crate::paths::set_mode(path, crate::paths::socket_mode())
+            .map_err(|e| ControlError::io(path, e))?;
         let inode = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
         let server = ControlServer {
             listener,

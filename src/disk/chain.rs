@@ -235,11 +235,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
     remove_if_exists(&tmp)?;
     match format {
         ImageFormat::Raw => {
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .ctx("create", &tmp)?;
+            let file = crate::paths::create_private_file(&tmp, true).ctx("create", &tmp)?;
             file.set_len(size).ctx("resize", &tmp)?;
             for_each_data(&view, top, |offset, data| {
                 for (start, len) in nonzero_runs(data) {
@@ -286,6 +282,8 @@ pub(crate) fn create_qcow2(
 ) -> Result<()> {
     let opts = StorageCreateOptions::new().filename(path).overwrite(true);
     let file = File::create_open(opts).ctx("create", path)?;
+    // imago creates with the umask's mode; nothing is written yet.
+    crate::paths::set_mode(path, crate::paths::file_mode()).ctx("chmod", path)?;
     let mut builder = Qcow2::<File>::create_builder(file).size(size);
     if let Some((name, format)) = backing {
         builder = builder.backing(name.to_string(), format.as_str().to_string());

@@ -243,7 +243,10 @@ impl Disk {
         let frozen = std::mem::replace(&mut self.path, next);
         // Read-only marks the layer as part of a snapshot; failure is harmless (we never write
         // it again through this Disk) so it must not fail the switch.
-        let _ = fs::set_permissions(&frozen, fs::Permissions::from_mode(0o444));
+        let _ = fs::set_permissions(
+            &frozen,
+            fs::Permissions::from_mode(crate::paths::frozen_mode()),
+        );
         Ok(frozen)
     }
 }

@@ -253,6 +253,7 @@ impl VcpuThread {
     }
 
     fn run(mut self) {
+        crate::seccomp::install_or_exit(crate::seccomp::Thread::Vcpu);
         let run_ptr: *mut kvm_run = self.vcpu.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         self.event_loop();

@@ -98,7 +98,7 @@ pub fn release(layers: &[PathBuf]) -> Result<LayerReport, DiskError> {
             if frozen {
                 let _ = std::fs::set_permissions(
                     dep,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o444),
+                    std::os::unix::fs::PermissionsExt::from_mode(crate::paths::frozen_mode()),
                 );
             }
             report.merged_into.push(dep.clone());
@@ -108,7 +108,7 @@ pub fn release(layers: &[PathBuf]) -> Result<LayerReport, DiskError> {
         } else {
             let _ = std::fs::set_permissions(
                 layer,
-                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                std::os::unix::fs::PermissionsExt::from_mode(crate::paths::file_mode()),
             );
             std::fs::remove_file(layer).map_err(|e| DiskError::Io {
                 op: "remove",

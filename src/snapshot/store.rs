@@ -126,7 +126,7 @@ pub fn begin(final_dir: &Path) -> Result<PathBuf, StoreError> {
         move |source| StoreError::Io { path, source }
     };
     let parent = final_dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    crate::paths::create_private_dir_all(parent).map_err(io(parent))?;
     let _ = fsutil::remove_stale_temps(parent);
     if final_dir.exists() {
         return Err(StoreError::Exists(
@@ -137,7 +137,7 @@ pub fn begin(final_dir: &Path) -> Result<PathBuf, StoreError> {
         ));
     }
     let tmp = fsutil::temp_path_for(final_dir).map_err(io(final_dir))?;
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    crate::paths::create_private_dir(&tmp).map_err(io(&tmp))?;
     Ok(tmp)
 }
 

@@ -142,7 +142,7 @@ pub fn attach(
     }
     base.verify()?;
     let lower_format = disk::probe(lower)?;
-    std::fs::create_dir_all(disks_dir(vm_dir)).map_err(|e| {
+    crate::paths::create_private_dir_all(&disks_dir(vm_dir)).map_err(|e| {
         DiskSetupError::Disk(disk::DiskError::Io {
             op: "create",
             path: disks_dir(vm_dir),
