@@ -146,6 +146,7 @@ fn options(console: &Path) -> RunOptions {
         timeout: None,
         exec: None,
         snapshot_when_ready: None,
+        escape: None,
     }
 }
 

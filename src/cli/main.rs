@@ -113,7 +113,7 @@ struct RestoreArgs {
 /// Console and run-end options shared by run and restore.
 #[derive(clap::Args, Clone)]
 pub struct IoArgs {
-    /// stdio (interactive; Ctrl-A x quits), stderr, none, or a file path.
+    /// stdio (interactive; Ctrl-A h lists hotkeys, Ctrl-A x quits), stderr, none, or a file path.
     /// Default: stdio, or stderr with --exec (stdout then carries only the
     /// command's output). A closed stdout (`| head`) ends the VM, status 141.
     #[arg(long)]
@@ -129,6 +129,11 @@ pub struct IoArgs {
     /// its output, end with its exit status (124 when --timeout passes).
     #[arg(long)]
     exec: Option<String>,
+    /// The interactive console's hotkey prefix: ^X / ctrl-X, a character
+    /// code as QEMU's -echr, or none (every key goes to the guest).
+    /// Default Ctrl-A; Ctrl-A h lists the hotkeys.
+    #[arg(long, value_name = "KEY")]
+    escape: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -333,6 +338,10 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         timeout,
         exec: io.exec.clone(),
         snapshot_when_ready: None,
+        escape: match &io.escape {
+            Some(e) => rewind::console::keys::parse_escape(e).map_err(Failure::Usage)?,
+            None => Some(rewind::console::ESCAPE),
+        },
     })
 }
 
