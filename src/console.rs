@@ -416,6 +416,32 @@ mod tests {
         assert_eq!(rx.drain(), vec![VmEvent::ExpectMatched("tick 3 ok".into())]);
     }
 
+    /// rewind's notices start on a fresh line and are not guest output.
+    #[test]
+    fn notices_start_on_a_fresh_line_and_are_not_matched() {
+        let path = std::env::temp_dir().join(format!("rewind-notice-{}", std::process::id()));
+        let (tx, rx) = vm_event_channel().unwrap();
+        let c = Console::new(
+            &ConsoleTarget::File(path.clone()),
+            Some(Regex::new("rewind").unwrap()),
+            tx,
+        )
+        .unwrap();
+        c.notice("first");
+        c.write_bytes(b"partial");
+        c.notice("two\nlines");
+        c.write_bytes(b" rest\n");
+        c.notice("after");
+        c.flush(Duration::from_secs(10));
+        let got = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            got,
+            "[rewind] first\r\npartial\r\n[rewind] two\r\n[rewind] lines\r\n rest\n[rewind] after\r\n"
+        );
+        assert!(rx.drain().is_empty(), "--expect saw a notice");
+    }
+
     #[test]
     fn the_kernels_last_power_off_line_ends_the_vm() {
         let (tx, rx) = vm_event_channel().unwrap();

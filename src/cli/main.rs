@@ -53,6 +53,9 @@ enum Cmd {
         /// Also list stopped VMs that left a folder (they hold snapshots or disks).
         #[arg(long)]
         all: bool,
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a stopped VM's folder, snapshots and disk layers.
     Rm {
@@ -552,7 +555,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
         Cmd::Exec { vm, cmd, timeout } => exec(&vm, &cmd, timeout),
-        Cmd::Ps { all } => vms::ps(all),
+        Cmd::Ps { all, json } => vms::ps(all, json),
         Cmd::Rm { name, force } => vms::rm(&name, force),
         Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
             println!("paused {vm} in {} us", r["pause_us"]);
