@@ -19,5 +19,6 @@ pub mod images;
 pub mod kvm;
 pub(crate) mod memory;
 pub mod paths;
+pub mod progress;
 pub mod snapshot;
 pub mod vmm;

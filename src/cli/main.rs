@@ -394,6 +394,9 @@ fn run_hosted(
     signals: &SignalFd,
     build: impl FnOnce() -> Result<Vmm, VmmError>,
 ) -> Result<i32, Failure> {
+    // The terminal is the guest console's from here; what the VM does for
+    // its API clients (merges on delete) is shown by them, not here.
+    rewind::progress::enable(false);
     let mut vmm = build()?;
     if generated {
         eprintln!("rewind: VM name {name}");
@@ -551,6 +554,7 @@ fn main() -> ExitCode {
         // thread exists; no handler is involved.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    rewind::progress::enable(true);
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 
 use crate::{api, Failure};
+use rewind::progress::Phase;
 use rewind::snapshot::state::Manifest;
 use rewind::snapshot::{bundle, store, tree};
 
@@ -88,7 +89,9 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
     match cmd {
         SnapshotCmd::Create { name, vm } => {
             let body = name.map(|n| serde_json::json!({ "name": n }));
+            let phase = Phase::spinner(format!("snapshot of {vm}"));
             let r = api(&vm, "PUT", "/snapshots", body)?;
+            phase.clear();
             println!(
                 "snapshot {} at {} ({:.1} MiB, guest paused {:.2} ms, total {:.2} ms)",
                 r["name"].as_str().unwrap_or("?"),
@@ -99,7 +102,9 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             );
         }
         SnapshotCmd::Revert { name, vm } => {
+            let phase = Phase::spinner(format!("revert {vm} to {name}"));
             let r = api(&vm, "PUT", &format!("/snapshots/{name}/revert"), None)?;
+            phase.clear();
             println!(
                 "reverted {vm} to {name} in {:.2} ms ({} pages copied{})",
                 r["total_ms"].as_f64().unwrap_or(0.0),
@@ -342,8 +347,15 @@ pub fn disk(cmd: DiskCmd) -> Result<i32, Failure> {
                 }
                 (None, None) => return Err(Failure::Usage("give --snapshot or --vm".into())),
             };
-            rewind::disk::export_flat(&top, &out, rewind::disk::ImageFormat::Raw)
-                .map_err(|e| Failure::Runtime(e.to_string()))?;
+            let mut phase = Phase::bytes(format!("export disk {disk}"), 0);
+            rewind::disk::export_flat_with_progress(
+                &top,
+                &out,
+                rewind::disk::ImageFormat::Raw,
+                &mut |done, total| phase.progress(done, total),
+            )
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+            phase.finish();
             println!(
                 "exported {} (chain under {}) to {}",
                 disk,

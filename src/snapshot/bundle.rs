@@ -85,8 +85,10 @@ pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleErro
         {
             let name = PathBuf::from(format!("disk{index}.qcow2"));
             let out = tmp.join(&name);
+            let phase = crate::progress::Phase::spinner(format!("export disk {index}"));
             crate::disk::collapse(layer, base, &out)
                 .map_err(|source| BundleError::Disk { index, source })?;
+            phase.finish();
             disk_bytes += super::layers::allocated_bytes(&out);
             *frozen = name.clone();
             manifest.disk_layers.push(name);
@@ -124,6 +126,7 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
     let len = src.metadata().map_err(io("stat", from))?.len();
     let dst = File::create(to).map_err(io("create", to))?;
     dst.set_len(len).map_err(io("resize", to))?;
+    let mut phase = crate::progress::Phase::bytes("export memory", len);
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
@@ -140,10 +143,14 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
                 .map_err(io("read", from))?;
             dst.write_all_at(&buf[..n], at).map_err(io("write", to))?;
             at += n as u64;
+            phase.set(at);
         }
         pos = hole;
     }
-    dst.sync_all().map_err(io("fsync", to))
+    dst.sync_all().map_err(io("fsync", to))?;
+    phase.set(len);
+    phase.finish();
+    Ok(())
 }
 
 /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no more data.
