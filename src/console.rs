@@ -51,6 +51,9 @@ struct Inner {
     /// Whether the output so far ends a line: rewind's own notices must
     /// start on a fresh one.
     at_line_start: bool,
+    /// Whether the guest printed anything at all (a kernel that did not
+    /// is diagnosed when it dies).
+    printed: bool,
 }
 
 const READY_LINE: &str = "REWIND-READY";
@@ -220,6 +223,7 @@ impl Console {
                 ready_seen: false,
                 power_off_line: false,
                 at_line_start: true,
+                printed: false,
             }),
             events,
         }))
@@ -228,6 +232,11 @@ impl Console {
     /// Makes Linux's final `reboot: Power down` line end the VM.
     pub fn watch_power_off_line(&self) {
         lock(&self.inner).power_off_line = true;
+    }
+
+    /// Whether the guest printed anything.
+    pub fn printed_anything(&self) -> bool {
+        lock(&self.inner).printed
     }
 
     /// The guest kernel's panic line, if it panicked.
@@ -272,6 +281,7 @@ impl Console {
         }
         if let Some(&last) = bytes.last() {
             inner.at_line_start = last == b'\n';
+            inner.printed = true;
         }
         for &b in bytes {
             if b == b'\n' {

@@ -157,6 +157,7 @@ pub struct RunArgs {
     /// A vmlinux ELF or bzImage to boot instead of the embedded test guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initramfs file, or a directory packed on the fly as a newc cpio.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// The whole kernel command line (replaces the default).
@@ -405,9 +406,13 @@ fn run_hosted(
         eprintln!("rewind: {}", vmm.host.describe());
     }
     let outcome = vmm.run(opts, Some(control), Some(signals))?;
+    let diagnosis = vmm.diagnosis(&outcome);
     drop(vmm);
     if let Some(msg) = outcome.message() {
         eprintln!("rewind: {msg}");
+    }
+    if let Some(why) = diagnosis {
+        eprintln!("rewind: {why}");
     }
     Ok(outcome.exit_code())
 }

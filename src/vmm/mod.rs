@@ -3,6 +3,7 @@
 
 mod builder;
 mod commands;
+mod diagnose;
 pub mod disks;
 mod event_loop;
 mod exec;
@@ -194,6 +195,8 @@ pub struct Vmm {
     /// from the kernel file at the first snapshot (a checksum of the whole
     /// file, so not on every snapshot and not on the boot path).
     pub(crate) kernel_identity: Option<String>,
+    /// The booted image's kind (None after a restore), for `diagnosis`.
+    pub(crate) kernel_format: Option<loader::KernelFormat>,
 }
 
 /// The devices whose state a snapshot carries.
