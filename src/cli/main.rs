@@ -343,7 +343,9 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         exec: io.exec.clone(),
         snapshot_when_ready: None,
         escape: match &io.escape {
-            Some(e) => rewind::console::keys::parse_escape(e).map_err(Failure::Usage)?,
+            Some(e) => {
+                rewind::console::keys::parse_escape(e).map_err(|e| Failure::Usage(e.to_string()))?
+            }
             None => Some(rewind::console::ESCAPE),
         },
     })

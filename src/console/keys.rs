@@ -28,6 +28,10 @@ pub enum ConsoleKey {
     Unknown(u8),
 }
 
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("--escape {0:?}: use ^X, ctrl-X (a control key), a character code below 32 (as QEMU's -echr), or none")]
+pub struct EscapeKeyError(pub String);
+
 /// The default escape key, Ctrl-A (kvmtool, QEMU).
 pub const ESCAPE: u8 = 0x01;
 
@@ -96,12 +100,8 @@ impl EscapeParser {
 /// character), or a character code as QEMU's `-echr` takes it (decimal or
 /// 0x hex). Printable keys are refused: they could not be typed to the
 /// guest without doubling them.
-pub fn parse_escape(s: &str) -> Result<Option<u8>, String> {
-    let bad = || {
-        format!(
-            "--escape {s:?}: use ^X, ctrl-X (a control key), a character code below 32 (as QEMU's -echr), or none"
-        )
-    };
+pub fn parse_escape(s: &str) -> Result<Option<u8>, EscapeKeyError> {
+    let bad = || EscapeKeyError(s.to_string());
     if s.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
