@@ -122,6 +122,14 @@ impl Phase {
         self.end(true);
     }
 
+    /// Ends the phase with its line counting `bytes` (the data a sparse
+    /// copy moved, not the extent it covered).
+    pub fn finish_bytes(mut self, bytes: u64) {
+        self.total = bytes;
+        self.done = bytes;
+        self.end(true);
+    }
+
     /// Ends the phase without a line (its caller prints the result itself).
     pub fn clear(self) {
         self.end(false);

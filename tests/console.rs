@@ -229,3 +229,42 @@ fn a_bad_escape_key_is_one_line_and_status_2() {
         one_line_error(&o, 2, "--escape");
     }
 }
+
+/// `--escape none`: every key is the guest's, Ctrl-A x included.
+#[test]
+fn no_escape_key_sends_every_key_to_the_guest() {
+    if !kvm_available("console escape none") {
+        return;
+    }
+    let home = Home::new("noescape");
+    let args = [
+        "run",
+        "--name",
+        "ne",
+        "--escape",
+        "none",
+        "--timeout",
+        "120",
+    ];
+    let Some(t) = Tmux::start(&home, "ne", &args) else {
+        return;
+    };
+    let screen = t.wait_for("tick 2 ok", LIMIT);
+    let seen = ticks(&screen).last().unwrap().1;
+    t.keys(&["C-a", "x", "C-a", "s", "C-a", "h"]);
+    // The guest runs on past the keys, and rewind said nothing.
+    let screen = t.wait_until("3 more ticks", LIMIT, |s| {
+        ticks(s).iter().any(|(_, n)| *n >= seen + 3)
+    });
+    assert!(
+        !screen.iter().any(|l| l.starts_with("[rewind]")),
+        "{}",
+        screen.join("\n")
+    );
+    assert!(!home.path.join("vms/ne/snapshots").exists());
+    let o = home.run(&["stop", "--vm", "ne"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (status, stty) = t.wait_exit(LIMIT);
+    assert_eq!(status, 0);
+    assert!(terminal_is_sane(&stty), "terminal left raw:\n{stty}");
+}

@@ -127,6 +127,7 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
     let dst = File::create(to).map_err(io("create", to))?;
     dst.set_len(len).map_err(io("resize", to))?;
     let mut phase = crate::progress::Phase::bytes("export memory", len);
+    let mut copied = 0;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
@@ -143,13 +144,13 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), BundleError> {
                 .map_err(io("read", from))?;
             dst.write_all_at(&buf[..n], at).map_err(io("write", to))?;
             at += n as u64;
+            copied += n as u64;
             phase.set(at);
         }
         pos = hole;
     }
     dst.sync_all().map_err(io("fsync", to))?;
-    phase.set(len);
-    phase.finish();
+    phase.finish_bytes(copied);
     Ok(())
 }
 
