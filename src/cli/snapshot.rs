@@ -121,7 +121,11 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
         }
         SnapshotCmd::List { vm, tree: true, .. } => print_tree(&listing(vm.as_deref())?),
         SnapshotCmd::List { vm, .. } => {
-            let list = listing(vm.as_deref())?;
+            // The plain listing needs no VM's current position.
+            let list = match vm.as_deref().filter(|v| is_running(v)) {
+                Some(v) => api(v, "GET", "/snapshots", None)?,
+                None => store::list_json(vm.as_deref()),
+            };
             for s in list["snapshots"].as_array().into_iter().flatten() {
                 match s.get("error") {
                     Some(e) => println!(
