@@ -12,6 +12,9 @@ use regex::Regex;
 use crate::devices::bus::lock;
 use crate::events::{VmEvent, VmEventSender};
 
+pub mod keys;
+pub use keys::{ConsoleKey, EscapeParser, ESCAPE};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleTarget {
     Stdio,
@@ -45,6 +48,12 @@ struct Inner {
     ready_seen: bool,
     /// Whether a `POWER_OFF_MARKS` line ends the VM (Linux guests only).
     power_off_line: bool,
+    /// Whether the output so far ends a line: rewind's own notices must
+    /// start on a fresh one.
+    at_line_start: bool,
+    /// Whether the guest printed anything at all (a kernel that did not
+    /// is diagnosed when it dies).
+    printed: bool,
 }
 
 const READY_LINE: &str = "REWIND-READY";
@@ -214,6 +223,8 @@ impl Console {
                 panic: None,
                 ready_seen: false,
                 power_off_line: false,
+                at_line_start: true,
+                printed: false,
             }),
             events,
         }))
@@ -222,6 +233,11 @@ impl Console {
     /// Makes Linux's final `reboot: Power down` line end the VM.
     pub fn watch_power_off_line(&self) {
         lock(&self.inner).power_off_line = true;
+    }
+
+    /// Whether the guest printed anything.
+    pub fn printed_anything(&self) -> bool {
+        lock(&self.inner).printed
     }
 
     /// The guest kernel's panic line, if it panicked.
@@ -239,10 +255,34 @@ impl Console {
         }
     }
 
+    /// rewind's own message to the person at the console, one `[rewind] `
+    /// line per line of `text`, on a fresh line and in order with the
+    /// guest's output. It is not guest output: `--expect` never sees it.
+    pub fn notice(&self, text: &str) {
+        let mut inner = lock(&self.inner);
+        let mut msg = String::new();
+        if !inner.at_line_start {
+            msg.push_str("\r\n");
+        }
+        for line in text.lines() {
+            msg.push_str("[rewind] ");
+            msg.push_str(line);
+            msg.push_str("\r\n");
+        }
+        inner.at_line_start = true;
+        if let Some(out) = &inner.out {
+            out.push(msg.as_bytes());
+        }
+    }
+
     pub fn write_bytes(&self, bytes: &[u8]) {
         let mut inner = lock(&self.inner);
         if let Some(out) = &inner.out {
             out.push(bytes);
+        }
+        if let Some(&last) = bytes.last() {
+            inner.at_line_start = last == b'\n';
+            inner.printed = true;
         }
         for &b in bytes {
             if b == b'\n' {
@@ -335,51 +375,6 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Ctrl-A is the escape key, as in kvmtool and QEMU: Ctrl-A x quits,
-/// Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
-#[derive(Default)]
-pub struct EscapeParser {
-    pending_escape: bool,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConsoleKey {
-    Guest(Vec<u8>),
-    Quit,
-}
-
-pub const ESCAPE: u8 = 0x01;
-
-impl EscapeParser {
-    pub fn feed(&mut self, input: &[u8]) -> Vec<ConsoleKey> {
-        let mut keys = Vec::new();
-        let mut guest = Vec::new();
-        for &b in input {
-            if self.pending_escape {
-                self.pending_escape = false;
-                match b {
-                    b'x' | b'X' => {
-                        if !guest.is_empty() {
-                            keys.push(ConsoleKey::Guest(std::mem::take(&mut guest)));
-                        }
-                        keys.push(ConsoleKey::Quit);
-                    }
-                    ESCAPE => guest.push(ESCAPE),
-                    _ => {}
-                }
-            } else if b == ESCAPE {
-                self.pending_escape = true;
-            } else {
-                guest.push(b);
-            }
-        }
-        if !guest.is_empty() {
-            keys.push(ConsoleKey::Guest(guest));
-        }
-        keys
-    }
-}
-
 /// The console's input: stdin, read as it comes, through the escape parser.
 pub struct ConsoleInput {
     fd: i32,
@@ -387,10 +382,11 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    pub fn stdin() -> Self {
+    /// `escape`: the hotkey prefix, None for none.
+    pub fn stdin(escape: Option<u8>) -> Self {
         ConsoleInput {
             fd: libc::STDIN_FILENO,
-            escape: EscapeParser::default(),
+            escape: EscapeParser::new(escape),
         }
     }
 
@@ -429,6 +425,32 @@ mod tests {
         assert!(rx.drain().is_empty());
         c.write_bytes(b" ok\r\ntick 3 ok\n");
         assert_eq!(rx.drain(), vec![VmEvent::ExpectMatched("tick 3 ok".into())]);
+    }
+
+    /// rewind's notices start on a fresh line and are not guest output.
+    #[test]
+    fn notices_start_on_a_fresh_line_and_are_not_matched() {
+        let path = std::env::temp_dir().join(format!("rewind-notice-{}", std::process::id()));
+        let (tx, rx) = vm_event_channel().unwrap();
+        let c = Console::new(
+            &ConsoleTarget::File(path.clone()),
+            Some(Regex::new("rewind").unwrap()),
+            tx,
+        )
+        .unwrap();
+        c.notice("first");
+        c.write_bytes(b"partial");
+        c.notice("two\nlines");
+        c.write_bytes(b" rest\n");
+        c.notice("after");
+        c.flush(Duration::from_secs(10));
+        let got = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            got,
+            "[rewind] first\r\npartial\r\n[rewind] two\r\n[rewind] lines\r\n rest\n[rewind] after\r\n"
+        );
+        assert!(rx.drain().is_empty(), "--expect saw a notice");
     }
 
     #[test]
@@ -495,14 +517,5 @@ mod tests {
             "kept {kept}"
         );
         assert_eq!(kept + dropped, total);
-    }
-
-    #[test]
-    fn escape_keys() {
-        let mut p = EscapeParser::default();
-        assert_eq!(p.feed(b"ab"), vec![ConsoleKey::Guest(b"ab".to_vec())]);
-        assert_eq!(p.feed(b"a\x01"), vec![ConsoleKey::Guest(b"a".to_vec())]);
-        assert_eq!(p.feed(b"x"), vec![ConsoleKey::Quit]);
-        assert_eq!(p.feed(b"\x01\x01z"), vec![ConsoleKey::Guest(vec![1, b'z'])]);
     }
 }

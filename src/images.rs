@@ -113,16 +113,50 @@ pub fn linux_images() -> Result<LinuxImages, ImageError> {
     let recipe = cache_root().join("recipe");
     stage(&recipe)?;
     let script = recipe.join("build.sh");
-    let out = Command::new("bash")
+    let spawn_err = |source| ImageError::Spawn {
+        path: script.clone(),
+        source,
+    };
+    let mut child = Command::new("bash")
         .arg(&script)
         .arg("all")
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|source| ImageError::Spawn {
-            path: script.clone(),
-            source,
-        })?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    // The script announces each step on stderr (`rewind-image [ 12s] STEP`):
+    // on a terminal the live line shows the step running, without one the
+    // lines pass as they are (one per phase); anything else is shown as is.
+    let stderr = child.stderr.take();
+    let relay = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut phase: Option<crate::progress::Phase> = None;
+        for line in stderr
+            .map(std::io::BufReader::new)
+            .into_iter()
+            .flat_map(|r| r.lines())
+            .map_while(Result::ok)
+        {
+            let step = line
+                .strip_prefix("rewind-image [")
+                .and_then(|r| r.split_once("] "))
+                .map(|(_, step)| step.to_string());
+            if step.is_some() && phase.is_none() && crate::progress::enabled() {
+                phase = Some(crate::progress::Phase::spinner("Linux guest images"));
+            }
+            match (&phase, step) {
+                (Some(p), Some(step)) if p.is_live() => p.message(&step),
+                (Some(p), _) => p.println(&line),
+                (None, _) => eprintln!("{line}"),
+            }
+        }
+        if let Some(p) = phase {
+            p.finish();
+        }
+    });
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    let _ = relay.join();
     if !out.status.success() {
         return Err(ImageError::Failed(out.status.code().unwrap_or(-1)));
     }

@@ -19,6 +19,7 @@ pub mod images;
 pub mod kvm;
 pub(crate) mod memory;
 pub mod paths;
+pub mod progress;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;

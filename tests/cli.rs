@@ -221,16 +221,15 @@ fn deleting_a_snapshot_keeps_the_tree_whole() {
     );
     assert_eq!(info(&home, "c")["parent"], "a");
     let tree = stdout(&home.run(&["snapshot", "list", "--tree", "--vm", "v"]));
+    // Where the name starts: children are drawn right of their parent.
     let indent = |n: &str| {
-        let l = tree
-            .lines()
-            .find(|l| {
-                l.trim_start_matches('*')
-                    .trim_start()
-                    .starts_with(&format!("{n} "))
+        tree.lines()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .any(|w| w == n)
+                    .then(|| l.find(&format!(" {n} ")).unwrap())
             })
-            .unwrap_or_else(|| panic!("{n} not in tree:\n{tree}"));
-        l.trim_start_matches('*').len() - l.trim_start_matches('*').trim_start().len()
+            .unwrap_or_else(|| panic!("{n} not in tree:\n{tree}"))
     };
     assert!(indent("c") > indent("a"), "{tree}");
 

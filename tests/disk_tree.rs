@@ -158,19 +158,13 @@ fn tree_of_snapshots_with_branches_reverts_deletes_and_exports() {
             .position(|l| l.split_whitespace().any(|w| w == n || w == format!("*{n}")))
             .unwrap_or_else(|| panic!("{n} not in tree:\n{tree}"))
     };
+    // Where the name starts: children are drawn right of their parent.
     let indent = |n: &str| {
         tree.lines()
             .nth(pos(n))
             .unwrap()
-            .trim_start_matches('*')
-            .len()
-            - tree
-                .lines()
-                .nth(pos(n))
-                .unwrap()
-                .trim_start_matches('*')
-                .trim_start()
-                .len()
+            .find(&format!(" {n} "))
+            .unwrap()
     };
     assert!(pos("a") < pos("b") && pos("b") < pos("d"), "{tree}");
     assert!(

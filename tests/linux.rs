@@ -476,3 +476,54 @@ fn ext4_root_disk_reverts_with_the_snapshot() {
         }
     }
 }
+
+/// The console hotkeys on the Linux shell, in a real terminal (tmux): a
+/// file created after Ctrl-A s is gone after Ctrl-A r, and Ctrl-A x leaves
+/// the terminal sane.
+#[test]
+fn console_hotkeys_revert_the_shell() {
+    if !kvm_available("linux console hotkeys") {
+        return;
+    }
+    let _turn = linux_turn();
+    let boot = shared();
+    let mut args: Vec<String> = ["run", "--name", "hk", "--boot-cache"]
+        .map(String::from)
+        .to_vec();
+    args.extend(root_args(&boot.kernel, &boot.base));
+    args.extend(["--console", "stdio", "--timeout", "1500"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(t) = tmux::Tmux::start(&boot.home, "hk", &args) else {
+        return;
+    };
+    // Each command is emulated kernel work on PVM hosts: generous limits.
+    // The arithmetic keeps the typed line (echoed) from matching the answer.
+    let limit = std::time::Duration::from_secs(600);
+    let shell = |cmd: &str, answer: &str| {
+        t.type_text(cmd);
+        t.keys(&["Enter"]);
+        t.wait_for(answer, limit)
+    };
+    t.wait_for("restored the booted guest from the boot cache", limit);
+    shell("echo up-$((20+1))", "up-21");
+    t.keys(&["C-a", "s"]);
+    t.wait_for("[rewind] snapshot snap-1 taken", limit);
+    shell("echo x > /hotkey-file && echo made-$((40+2))", "made-42");
+    t.keys(&["C-a", "r"]);
+    t.wait_for("[rewind] reverted to snap-1", limit);
+    t.type_text("if [ -e /hotkey-file ]; then echo still-$((1+1)); else echo gone-$((40+3)); fi");
+    t.keys(&["Enter"]);
+    let screen = t.wait_until("the file check's answer", limit, |s| {
+        s.iter()
+            .any(|l| l.contains("gone-43") || l.contains("still-2"))
+    });
+    assert!(
+        screen.iter().any(|l| l.contains("gone-43")),
+        "the file made after Ctrl-A s survived Ctrl-A r:\n{}",
+        screen.join("\n")
+    );
+    t.keys(&["C-a", "x"]);
+    let (status, stty) = t.wait_exit(limit);
+    assert_eq!(status, 0, "{}", t.screen().join("\n"));
+    assert!(tmux::terminal_is_sane(&stty), "terminal left raw:\n{stty}");
+}

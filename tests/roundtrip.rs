@@ -147,6 +147,7 @@ fn options(console: &Path) -> RunOptions {
         exec: None,
         snapshot_when_ready: None,
         start_paused: false,
+        escape: None,
     }
 }
 

@@ -37,6 +37,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    InitrdDir(#[from] super::cpio::CpioError),
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel; raise --mem")]
     InitrdTooBig {
         path: PathBuf,
@@ -53,6 +55,20 @@ pub enum LoadError {
 #[derive(Debug, Clone, Copy)]
 pub struct Loaded {
     pub entry: u64,
+    pub format: KernelFormat,
+}
+
+/// What kind of image was booted, for saying why a kernel died early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    TestGuest,
+    /// An ELF, entered at its entry point with Linux's 64-bit boot
+    /// protocol; `pvh_note`: it carries Xen's PVH entry note, which Linux
+    /// vmlinux files built with CONFIG_PVH have.
+    Elf {
+        pvh_note: bool,
+    },
+    BzImage,
 }
 
 const E820_RAM: u32 = 1;
@@ -119,7 +135,17 @@ pub fn load_kernel(
         Some(_) => result.kernel_load.0 + 0x200,
         None => result.kernel_load.0,
     };
-    Ok(Loaded { entry })
+    let format = match (&config.kernel, result.setup_header) {
+        (KernelSource::EmbeddedTestGuest, _) => KernelFormat::TestGuest,
+        (_, Some(_)) => KernelFormat::BzImage,
+        (_, None) => KernelFormat::Elf {
+            pvh_note: matches!(
+                result.pvh_boot_cap,
+                linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(_)
+            ),
+        },
+    };
+    Ok(Loaded { entry, format })
 }
 
 fn load_initrd(
@@ -132,8 +158,16 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(err)?;
-    let size = file.metadata().map_err(err)?.len();
+    let bytes = if path.is_dir() {
+        super::cpio::pack_dir(path)?
+    } else {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(err)?;
+        bytes
+    };
+    let size = bytes.len() as u64;
     let limit = config
         .mem_bytes()
         .min(layout::MMIO_GAP_START)
@@ -151,8 +185,6 @@ fn load_initrd(
             })
         }
     };
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut bytes).map_err(err)?;
     use vm_memory::Bytes;
     mem.write_slice(&bytes, GuestAddress(addr))
         .map_err(|e| LoadError::Memory(e.to_string()))?;

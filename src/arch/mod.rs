@@ -4,6 +4,7 @@
 
 pub(crate) mod acpi;
 pub(crate) mod boot;
+pub mod cpio;
 pub(crate) mod cpuid;
 pub mod host;
 pub mod layout;

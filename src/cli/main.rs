@@ -61,6 +61,9 @@ enum Cmd {
         /// Also list stopped VMs that left a folder (they hold snapshots or disks).
         #[arg(long)]
         all: bool,
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a stopped VM's folder, snapshots and disk layers.
     Rm {
@@ -125,7 +128,7 @@ struct RestoreArgs {
 /// Console and run-end options shared by run and restore.
 #[derive(clap::Args, Clone)]
 pub struct IoArgs {
-    /// stdio (interactive; Ctrl-A x quits), stderr, none, or a file path.
+    /// stdio (interactive; Ctrl-A h lists hotkeys, Ctrl-A x quits), stderr, none, or a file path.
     /// Default: stdio, or stderr with --exec (stdout then carries only the
     /// command's output). A closed stdout (`| head`) ends the VM, status 141.
     #[arg(long)]
@@ -141,6 +144,11 @@ pub struct IoArgs {
     /// its output, end with its exit status (124 when --timeout passes).
     #[arg(long)]
     exec: Option<String>,
+    /// The interactive console's hotkey prefix: ^X / ctrl-X, a character
+    /// code as QEMU's -echr, or none (every key goes to the guest).
+    /// Default Ctrl-A; Ctrl-A h lists the hotkeys.
+    #[arg(long, value_name = "KEY")]
+    escape: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -161,6 +169,7 @@ pub struct RunArgs {
     /// A vmlinux ELF or bzImage to boot instead of the embedded test guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initramfs file, or a directory packed on the fly as a newc cpio.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// The whole kernel command line (replaces the default).
@@ -346,6 +355,12 @@ fn run_options(io: &IoArgs) -> Result<RunOptions, Failure> {
         exec: io.exec.clone(),
         snapshot_when_ready: None,
         start_paused: false,
+        escape: match &io.escape {
+            Some(e) => {
+                rewind::console::keys::parse_escape(e).map_err(|e| Failure::Usage(e.to_string()))?
+            }
+            None => Some(rewind::console::ESCAPE),
+        },
     })
 }
 
@@ -396,6 +411,9 @@ fn run_hosted(
     signals: &SignalFd,
     build: impl FnOnce() -> Result<Vmm, VmmError>,
 ) -> Result<i32, Failure> {
+    // The terminal is the guest console's from here; what the VM does for
+    // its API clients (merges on delete) is shown by them, not here.
+    rewind::progress::enable(false);
     let mut vmm = build()?;
     // Built: from here on the main thread is the event loop (API, devices,
     // snapshots), and opens no socket and runs no program.
@@ -408,9 +426,13 @@ fn run_hosted(
         eprintln!("rewind: {}", vmm.host.describe());
     }
     let outcome = vmm.run(opts, Some(control), Some(signals))?;
+    let diagnosis = vmm.diagnosis(&outcome);
     drop(vmm);
     if let Some(msg) = outcome.message() {
         eprintln!("rewind: {msg}");
+    }
+    if let Some(why) = diagnosis {
+        eprintln!("rewind: {why}");
     }
     Ok(outcome.exit_code())
 }
@@ -564,11 +586,12 @@ fn main() -> ExitCode {
         // thread exists; no handler is involved.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    rewind::progress::enable(true);
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Stop { vm } => stop(&vm),
         Cmd::Exec { vm, cmd, timeout } => exec(&vm, &cmd, timeout),
-        Cmd::Ps { all } => vms::ps(all),
+        Cmd::Ps { all, json } => vms::ps(all, json),
         Cmd::Rm { name, force } => vms::rm(&name, force),
         Cmd::Pause { vm } => api(&vm, "PUT", "/vm/pause", None).map(|r| {
             println!("paused {vm} in {} us", r["pause_us"]);

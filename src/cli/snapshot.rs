@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
 use crate::{api, Failure};
+use rewind::progress::Phase;
 use rewind::snapshot::state::Manifest;
-use rewind::snapshot::{bundle, chain, layers, store};
+use rewind::snapshot::{bundle, chain, store, tree};
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
@@ -42,12 +42,17 @@ pub enum SnapshotCmd {
         #[arg(long)]
         vm: String,
     },
-    /// List snapshots (of one VM, or all); --tree shows parents and children.
+    /// List snapshots (of one VM, or all); --tree draws parents and children
+    /// as `virsh snapshot-list --tree` does, `*` on the running VM's current one.
     List {
         #[arg(long)]
         vm: Option<String>,
         #[arg(long)]
         tree: bool,
+        /// The listing as JSON (the API's, each entry with `current`), for
+        /// scripts; parents make the tree.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a snapshot's manifest.
     Info {
@@ -59,6 +64,9 @@ pub enum SnapshotCmd {
         /// captured, and what was it waiting for?).
         #[arg(long)]
         vcpus: bool,
+        /// The manifest as one line of JSON (what the API answers), for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a standalone copy of a snapshot to DIR: its memory, state and
     /// one qcow2 layer per disk (everything above the base image), named
@@ -103,7 +111,9 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             full,
         } => {
             let body = serde_json::json!({ "name": name, "paused": paused, "full": full });
+            let phase = Phase::spinner(format!("snapshot of {vm}"));
             let r = api(&vm, "PUT", "/snapshots", Some(body))?;
+            phase.clear();
             let kind = match r["incremental_on"].as_str() {
                 Some(p) => format!("changes over {p}"),
                 None => "full".to_string(),
@@ -137,7 +147,9 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
             );
         }
         SnapshotCmd::Revert { name, vm } => {
+            let phase = Phase::spinner(format!("revert {vm} to {name}"));
             let r = api(&vm, "PUT", &format!("/snapshots/{name}/revert"), None)?;
+            phase.clear();
             println!(
                 "reverted {vm} to {name} in {:.2} ms ({} pages copied{})",
                 r["total_ms"].as_f64().unwrap_or(0.0),
@@ -149,10 +161,12 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             );
         }
-        SnapshotCmd::List { vm, tree: true } => {
-            print_tree(vm.as_deref())?;
+        SnapshotCmd::List { vm, json: true, .. } => {
+            println!("{}", listing(vm.as_deref())?);
         }
-        SnapshotCmd::List { vm, tree: false } => {
+        SnapshotCmd::List { vm, tree: true, .. } => print_tree(&listing(vm.as_deref())?),
+        SnapshotCmd::List { vm, .. } => {
+            // The plain listing needs no VM's current position.
             let list = match vm.as_deref().filter(|v| is_running(v)) {
                 Some(v) => api(v, "GET", "/snapshots", None)?,
                 None => store::list_json(vm.as_deref()),
@@ -175,7 +189,12 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 }
             }
         }
-        SnapshotCmd::Info { name, vm, vcpus } => info(&name, vm.as_deref(), vcpus)?,
+        SnapshotCmd::Info {
+            name,
+            vm,
+            vcpus,
+            json,
+        } => info(&name, vm.as_deref(), vcpus, json)?,
         SnapshotCmd::Export { name, dir, vm } => {
             let src =
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -201,7 +220,12 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
 
 /// Prints a snapshot's manifest (asking its VM when that runs) and, with
 /// `vcpus`, the captured vCPU and device state.
-fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
+fn info(name: &str, vm: Option<&str>, vcpus: bool, json: bool) -> Result<(), Failure> {
+    if json && vcpus {
+        return Err(Failure::Usage(
+            "--vcpus is a report for people; it has no --json form".into(),
+        ));
+    }
     let dir = store::resolve(name, vm).map_err(|e| Failure::Usage(e.to_string()))?;
     let m: Manifest = match running_owner(&dir) {
         Some((o, name)) => {
@@ -221,6 +245,10 @@ fn info(name: &str, vm: Option<&str>, vcpus: bool) -> Result<(), Failure> {
             "own_bytes": bytes.last().copied().unwrap_or(0),
             "chain_bytes": bytes.iter().sum::<u64>(),
         });
+    }
+    if json {
+        println!("{}", serde_json::to_string(&shown).unwrap_or_default());
+        return Ok(());
     }
     println!(
         "{}",
@@ -288,89 +316,65 @@ fn is_running(vm: &str) -> bool {
     std::os::unix::net::UnixStream::connect(rewind::paths::api_socket(vm)).is_ok()
 }
 
-fn age(created_ms: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let s = now.saturating_sub(created_ms) / 1000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        _ => format!("{}h", s / 3600),
-    }
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0
 }
 
-/// Parents above children, branches indented; `*` marks the snapshot the
-/// running VM last matched (taken, reverted to or restored from).
-fn print_tree(vm: Option<&str>) -> Result<i32, Failure> {
-    let listed = store::list(vm);
-    let mut by_vm: BTreeMap<String, Vec<(PathBuf, Manifest)>> = BTreeMap::new();
-    for (path, m) in listed {
-        match m {
-            Ok(m) => by_vm.entry(m.vm.clone()).or_default().push((path, m)),
-            Err(e) => println!("{}  BROKEN: {e}", path.display()),
-        }
+/// The listing, from the VM when it runs (one shape whoever answers), each
+/// entry with `current`: whether its running VM last matched it.
+fn listing(vm: Option<&str>) -> Result<serde_json::Value, Failure> {
+    let mut list = match vm.filter(|v| is_running(v)) {
+        Some(v) => api(v, "GET", "/snapshots", None)?,
+        None => store::list_json(vm),
+    };
+    let mut baselines: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
+    for s in list["snapshots"].as_array_mut().into_iter().flatten() {
+        let Some(owner) = s["vm"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let baseline = baselines.entry(owner.clone()).or_insert_with(|| {
+            api(&owner, "GET", "/vm", None)
+                .ok()
+                .and_then(|v| v["baseline"].as_str().map(PathBuf::from))
+        });
+        let path = s["path"].as_str().map(PathBuf::from);
+        s["current"] = serde_json::Value::Bool(baseline.is_some() && *baseline == path);
     }
-    for (vm_name, snaps) in by_vm {
-        let current = api(&vm_name, "GET", "/vm", None)
-            .ok()
-            .and_then(|v| v["baseline"].as_str().map(PathBuf::from));
-        let running = if current.is_some() { " (running)" } else { "" };
-        println!("VM {vm_name}{running}");
-        let names: Vec<String> = snaps.iter().map(|(_, m)| m.name.clone()).collect();
-        let roots: Vec<usize> = (0..snaps.len())
-            .filter(|&i| {
-                snaps[i]
-                    .1
-                    .parent
-                    .as_ref()
-                    .is_none_or(|p| !names.contains(p))
-            })
-            .collect();
-        for r in roots {
-            print_node(&snaps, r, 1, current.as_deref());
-        }
-    }
-    Ok(0)
+    Ok(list)
 }
 
-fn print_node(
-    snaps: &[(PathBuf, Manifest)],
-    i: usize,
-    depth: usize,
-    current: Option<&std::path::Path>,
-) {
-    let (path, m) = &snaps[i];
-    let disk: u64 = m
-        .disk_layers
-        .iter()
-        .map(|l| layers::allocated_bytes(l))
-        .sum();
-    let mark = if current.is_some_and(|c| c == path) {
-        "*"
-    } else {
-        " "
-    };
-    let from = match &m.parent {
-        Some(p) if p.contains('/') => format!("  (from {p})"),
-        _ => String::new(),
-    };
-    println!(
-        "{mark}{}{:<16} {:>6} ago  memory {:>7.1} MiB  disk {:>7.1} MiB{from}",
-        "  ".repeat(depth),
-        m.name,
-        age(m.created_unix_ms),
-        mib(m.memory_bytes),
-        mib(disk)
-    );
-    for (j, (_, child)) in snaps.iter().enumerate() {
-        if child.parent.as_deref() == Some(m.name.as_str()) {
-            print_node(snaps, j, depth + 1, current);
+/// One tree per VM (`virsh snapshot-list --tree`), `*` on the running
+/// VM's current position.
+fn print_tree(list: &serde_json::Value) {
+    let (nodes, broken) = tree::nodes(list);
+    for line in broken {
+        println!("{line}");
+    }
+    let mut by_vm: BTreeMap<String, Vec<tree::Node>> = BTreeMap::new();
+    let mut current: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (n, s) in nodes.into_iter().zip(
+        list["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s.get("error").is_none()),
+    ) {
+        if s["current"].as_bool() == Some(true) {
+            current.insert(n.vm.clone(), n.path.clone());
+        }
+        by_vm.entry(n.vm.clone()).or_default().push(n);
+    }
+    let now = tree::now_ms();
+    for (vm_name, snaps) in by_vm {
+        let cur = current.get(&vm_name);
+        let running = if is_running(&vm_name) {
+            " (running)"
+        } else {
+            ""
+        };
+        println!("VM {vm_name}{running}");
+        for line in tree::render(&snaps, cur.map(PathBuf::as_path), now) {
+            println!("{line}");
         }
     }
 }
@@ -406,8 +410,15 @@ pub fn disk(cmd: DiskCmd) -> Result<i32, Failure> {
                 }
                 (None, None) => return Err(Failure::Usage("give --snapshot or --vm".into())),
             };
-            rewind::disk::export_flat(&top, &out, rewind::disk::ImageFormat::Raw)
-                .map_err(|e| Failure::Runtime(e.to_string()))?;
+            let mut phase = Phase::bytes(format!("export disk {disk}"), 0);
+            rewind::disk::export_flat_with_progress(
+                &top,
+                &out,
+                rewind::disk::ImageFormat::Raw,
+                &mut |done, total| phase.progress(done, total),
+            )
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+            phase.finish();
             println!(
                 "exported {} (chain under {}) to {}",
                 disk,

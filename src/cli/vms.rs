@@ -52,8 +52,9 @@ pub fn cleanup_on_exit(name: &str) {
     }
 }
 
-/// `rewind ps`: running VMs (and with `all`, stopped VMs that left a folder).
-pub fn ps(all: bool) -> Result<i32, Failure> {
+/// `rewind ps`: running VMs (and with `all`, stopped VMs that left a
+/// folder); with `json`, one JSON array for scripts.
+pub fn ps(all: bool, json: bool) -> Result<i32, Failure> {
     let mut names: Vec<String> = std::fs::read_dir(paths::vms_dir())
         .into_iter()
         .flatten()
@@ -62,24 +63,50 @@ pub fn ps(all: bool) -> Result<i32, Failure> {
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
+    let mut rows = Vec::new();
+    for name in names {
+        let snaps = snapshot_count(&name);
+        let row = match running(&name) {
+            Some(vm) => serde_json::json!({
+                "name": name,
+                "pid": vm["pid"],
+                "state": vm["state"],
+                "snapshots": snaps,
+                "socket": paths::api_socket(&name),
+            }),
+            None if all => serde_json::json!({
+                "name": name,
+                "pid": null,
+                "state": "stopped",
+                "snapshots": snaps,
+                "socket": null,
+            }),
+            None => continue,
+        };
+        rows.push(row);
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(0);
+    }
     println!(
         "{:<20} {:>8} {:<8} {:>9}  SOCKET",
         "NAME", "PID", "STATE", "SNAPSHOTS"
     );
-    for name in names {
-        let snaps = snapshot_count(&name);
-        match running(&name) {
-            Some(vm) => println!(
-                "{:<20} {:>8} {:<8} {:>9}  {}",
-                name,
-                vm["pid"],
-                vm["state"].as_str().unwrap_or("?"),
-                snaps,
-                paths::api_socket(&name).display()
-            ),
-            None if all => println!("{name:<20} {:>8} {:<8} {snaps:>9}  -", "-", "stopped"),
-            None => {}
-        }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for r in rows {
+        println!(
+            "{:<20} {:>8} {:<8} {:>9}  {}",
+            text(&r["name"]),
+            text(&r["pid"]),
+            text(&r["state"]),
+            text(&r["snapshots"]),
+            text(&r["socket"])
+        );
     }
     Ok(0)
 }

@@ -219,6 +219,16 @@ fn nonzero_runs(data: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
 /// zero runs become holes and the result equals `qemu-img convert -O raw` byte for byte. `out`
 /// is written under a temp name and renamed into place, so a crash never leaves a half export.
 pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
+    export_flat_with_progress(top, out, format, &mut |_, _| {})
+}
+
+/// [`export_flat`], telling `progress(done, total)` (virtual bytes) as it goes.
+pub fn export_flat_with_progress(
+    top: &Path,
+    out: &Path,
+    format: ImageFormat,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let view = open_chain(top, false)?;
     // Renaming over a chain member would swap a layer out from under every VM using it.
     for (member, _) in backing_chain(top)? {
@@ -242,6 +252,7 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
                     file.write_all_at(&data[start..start + len], offset + start as u64)
                         .ctx("write", &tmp)?;
                 }
+                progress(offset + data.len() as u64, size);
                 Ok(())
             })?;
             file.sync_all().ctx("fsync", &tmp)?;
@@ -254,12 +265,14 @@ pub fn export_flat(top: &Path, out: &Path, format: ImageFormat) -> Result<()> {
                     dst.write(&data[start..start + len], offset + start as u64)
                         .ctx("write", &tmp)?;
                 }
+                progress(offset + data.len() as u64, size);
                 Ok(())
             })?;
             dst.flush().ctx("flush", &tmp)?;
             dst.sync().ctx("fsync", &tmp)?;
         }
     }
+    progress(size, size);
     fs::rename(&tmp, out).ctx("rename export onto", out)?;
     fsutil::fsync_dir(parent_dir(out)).ctx("fsync directory", parent_dir(out))
 }

@@ -40,7 +40,7 @@ mod tests;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use chain::{backing_chain, export_flat, virtual_size};
+pub use chain::{backing_chain, export_flat, export_flat_with_progress, virtual_size};
 pub use image::{probe, BaseIdentity, ImageFormat};
 pub use merge::{collapse, commit, rebase, stream};
 pub use overlay::{create_overlay, Disk, PreparedSwitch};

@@ -56,6 +56,14 @@ pub fn cache_root() -> PathBuf {
 pub fn entry_for(config: &VmConfig) -> Result<PathBuf, BootCacheError> {
     let kernel = kernel_identity(&config.kernel)?;
     let initrd = match &config.initrd {
+        // A directory is packed at boot: the key is the archive it makes.
+        Some(p) if p.is_dir() => {
+            let archive = crate::arch::cpio::pack_dir(p).map_err(|e| BootCacheError {
+                path: p.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            format!("{:016x}", crc64_xz(&archive))
+        }
         Some(p) => file_digest(p)?,
         None => "-".into(),
     };

@@ -82,8 +82,10 @@ pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleErro
         {
             let name = PathBuf::from(format!("disk{index}.qcow2"));
             let out = tmp.join(&name);
+            let phase = crate::progress::Phase::spinner(format!("export disk {index}"));
             crate::disk::collapse(layer, base, &out)
                 .map_err(|source| BundleError::Disk { index, source })?;
+            phase.finish();
             disk_bytes += super::layers::allocated_bytes(&out);
             *frozen = name.clone();
             manifest.disk_layers.push(name);

@@ -94,7 +94,13 @@ pub fn release(layers: &[PathBuf]) -> Result<LayerReport, DiskError> {
             let frozen = std::fs::metadata(dep)
                 .map(|m| m.permissions().readonly())
                 .unwrap_or(false);
+            let phase = crate::progress::Phase::spinner(format!(
+                "merge {} into {}",
+                layer.file_name().unwrap_or_default().to_string_lossy(),
+                dep.file_name().unwrap_or_default().to_string_lossy()
+            ));
             disk::stream(dep)?;
+            phase.finish();
             if frozen {
                 let _ = std::fs::set_permissions(
                     dep,

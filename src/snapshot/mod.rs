@@ -17,5 +17,6 @@ pub(crate) mod persist;
 pub mod stall;
 pub mod state;
 pub mod store;
+pub mod tree;
 
 pub(crate) use persist::Persist;

@@ -302,6 +302,8 @@ pub fn list_json(vm: Option<&str>) -> serde_json::Value {
                 "parent": m.parent,
                 "created_unix_ms": m.created_unix_ms,
                 "size_bytes": m.state_bytes + m.memory_bytes,
+                "memory_bytes": m.memory_bytes,
+                "disk_bytes": m.disk_layers.iter().map(|l| super::layers::allocated_bytes(l)).sum::<u64>(),
                 "path": path,
             }),
             Err(e) => serde_json::json!({

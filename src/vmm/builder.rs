@@ -75,7 +75,7 @@ impl Vmm {
         boot::write_boot_tables(&mem, config.mem_bytes())?;
         let cpus = config.cpus;
         let guest = config.guest;
-        Vmm::assemble(
+        let mut vmm = Vmm::assemble(
             vm,
             config,
             mem,
@@ -105,7 +105,9 @@ impl Vmm {
                 }
                 Ok(())
             },
-        )
+        )?;
+        vmm.kernel_format = Some(loaded.format);
+        Ok(vmm)
     }
 
     /// Restores the snapshot in `dir` into a new VM named `name`: built from
@@ -343,6 +345,7 @@ impl Vmm {
             has_xsave,
             tsc_khz,
             kernel_identity: None,
+            kernel_format: None,
         })
     }
 }

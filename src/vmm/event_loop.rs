@@ -187,12 +187,13 @@ impl EventLoop {
 
 impl Vmm {
     /// Every source the run watches: the VM's own, then the control socket,
-    /// signals and console input when the run has them.
+    /// signals and console input when the run has them (`stdin`: with that
+    /// hotkey prefix, or none).
     pub(crate) fn event_loop(
         &self,
         control: Option<&ControlServer>,
         signals: Option<&super::SignalFd>,
-        stdin: bool,
+        stdin: Option<Option<u8>>,
     ) -> Result<EventLoop, VmmError> {
         let mut lp = EventLoop {
             manager: EventManager::new().map_err(loop_err)?,
@@ -213,8 +214,8 @@ impl Vmm {
         if let Some(s) = signals {
             lp.source(s.fd, Wake::Signal)?;
         }
-        if stdin {
-            let input = ConsoleInput::stdin();
+        if let Some(escape) = stdin {
+            let input = ConsoleInput::stdin(escape);
             let shared = lp.shared.clone();
             lp.add(Box::new(Stdin { input, shared }))?;
         }

@@ -3,10 +3,12 @@
 
 mod builder;
 mod commands;
+mod diagnose;
 pub mod disks;
 mod event_loop;
 mod exec;
 mod host_identity;
+mod hotkeys;
 mod persist;
 mod revert;
 mod signals;
@@ -30,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::host::HostKind;
 use crate::arch::{boot, loader};
 use crate::config::VmConfig;
-use crate::console::{Console, ConsoleKey, ConsoleTarget, RawTerminal};
+use crate::console::{Console, ConsoleTarget, RawTerminal};
 use crate::control::{Command, ControlServer};
 use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
@@ -159,6 +161,9 @@ pub struct RunOptions {
     pub snapshot_when_ready: Option<PathBuf>,
     /// Start with the vCPUs paused (resume through the API).
     pub start_paused: bool,
+    /// The interactive console's hotkey prefix (Ctrl-A, `console::ESCAPE`);
+    /// None turns hotkeys off, so every key goes to the guest.
+    pub escape: Option<u8>,
 }
 
 /// How long `rewind exec` waits for a command unless told otherwise.
@@ -198,6 +203,8 @@ pub struct Vmm {
     /// from the kernel file at the first snapshot (a checksum of the whole
     /// file, so not on every snapshot and not on the boot path).
     pub(crate) kernel_identity: Option<String>,
+    /// The booted image's kind (None after a restore), for `diagnosis`.
+    pub(crate) kernel_format: Option<loader::KernelFormat>,
 }
 
 /// The devices whose state a snapshot carries.
@@ -307,7 +314,9 @@ impl Vmm {
         let _raw = interactive
             .then(|| RawTerminal::enable(std::io::stdin().as_raw_fd()))
             .flatten();
-        let mut events = self.event_loop(control, signals, interactive)?;
+        let stdin = interactive.then_some(opts.escape);
+        let mut events = self.event_loop(control, signals, stdin)?;
+        let mut hotkeys = hotkeys::Hotkeys::new(opts.escape);
         if let Some(cmd) = &opts.exec {
             let timeout = opts.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
             let com2 = &self.devices.com2;
@@ -327,7 +336,7 @@ impl Vmm {
                 .flatten()
                 .min();
             let fired = events.wait(until)?;
-            if let Some(outcome) = self.turn(fired, opts, control, signals) {
+            if let Some(outcome) = self.turn(fired, opts, control, signals, &mut hotkeys) {
                 return Ok(outcome);
             }
         }
@@ -341,6 +350,7 @@ impl Vmm {
         opts: &RunOptions,
         control: Option<&ControlServer>,
         signals: Option<&SignalFd>,
+        hotkeys: &mut hotkeys::Hotkeys,
     ) -> Option<Outcome> {
         if fired.has(Wake::Com1Drained) {
             let _ = self.com1_drained.read();
@@ -372,12 +382,8 @@ impl Vmm {
             }
         }
         for key in fired.keys {
-            match key {
-                ConsoleKey::Guest(bytes) => {
-                    self.console_input.extend(bytes);
-                    self.feed_console();
-                }
-                ConsoleKey::Quit => return Some(Outcome::Stopped),
+            if let Some(outcome) = self.on_console_key(hotkeys, key) {
+                return Some(outcome);
             }
         }
         None

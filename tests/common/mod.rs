@@ -2,6 +2,8 @@
 //! the real /dev/kvm with a private $REWIND_HOME.
 #![allow(dead_code)]
 
+pub mod tmux;
+
 use std::path::{Path, PathBuf};
 
 use rewind::child_vm::ChildVm;
