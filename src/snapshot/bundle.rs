@@ -92,9 +92,11 @@ pub fn export<S: StoredState>(src: &Path, dest: &Path) -> Result<u64, BundleErro
         }
         // A bundle stands alone, so its memory is one full layer.
         let mem_path = tmp.join(MEMORY_FILE);
-        super::chain::open(src, manifest.memory_file_len)
+        let phase = crate::progress::Phase::spinner("export memory");
+        let bytes = super::chain::open(src, manifest.memory_file_len)
             .and_then(|chain| chain.flatten_to(&mem_path))
             .map_err(|e| BundleError::Load(e.to_string()))?;
+        phase.finish_bytes(bytes);
         let body = encode_state(&state)?;
         let state_path = tmp.join(STATE_FILE);
         fsutil::atomic_write(&state_path, &body).map_err(|source| BundleError::Io {
