@@ -120,7 +120,11 @@ pub fn create(path: &Path, index: &DeltaIndex) -> Result<File, DeltaError> {
 /// Copies the pages `index` lists from guest memory into the file, one
 /// write per run of consecutive pages. Makes no allocation and takes no
 /// lock, so a forked child may call it.
-pub fn write_pages(file: &File, mem: &GuestMemory, index: &DeltaIndex) -> io::Result<()> {
+pub fn write_pages(
+    out: &super::memory::MemoryOut,
+    mem: &GuestMemory,
+    index: &DeltaIndex,
+) -> io::Result<()> {
     let pages = &index.pages;
     let base = index.data_offset();
     let mut i = 0;
@@ -136,7 +140,7 @@ pub fn write_pages(file: &File, mem: &GuestMemory, index: &DeltaIndex) -> io::Re
         // SAFETY: `host` points into a live guest mapping with at least
         // `room` pages after it (host_run), and n <= room.
         let bytes = unsafe { std::slice::from_raw_parts(host, len) };
-        file.write_all_at(bytes, base + i as u64 * PAGE_SIZE)?;
+        out.write_at(bytes, base + i as u64 * PAGE_SIZE)?;
         i += n;
     }
     Ok(())

@@ -77,6 +77,44 @@ fn is_zero(page: &[u8]) -> bool {
         && suffix.iter().all(|&b| b == 0)
 }
 
+/// Where a memory writer puts pages: the file, and the same file opened
+/// with `O_DIRECT` where the filesystem allows it. Direct writes skip the
+/// page cache, which makes them steady: a buffered write of 100 MiB took
+/// 20 ms or 300-720 ms here depending on whether the kernel had recently
+/// freed pages at hand (this host's own host reclaims free pages, so fresh
+/// ones cost a fault there), against 73-118 ms direct. They also leave the
+/// page cache to the guests.
+pub struct MemoryOut {
+    pub file: File,
+    direct: Option<File>,
+}
+
+impl MemoryOut {
+    pub fn new(file: File, path: &Path) -> MemoryOut {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        MemoryOut { file, direct }
+    }
+
+    /// Writes page-aligned `bytes` at page-aligned `offset`: directly when
+    /// the filesystem takes it, else through the page cache. No allocation,
+    /// so a forked child may call it.
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        if let Some(direct) = &self.direct {
+            match direct.write_all_at(bytes, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all_at(bytes, offset)
+    }
+}
+
 /// Creates a full layer's file, `mem_bytes` of guest RAM long and empty.
 pub fn create_full(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError> {
     let err = |source| MemoryFileError::Write {
@@ -97,7 +135,7 @@ pub fn create_full(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError>
 pub fn write_full(
     mem: &GuestMemory,
     populated: &[Vec<u64>],
-    file: &File,
+    out: &MemoryOut,
     first_write: &dyn Fn(),
 ) -> std::io::Result<()> {
     let page = PAGE_SIZE as usize;
@@ -126,7 +164,7 @@ pub fn write_full(
             while wanted(p) {
                 p += 1;
             }
-            file.write_all_at(&bytes[start * page..p * page], base + (start * page) as u64)?;
+            out.write_at(&bytes[start * page..p * page], base + (start * page) as u64)?;
             if !started {
                 started = true;
                 first_write();

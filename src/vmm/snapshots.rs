@@ -3,7 +3,6 @@
 //! paused, full or incremental (only the pages written since the VM's
 //! baseline, when that baseline is a snapshot of this VM).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,7 +64,7 @@ pub struct PauseParts {
 /// What the pause captured, to be finished with the guest running.
 struct Captured {
     body: Vec<u8>,
-    memory: File,
+    memory: snapmem::MemoryOut,
     delta: Option<DeltaIndex>,
     writer: Option<live::Writer>,
     frozen_paths: Vec<PathBuf>,
@@ -247,11 +246,19 @@ impl Vmm {
             mem_file_len: crate::memory::ram_end(self.config.mem_bytes()),
             pages: chain::pages_of(&self.since_baseline, &self.mem),
         });
-        let memory = match &delta {
-            Some(index) => delta::create(&tmp.join(DELTA_FILE), index).map_err(snap_err)?,
-            None => snapmem::create_full(&tmp.join(MEMORY_FILE), self.config.mem_bytes())
-                .map_err(snap_err)?,
+        let (file, path) = match &delta {
+            Some(index) => {
+                let path = tmp.join(DELTA_FILE);
+                (delta::create(&path, index).map_err(snap_err)?, path)
+            }
+            None => {
+                let path = tmp.join(MEMORY_FILE);
+                let file =
+                    snapmem::create_full(&path, self.config.mem_bytes()).map_err(snap_err)?;
+                (file, path)
+            }
         };
+        let memory = snapmem::MemoryOut::new(file, &path);
         let mem = &self.mem;
         let populated = &self.populated;
         let write = |first_write: &dyn Fn()| match &delta {
@@ -267,7 +274,7 @@ impl Vmm {
         } else {
             let job = || {
                 write(&|| ())?;
-                memory.sync_all()
+                memory.file.sync_all()
             };
             let stall_marker = StallMarker::for_point("memory-write-started", name);
             Some(
@@ -361,6 +368,7 @@ impl Vmm {
                 .map_err(|e| snap_err(format!("cannot write guest memory: {e}"))),
             None => c
                 .memory
+                .file
                 .sync_all()
                 .map_err(|e| snap_err(format!("cannot flush guest memory: {e}"))),
         };
@@ -369,7 +377,7 @@ impl Vmm {
         stall::point("memory-written", name);
         let mem_bytes = match &c.delta {
             Some(index) => index.pages.len() as u64 * crate::memory::PAGE_SIZE,
-            None => chain::allocated(&c.memory),
+            None => chain::allocated(&c.memory.file),
         };
         let state_bytes = c.body.len() as u64;
         let manifest = Manifest {
