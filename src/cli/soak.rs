@@ -226,9 +226,14 @@ fn report(
             .collect();
         let n = ms.len();
         let max = ms.iter().copied().fold(0.0, f64::max);
+        // In the order they finished: a drift from the first tenth to the
+        // last shows a cost that grows with use.
+        let tenth = (n / 10).clamp(1, n.max(1));
+        let first = median(ms.iter().take(tenth).copied().collect());
+        let last = median(ms.iter().skip(n.saturating_sub(tenth)).copied().collect());
         medians[kind] = median(ms);
         println!(
-            "soak: {name:<8} {n:>6} done, median {:>8.2} ms, max {max:>8.2} ms",
+            "soak: {name:<8} {n:>6} done, median {:>8.2} ms (first tenth {first:.2}, last tenth {last:.2}), max {max:>8.2} ms",
             medians[kind]
         );
     }
