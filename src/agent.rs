@@ -164,12 +164,23 @@ struct Pending {
     timeout: Duration,
 }
 
+/// A line from the agent: whole, or only the start of one over
+/// [`MAX_AGENT_LINE`] (enough to name its command).
+enum Line {
+    Whole(Vec<u8>),
+    Overlong(Vec<u8>),
+}
+
 /// The host side of the protocol without any I/O: the owner hands it the
 /// guest's bytes and the time, sends what [`Engine::outgoing`] holds, and
 /// acts on the [`Event`]s. Both the VMM (over COM2) and the pty client
 /// below drive it, so framing and request matching exist once.
 pub struct Engine {
     partial: Vec<u8>,
+    /// Leading bytes of `partial` already searched for a newline: a guest
+    /// sending a long line a few bytes at a time must not make every
+    /// receive rescan it (that cost seconds of the event loop per MiB).
+    scanned: usize,
     /// The line being received passed `MAX_AGENT_LINE`: drop bytes up to
     /// its newline, so its tail is not read as a line of its own.
     skipping: bool,
@@ -190,6 +201,7 @@ impl Engine {
     pub fn new(first_id: u64) -> Self {
         Engine {
             partial: Vec::new(),
+            scanned: 0,
             skipping: false,
             to_guest: VecDeque::new(),
             pending: HashMap::new(),
@@ -274,8 +286,16 @@ impl Engine {
             self.skipping = false;
         }
         self.partial.extend_from_slice(bytes);
-        while let Some(line) = self.next_line(&mut events) {
-            if trace() {
+        let trace = trace();
+        for line in self.take_lines() {
+            let line = match line {
+                Line::Whole(line) => line,
+                Line::Overlong(head) => {
+                    self.overlong_line(&head, &mut events);
+                    continue;
+                }
+            };
+            if trace {
                 eprintln!("rewind: agent <- {:?}", String::from_utf8_lossy(&line));
             }
             // Noise (a shell prompt, an echo) is skipped.
@@ -293,25 +313,35 @@ impl Engine {
         events
     }
 
-    /// The next complete line of a sane length; overlong ones fail the
-    /// command they name.
-    fn next_line(&mut self, events: &mut Vec<Event>) -> Option<Vec<u8>> {
-        loop {
-            let Some(pos) = self.partial.iter().position(|&b| b == b'\n') else {
-                if self.partial.len() > MAX_AGENT_LINE {
-                    // Its newline has not come yet: drop it when it does.
-                    self.skipping = true;
-                    let line = std::mem::take(&mut self.partial);
-                    self.overlong_line(&line, events);
-                }
-                return None;
-            };
-            let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            if pos <= MAX_AGENT_LINE {
-                return Some(line);
-            }
-            self.overlong_line(&line, events);
+    /// Every complete line received, in order. Lines are cut out of
+    /// `partial` by index and the rest moved once: draining line by line
+    /// moved the whole remainder per line, and a guest sending 1 MiB of
+    /// short lines kept the event loop busy for seconds.
+    fn take_lines(&mut self) -> Vec<Line> {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        let mut from = self.scanned.min(self.partial.len());
+        while let Some(i) = self.partial[from..].iter().position(|&b| b == b'\n') {
+            let end = from + i;
+            let line = &self.partial[start..=end];
+            lines.push(if end - start <= MAX_AGENT_LINE {
+                Line::Whole(line.to_vec())
+            } else {
+                Line::Overlong(line[..64].to_vec())
+            });
+            start = end + 1;
+            from = start;
         }
+        self.partial.drain(..start);
+        self.scanned = self.partial.len();
+        if self.partial.len() > MAX_AGENT_LINE {
+            // Its newline has not come yet: drop it when it does.
+            self.skipping = true;
+            self.scanned = 0;
+            let line = std::mem::take(&mut self.partial);
+            lines.push(Line::Overlong(line[..64].to_vec()));
+        }
+        lines
     }
 
     /// Fails the command a line over `MAX_AGENT_LINE` was about, if its

@@ -14,6 +14,9 @@ pub(crate) mod devices;
 pub mod disk;
 pub(crate) mod events;
 mod fsutil;
+/// Entry points for the fuzz targets in `fuzz/` and tests/fuzz_parsers.rs.
+#[doc(hidden)]
+pub mod fuzz;
 pub mod guest;
 pub mod images;
 pub mod kvm;

@@ -294,6 +294,12 @@ fn fork_only() -> Result<SeccompRule, seccompiler::BackendError> {
 /// The ioctl type of every KVM request (`linux/kvm.h`).
 const KVMIO: u32 = 0xAE;
 
+/// Whether the calling thread runs under a filter (then it cannot open
+/// sockets, for one).
+pub fn filtered_here() -> bool {
+    KIND.with(|k| k.get() != "unfiltered")
+}
+
 /// Installs `kind`'s filter on the calling thread when filters are on.
 /// Threads it starts afterwards inherit the filter (and may add theirs).
 pub fn install(kind: Thread) -> Result<(), SeccompError> {

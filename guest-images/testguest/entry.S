@@ -11,7 +11,8 @@
  * each), so this file does the minimum: per-CPU GDT+TSS, a shared IDT with
  * five gates, LAPIC enable, then iretq to ring 3 where the workload runs
  * natively. Ring 3 reaches ring 0 only through #GP: `hlt` waits for the next
- * interrupt, `out dx, al` is proxied, `cli` runs a ring-0 instruction probe.
+ * interrupt, `out dx, al` is proxied, `cli` runs a ring-0 instruction probe
+ * (or mode=hostile's port sweep).
  */
         .intel_syntax noprefix
 
@@ -211,7 +212,7 @@ gp_isr:
         popcnt rax, rax
         jmp 9f
 6:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
-        jne 9f
+        jne 10f
         sub rsp, 16
         mov [rsp], ebx
         ldmxcsr [rsp]
@@ -219,6 +220,41 @@ gp_isr:
         stmxcsr [rsp + 4]
         mov eax, [rsp + 4]
         add rsp, 16
+        jmp 9f
+/* mode=hostile port sweep over ports [rbx, rcx): read, then write the
+ * value in rsi; rax = 5, 6, 7 for 1, 2, 4 bytes. One trap for the whole
+ * range: a trap per port would cost ~50 us of emulated ring-0 code. */
+10:     cmp rax, 5
+        jb 9f
+        cmp rax, 7
+        ja 9f
+        push rdx
+        mov rdx, rbx
+11:     cmp rdx, rcx
+        jae 15f
+        cmp rax, 6
+        je 13f
+        ja 14f
+        push rax
+        in al, dx
+        mov rax, rsi
+        out dx, al
+        pop rax
+        jmp 16f
+13:     push rax
+        in ax, dx
+        mov rax, rsi
+        out dx, ax
+        pop rax
+        jmp 16f
+14:     push rax
+        in eax, dx
+        mov rax, rsi
+        out dx, eax
+        pop rax
+16:     inc rdx
+        jmp 11b
+15:     pop rdx
 9:      add qword ptr [rsp + 8], 1
         add rsp, 8
         iretq

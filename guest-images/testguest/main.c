@@ -5,7 +5,7 @@
  * src/devices/debug_console.rs for the register map).
  *
  * Command line (space separated, all optional):
- *   mode=verify|disk|exit|exitport|triple|insn   default verify
+ *   mode=verify|disk|exit|exitport|triple|insn|hostile   default verify
  *   region=MIB      verify: per-vCPU data region, default 16 (0: ticks only)
  *   fill=MIB        verify: per-vCPU area written once at boot and checked
  *                   every 4th tick (much memory, little rewritten: what
@@ -21,23 +21,20 @@
  *                   waiting for the next tick)
  *   say=TEXT        print TEXT (`_` for a space) after REWIND-READY: lets a
  *                   test show that rewind does not act on what any guest says
+ *   flood_mib=N     hostile: console flood size, default 100
+ *
+ * mode=hostile (hostile.c, needs a disk) attacks rewind's devices, says
+ * HOSTILE-DONE, then ticks as mode=verify.
  */
 #include <stdint.h>
 
+#include "testguest.h"
 #include "virtio_blk.h"
 
-#define DBG_BASE 0xD0000000UL
-#define DBG_PRINT (DBG_BASE + 0x08)
-#define DBG_EXIT (DBG_BASE + 0x10)
 #define LAPIC_TIMER_INITIAL (0xFEE00000UL + 0x380)
-#define LAPIC_LVT0 (0xFEE00000UL + 0x350)
-#define LVT0_EXTINT_MASKED 0x10700 /* delivery mode ExtINT, mask bit 16 */
 #define EXIT_PORT 0xF4
-#define PAGE 4096UL
 #define LOW_RESERVED (16UL << 20) /* image, stacks, page tables live below */
-#define DISK0_BASE 0xD0001000UL /* first virtio-mmio window rewind places */
 
-extern volatile uint64_t ticks[];
 /* Resume interrupts each vCPU got (entry.S, vector 48). */
 extern volatile uint64_t resumes[];
 /* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
@@ -65,36 +62,31 @@ void *memcpy(void *d, const void *s, unsigned long n)
 	return d;
 }
 
-static void mmio_write64(uint64_t addr, uint64_t v)
+void mmio_write64(uint64_t addr, uint64_t v)
 {
 	*(volatile uint64_t *)addr = v;
 }
 
-static void mmio_write32(uint64_t addr, uint32_t v)
+void mmio_write32(uint64_t addr, uint32_t v)
 {
 	*(volatile uint32_t *)addr = v;
 }
 
 /* One MMIO exit per line: the VMM reads the bytes from guest memory. */
-static void print(const char *s, unsigned long len)
+void print(const char *s, unsigned long len)
 {
 	/* The VMM reads the buffer behind the compiler's back: make it real first. */
 	__asm__ volatile("" ::: "memory");
 	mmio_write64(DBG_PRINT, (uint64_t)(uintptr_t)s | (len << 48));
 }
 
-struct line {
-	char buf[160];
-	unsigned long len;
-};
-
-static void put_str(struct line *l, const char *s)
+void put_str(struct line *l, const char *s)
 {
 	while (*s && l->len < sizeof(l->buf) - 1)
 		l->buf[l->len++] = *s++;
 }
 
-static void put_u64(struct line *l, uint64_t v)
+void put_u64(struct line *l, uint64_t v)
 {
 	char tmp[24];
 	int n = 0;
@@ -106,14 +98,14 @@ static void put_u64(struct line *l, uint64_t v)
 		l->buf[l->len++] = tmp[--n];
 }
 
-static void emit(struct line *l)
+void emit(struct line *l)
 {
 	l->buf[l->len++] = '\n';
 	print(l->buf, l->len);
 	l->len = 0;
 }
 
-static void say(const char *s)
+void say(const char *s)
 {
 	struct line l = { .len = 0 };
 	put_str(&l, s);
@@ -160,7 +152,7 @@ static int starts_with(const char *s, const char *prefix)
 
 struct options {
 	const char *mode;
-	uint64_t region_mib, fill_mib, period_ms, exit_after, status, disk_sectors;
+	uint64_t region_mib, fill_mib, period_ms, exit_after, status, disk_sectors, flood_mib;
 	const char *insn;
 	const char *say;
 };
@@ -196,13 +188,15 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->insn = c + 5;
 		else if (starts_with(c, "say="))
 			o->say = c + 4;
+		else if (starts_with(c, "flood_mib="))
+			o->flood_mib = parse_u64(c + 10);
 		while (*c && *c != ' ')
 			c++;
 	}
 }
 
 /* Highest usable RAM address from the e820 map in the zero page. */
-static uint64_t ram_top(const uint8_t *zp)
+uint64_t ram_top(const uint8_t *zp)
 {
 	uint8_t n = zp[0x1E8];
 	const struct e820_entry *e = (const void *)(zp + 0x2D0);
@@ -513,7 +507,7 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 	const char *cmdline = (const char *)(uintptr_t)(*(const uint32_t *)(zp + 0x228));
 	struct options o = {
 		.mode = "verify", .region_mib = 16, .period_ms = 100, .disk_sectors = 256, .insn = "",
-		.say = ""
+		.say = "", .flood_mib = 100
 	};
 	parse_cmdline(cmdline, &o);
 	if (o.period_ms == 0 || o.period_ms > 4000)
@@ -533,6 +527,12 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 			wait_for_interrupt();
 	if (word_is(o.mode, "disk"))
 		run_disk(&o);
+	if (word_is(o.mode, "hostile")) {
+		run_hostile(zp, o.period_ms, o.flood_mib);
+		/* Ticks as mode=verify, so a test can snapshot and restore a
+		 * guest that did all that. */
+		run_verify(0, ncpus, zp, &o);
+	}
 	if (word_is(o.mode, "exit"))
 		guest_exit((uint32_t)o.status);
 	if (word_is(o.mode, "exitport")) {

@@ -21,6 +21,9 @@
  * 1 = IOERR, 2 = UNSUPP, 0xff = never written); these are the driver's own. */
 #define VBLK_TIMEOUT 0x100 /* the used ring did not move in time */
 #define VBLK_BAD_USED 0x101 /* the used ring names a descriptor we never posted */
+#define VBLK_NEEDS_RESET 0x102 /* the device set DEVICE_NEEDS_RESET (mode=hostile) */
+#define VBLK_INIT_FAILED 0x103 /* the device refused to come up again (mode=hostile) */
+#define VBLK_BAD_DATA 0x104 /* a sector read back differs from what was written */
 
 struct vblk {
 	uint64_t base; /* guest-physical MMIO window */
@@ -42,5 +45,10 @@ const char *vblk_init(struct vblk *d, uint64_t base);
 /* One synchronous request. `buf`/`len` is the data buffer (none for FLUSH):
  * device-writable for IN and GET_ID, device-readable for OUT. */
 int vblk_request(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len);
+
+/* mode=hostile: feeds the device one malformed request after another,
+ * calling `report` with each case's name and outcome, then checks that an
+ * ordinary write and read-back still work (0) or says how they failed. */
+int vblk_hostile(struct vblk *d, void (*report)(const char *name, int result));
 
 #endif

@@ -90,6 +90,15 @@ pub enum BenchCmd {
     },
     /// Everything above with default sizes, plus 1 GiB variants.
     All,
+    /// Long use: VMS test guests restored from one snapshot, each rewriting
+    /// memory and disk, snapshotted, reverted and the snapshot deleted over
+    /// and over for MINUTES (scripts/soak.sh).
+    Soak {
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 pub fn median(mut samples: Vec<f64>) -> f64 {
@@ -555,6 +564,7 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
         BenchCmd::Revert { runs, region } => revert(runs, region),
         BenchCmd::Restore { runs, mem, region } => restore(runs, mem, region),
         BenchCmd::Disk { mib } => disk(mib),
+        BenchCmd::Soak { vms, minutes } => super::soak::soak(&home, vms, minutes),
         BenchCmd::All => boot(20, 256, 1)
             .and_then(|_| pause(50))
             .and_then(|_| snapshot(10, 256, 16, false))

@@ -20,6 +20,7 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 mod bench;
 mod demo;
 mod snapshot;
+mod soak;
 mod vms;
 
 #[derive(Parser)]

@@ -131,7 +131,7 @@ impl InternalSuberror for VcpuFd {
 /// `ldmxcsr`/`stmxcsr` with a memory operand (0F AE /2 and /3), decoded far
 /// enough to find the operand: prefixes, REX, ModRM, SIB, displacement,
 /// RIP-relative addressing and FS/GS overrides.
-mod mxcsr {
+pub(crate) mod mxcsr {
     use kvm_bindings::kvm_regs;
     use kvm_ioctls::VcpuFd;
     use vm_memory::{Bytes, GuestAddress};

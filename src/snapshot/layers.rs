@@ -47,12 +47,17 @@ pub fn dependents(layer: &Path) -> Vec<PathBuf> {
 
 /// Whether `image` is the live overlay of a VM that is running now (its
 /// control socket answers): such a file is open for writing and must not
-/// be replaced.
+/// be replaced. A VM process asking (a delete through its API) runs under a
+/// seccomp filter that forbids sockets: there every writable overlay counts
+/// as in use, its own as it is and others' to be safe (kept, never lost).
 fn in_use_by_running_vm(image: &Path) -> bool {
     let vm_dir = image.parent().and_then(Path::parent);
     let writable = std::fs::metadata(image)
         .map(|m| !m.permissions().readonly())
         .unwrap_or(false);
+    if writable && crate::seccomp::filtered_here() {
+        return true;
+    }
     writable
         && vm_dir
             .is_some_and(|d| std::os::unix::net::UnixStream::connect(d.join("api.sock")).is_ok())
@@ -125,6 +130,39 @@ pub fn release(layers: &[PathBuf]) -> Result<LayerReport, DiskError> {
         }
     }
     Ok(report)
+}
+
+/// Removes, nearest the top first, the layers of `candidates` that a
+/// collapse cut out of a running VM's chain and nothing needs any more: in
+/// the same directory as `frozen` (never a boot cache's or another VM's),
+/// named by no snapshot, and with no image reading through them. These are
+/// the layers [`release`] kept for that VM's overlay: once the VM moved on,
+/// nothing else would ever remove them, and every snapshot, revert and
+/// delete cycle left one more (and made every later delete slower, as it
+/// looks at every layer). Returns the layers removed. When a manifest
+/// cannot be read nothing is removed: it might name any of them.
+pub fn release_orphans(frozen: &Path, candidates: &[PathBuf]) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let mut named = Vec::new();
+    for (_, manifest) in super::store::list(None) {
+        match manifest {
+            Ok(m) => named.extend(m.disk_layers),
+            Err(_) => return removed,
+        }
+    }
+    let dir = frozen.parent();
+    for layer in candidates {
+        let own = layer.parent() == dir;
+        let needed = named.iter().any(|n| crate::fsutil::same_file(n, layer))
+            || !dependents(layer).is_empty();
+        if !own || needed {
+            continue;
+        }
+        if std::fs::remove_file(layer).is_ok() {
+            removed.push(layer.clone());
+        }
+    }
+    removed
 }
 
 /// Bytes a layer occupies on disk (allocated, not its virtual size).

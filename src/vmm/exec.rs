@@ -218,6 +218,28 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_flooding_com2_gets_its_exec_timed_out() {
+        let mut l = Link::new();
+        let (id, client) = l.start("echo hi");
+        // Garbage, answers for commands nobody asked for, and 1 MiB runs
+        // of short lines as the inbox hands them over (it holds 1 MiB).
+        let mut junk = b"HELLO rewind-agent 1\n\x00\xff\xfe garbage\rEXIT 999 0\n".to_vec();
+        junk.extend(format!("EXIT {id}\nOUTH {id} zz\nERRH {id} 4\nPONG\n").bytes());
+        for _ in 0..8 {
+            l.guest_sends(&b"x\n".repeat(1 << 19));
+            l.guest_sends(&junk);
+        }
+        assert!(!l.link.engine.is_idle(), "nothing in that ends the command");
+        let late = Instant::now() + Duration::from_secs(61);
+        for event in l.link.engine.expire(late) {
+            let _ = l.link.on_event(event);
+        }
+        let text = answer(client);
+        assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+        assert!(text.contains("did not finish within"), "{text}");
+    }
+
+    #[test]
     fn an_api_exec_keeps_at_most_16_mib_of_output() {
         let mut l = Link::new();
         let (id, client) = l.start("cat /dev/zero");

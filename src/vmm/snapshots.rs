@@ -457,6 +457,9 @@ fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
         .unwrap_or(chain.len() - 1);
     if depth > crate::disk::COLLAPSE_DEPTH {
         crate::disk::collapse(frozen, base, frozen).map_err(snap_err)?;
+        // The old chain's layers from deleted snapshots are orphans now.
+        let cut: Vec<_> = chain[1..depth].iter().map(|(p, _)| p.clone()).collect();
+        crate::snapshot::layers::release_orphans(frozen, &cut);
     }
     Ok(())
 }

@@ -15,8 +15,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::backend::BlockBackend;
 use super::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use super::VirtioDevice;
+use super::{QueueError, VirtioDevice};
 use crate::memory::GuestMemory;
+use std::sync::atomic::Ordering;
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -75,6 +76,9 @@ struct Layout {
     /// put a status, in which case nothing can be reported.
     status: Option<GuestAddress>,
     malformed: bool,
+    /// The walk stopped at a descriptor that still said NEXT (a loop, an
+    /// index or table the walker refused, over 4 GiB), or found none.
+    truncated: bool,
 }
 
 pub struct Block {
@@ -152,12 +156,14 @@ impl Block {
             readable: 0,
             status: None,
             malformed: false,
+            truncated: true,
         };
         let mut seen_writable = false;
         // The chain iterator stops at a loop, a bad index or an unreadable
         // table (its TTL bounds it by the queue or indirect table size), so
         // this loop is bounded whatever the guest wrote.
         for desc in chain {
+            layout.truncated = desc.has_next();
             if desc.is_write_only() {
                 seen_writable = true;
                 if desc.len() > 0 {
@@ -182,10 +188,20 @@ impl Block {
         layout
     }
 
-    fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+    /// Bytes written to the guest (data and status), or the chain's head
+    /// when the chain is cut short: then it is not executed at all.
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Result<u32, QueueError> {
+        let head = chain.head_index();
         let layout = self.collect(chain);
+        if layout.truncated {
+            return Err(QueueError::Truncated(head));
+        }
         let Some(status_addr) = layout.status else {
-            return 0;
+            return Ok(0);
         };
         let (status, written) = match self.execute(mem, &layout) {
             Ok(written) => (S_OK, written),
@@ -193,9 +209,9 @@ impl Block {
         };
         // Written last: the driver treats the request as done once it sees it.
         if mem.write_obj(status, status_addr).is_err() {
-            return written;
+            return Ok(written);
         }
-        written.saturating_add(1)
+        Ok(written.saturating_add(1))
     }
 
     /// Returns the number of data bytes written to the guest, or the status
@@ -438,20 +454,42 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn process_queue(
+        &mut self,
+        _idx: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, QueueError> {
         let mut used_any = false;
         let mut rounds_without_progress = 0;
         loop {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
+            // The walker pops nothing when the driver claims more chains
+            // than the ring holds; without this the driver would wait for
+            // them forever.
+            if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
+                let next = queue.next_avail();
+                if avail.0.wrapping_sub(next) > queue.size() {
+                    return Err(QueueError::AvailIndex {
+                        avail: avail.0,
+                        next,
+                        size: queue.size(),
+                    });
+                }
+            }
             let mut progressed = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 progressed = true;
                 let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                // Fails only for a head index beyond the queue, which names no
-                // buffer the driver could be waiting for.
+                if head >= queue.size() {
+                    return Err(QueueError::Head {
+                        head,
+                        size: queue.size(),
+                    });
+                }
+                let len = self.handle_chain(chain, mem)?;
                 if queue.add_used(mem, head, len).is_ok() {
                     used_any = true;
                 }
@@ -472,7 +510,7 @@ impl VirtioDevice for Block {
                 _ => break,
             }
         }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 
     fn reset(&mut self) {

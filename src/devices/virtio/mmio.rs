@@ -169,8 +169,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.set_needs_reset();
             return;
         }
-        if self.device.process_queue(idx, queue, &self.mem) {
-            self.signal(INT_VRING);
+        match self.device.process_queue(idx, queue, &self.mem) {
+            Ok(true) => self.signal(INT_VRING),
+            Ok(false) => {}
+            Err(_) => {
+                // Chains completed before the broken one still deserve
+                // their interrupt; a spurious one is harmless.
+                self.signal(INT_VRING);
+                self.set_needs_reset();
+            }
         }
     }
 

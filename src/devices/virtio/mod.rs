@@ -75,6 +75,22 @@ pub mod status {
     pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
+/// A driver error after which the device cannot tell which requests the
+/// driver meant: it stops the queue and sets DEVICE_NEEDS_RESET (virtio 1.1
+/// section 2.1.2) instead of completing requests with no status, which a
+/// driver would wait on forever or read a stale status from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("available index {avail} is more than a queue ({size}) ahead of {next}")]
+    AvailIndex { avail: u16, next: u16, size: u16 },
+    #[error("chain head {head} is outside the queue ({size})")]
+    Head { head: u16, size: u16 },
+    #[error(
+        "descriptor chain at head {0} is cut short: a loop, a bad index or table, or over 4 GiB"
+    )]
+    Truncated(u16),
+}
+
 /// What a device type implements so that [`MmioTransport`] can carry it.
 /// The transport owns the queues, the feature/status handshake, the
 /// interrupt and snapshots of all that; the device owns its config space
@@ -98,8 +114,14 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64) -> Result<(), String>;
     /// Consumes every available chain of queue `idx` and completes it.
     /// Returns whether the driver should be interrupted (the queue's
-    /// notification suppression already consulted).
-    fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// notification suppression already consulted), or the driver error
+    /// that leaves the queue unusable until a reset.
+    fn process_queue(
+        &mut self,
+        idx: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, QueueError>;
     /// The driver wrote 0 to Status: forget negotiated state.
     fn reset(&mut self);
 }

@@ -178,11 +178,6 @@ fn malformed_chains_get_ioerr() {
     assert_eq!(run(&mem, &mut dev, &mut vq, head), (S_IOERR, 1));
     let head = vq.request(&mem, T_IN, 0, Some((DATA, 0xffff_fe00, F_WRITE)));
     assert_eq!(run(&mem, &mut dev, &mut vq, head), (S_IOERR, 1));
-    // Lengths summing past u32: the chain walker stops before the status
-    // descriptor, so the status would land outside memory; nothing to report.
-    let head = vq.request(&mem, T_IN, 0, Some((DATA, u32::MAX, F_WRITE)));
-    assert_eq!(run(&mem, &mut dev, &mut vq, head), (0xff, 0));
-
     // Readable descriptor after a writable one.
     write_header(&mem, HDR, T_OUT, 0);
     let head = vq.push(
@@ -203,45 +198,68 @@ fn malformed_chains_get_ioerr() {
     );
 }
 
+/// Posts what `post` builds on a fresh device, kicks it, and checks the
+/// device said DEVICE_NEEDS_RESET, completed nothing, touched no disk byte,
+/// and works again after a reset.
+fn needs_reset_after(what: &str, post: impl FnOnce(&GuestMemory, &mut Vq)) {
+    let (disk, mem, mut dev, mut vq) = setup();
+    let before = disk.bytes();
+    post(&mem, &mut vq);
+    notify(&mut dev);
+    assert_eq!(used_idx(&mem), 0, "{what}: nothing completed");
+    assert_ne!(rd(&mut dev, 0x70) & 0x40, 0, "{what}: DEVICE_NEEDS_RESET");
+    assert!(irq_fired(&dev), "{what}: the driver is told");
+    notify(&mut dev);
+    assert_eq!(used_idx(&mem), 0, "{what}: a broken queue stays stopped");
+    assert_eq!(disk.bytes(), before, "{what}: the disk is untouched");
+    wr(&mut dev, 0x70, 0);
+    let mut vq = handshake(&mut dev, ALL);
+    let head = vq.request(&mem, T_FLUSH, 0, None);
+    assert_eq!(run(&mem, &mut dev, &mut vq, head), (S_OK, 1), "{what}");
+}
+
 #[test]
-fn hostile_rings_do_not_hang_or_panic() {
-    let (_disk, mem, mut dev, mut vq) = setup();
-    // `next` pointing outside the queue truncates the chain after the header.
-    write_header(&mem, HDR, T_FLUSH, 0);
-    let head = vq.next_desc;
-    write_desc(&mem, DESC, head, HDR, 16, F_NEXT, 999);
-    vq.next_desc += 1;
-    vq.publish(&mem, head);
-    // A head index beyond the queue size.
-    vq.publish(&mem, QSIZE + 5);
-    // A descriptor loop: 0 -> 1 -> 0 via NEXT; the TTL ends it.
-    let a = vq.next_desc;
-    write_desc(&mem, DESC, a, HDR, 16, F_NEXT, a + 1);
-    write_desc(&mem, DESC, a + 1, STATUS, 1, F_WRITE | F_NEXT, a);
-    vq.next_desc += 2;
-    vq.publish(&mem, a);
-    notify(&mut dev);
-    assert_eq!(used_idx(&mem), 2, "two chains returned, bad head skipped");
-    assert_eq!(used_elem(&mem, 0), (u32::from(head), 0));
-
-    // Avail index far ahead of what the ring can hold: nothing is popped
-    // and processing returns instead of spinning.
-    let idx = vq.avail_idx.wrapping_add(QSIZE + 3);
-    mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
-    notify(&mut dev);
-    assert_eq!(used_idx(&mem), 2);
-
-    // Nested indirect tables are rejected by the chain walker.
-    let table = DATA + 0x8000;
-    write_desc(&mem, table, 0, table, 16, F_INDIRECT, 0);
-    mem.write_obj(vq.avail_idx, GuestAddress(AVAIL + 2))
-        .unwrap();
-    let i = vq.next_desc;
-    write_desc(&mem, DESC, i, table, 16, F_INDIRECT, 0);
-    vq.next_desc += 1;
-    vq.publish(&mem, i);
-    notify(&mut dev);
-    assert_eq!(used_idx(&mem), 3);
+fn hostile_rings_mark_the_device_broken() {
+    needs_reset_after("next outside the queue", |mem, vq| {
+        write_header(mem, HDR, T_FLUSH, 0);
+        let head = vq.next_desc;
+        write_desc(mem, DESC, head, HDR, 16, F_NEXT, 999);
+        vq.next_desc += 1;
+        vq.publish(mem, head);
+    });
+    needs_reset_after("head beyond the queue", |mem, vq| {
+        vq.publish(mem, QSIZE + 5);
+    });
+    needs_reset_after("descriptor loop", |mem, vq| {
+        let a = vq.next_desc;
+        write_header(mem, HDR, T_IN, 0);
+        write_desc(mem, DESC, a, HDR, 16, F_NEXT, a + 1);
+        write_desc(mem, DESC, a + 1, STATUS, 1, F_WRITE | F_NEXT, a);
+        vq.next_desc += 2;
+        vq.publish(mem, a);
+    });
+    needs_reset_after("lengths past 4 GiB", |mem, vq| {
+        let head = vq.request(mem, T_OUT, 0, Some((DATA, u32::MAX, 0)));
+        let _ = head;
+    });
+    needs_reset_after("avail index far ahead", |mem, vq| {
+        let idx = vq.avail_idx.wrapping_add(QSIZE + 3);
+        mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    });
+    needs_reset_after("nested indirect table", |mem, vq| {
+        let table = DATA + 0x8000;
+        write_desc(mem, table, 0, table, 16, F_INDIRECT, 0);
+        let i = vq.next_desc;
+        write_desc(mem, DESC, i, table, 16, F_INDIRECT, 0);
+        vq.next_desc += 1;
+        vq.publish(mem, i);
+    });
+    needs_reset_after("indirect table of 17 bytes", |mem, vq| {
+        let i = vq.next_desc;
+        write_desc(mem, DESC, i, DATA + 0x8000, 17, F_INDIRECT, 0);
+        vq.next_desc += 1;
+        vq.publish(mem, i);
+    });
 }
 
 #[test]
