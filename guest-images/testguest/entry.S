@@ -210,7 +210,12 @@ gp_isr:
         jne 6f
         popcnt rax, rax
         jmp 9f
-6:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
+6:      cmp rax, 5                      /* flush the TLB: mode=fuzz ptchange=1 remapped a window */
+        jne 7f
+        mov rax, cr3
+        mov cr3, rax
+        jmp 9f
+7:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
         jne 9f
         sub rsp, 16
         mov [rsp], ebx
