@@ -19,6 +19,7 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod snapshot;
 mod vms;
 
@@ -90,6 +91,9 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Show the main job on the embedded test guest: boot, snapshot, revert, restore.
     Demo,
+    /// Fuzz the test guest's target: a seeded mutation loop with a reset
+    /// after every input; prints the crash it finds and resets per second.
+    Fuzz(fuzz::FuzzArgs),
     /// Measure rewind (medians over several runs).
     Bench {
         #[command(subcommand)]
@@ -529,7 +533,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }
+        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. } | Cmd::Fuzz(_)
     ) {
         // Listings end quietly when their reader leaves (`rewind ps | head
         // -1`), as other Unix tools do, instead of panicking in println!.
@@ -558,6 +562,7 @@ fn main() -> ExitCode {
         Cmd::Restore(args) => restore(args),
         Cmd::Demo => demo::run().map_err(Failure::Runtime),
         Cmd::Bench { what } => bench::run(what).map_err(Failure::Runtime),
+        Cmd::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
