@@ -195,3 +195,29 @@ fn without_a_fuzzer_the_target_runs_its_input_once_and_exits() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("fuzz: no fuzzer attached, the input ran once"));
 }
+
+/// The Linux-side helper is not run here (that needs a Linux guest booted
+/// on this emulated host for minutes); it must at least build cleanly.
+#[test]
+fn the_linux_doorbell_helper_builds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/fuzz-helper");
+    let home = Home::new("fuzz-helper");
+    let obj = home.path.join("example_target.o");
+    let Some(o) = host_tool(
+        "gcc",
+        &[
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-c",
+            dir.join("example_target.c").to_str().unwrap(),
+            "-o",
+            obj.to_str().unwrap(),
+        ],
+    ) else {
+        return;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(obj.exists());
+}
