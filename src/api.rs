@@ -79,6 +79,11 @@ pub struct VmOptions {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub mem_mib: u64,
+    /// Base images, never written: each gets a qcow2 overlay in the VM's
+    /// folder under `$REWIND_HOME` (removed with the `Vm`). After
+    /// [`Vm::snapshot`] the guest's writes stay in memory and each reset
+    /// drops them.
+    pub disks: Vec<PathBuf>,
     /// Where the guest's console goes.
     pub console: Console,
 }
@@ -97,6 +102,7 @@ impl Default for VmOptions {
             initrd: None,
             cmdline: String::new(),
             mem_mib: 64,
+            disks: Vec::new(),
             console: Console::None,
         }
     }
@@ -177,7 +183,7 @@ impl Vm {
             mem_mib: opts.mem_mib,
             cpus: 1,
             acpi: false,
-            disks: vec![],
+            disks: opts.disks.clone(),
         };
         Vm::new(Vmm::boot(config, &run_options(&opts.console))?)
     }
@@ -214,6 +220,9 @@ impl Vm {
         if self.vmm.paused {
             self.start_vcpu()?;
         }
+        if !self.vmm.devices.disks.is_empty() {
+            return self.run_with_devices(deadline);
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Some(event) = self.vmm.events.recv_timeout(left) else {
@@ -232,6 +241,33 @@ impl Vm {
                     self.vmm.pause()?;
                 }
                 return Ok(ev);
+            }
+        }
+    }
+
+    /// [`Vm::run`] for a VM with virtio devices, whose queue notifications
+    /// need the VMM's event loop (an epoll set, built per run so that a `Vm`
+    /// stays `Send`).
+    fn run_with_devices(&mut self, deadline: Instant) -> Result<Event, Error> {
+        let mut lp = self.vmm.event_loop(None, None, false)?;
+        loop {
+            lp.wait(Some(deadline))?;
+            for e in self.vmm.events.drain() {
+                if let Some(ev) = self.stopped_by(e) {
+                    if !self.vmm.paused {
+                        self.vmm.pause()?;
+                    }
+                    return Ok(ev);
+                }
+            }
+            if Instant::now() >= deadline {
+                self.vmm.pause()?;
+                for e in self.vmm.events.drain() {
+                    if let Some(ev) = self.stopped_by(e) {
+                        return Ok(ev);
+                    }
+                }
+                return Ok(Event::Timeout);
             }
         }
     }
@@ -439,6 +475,12 @@ impl Vm {
         Ok(())
     }
 
+    /// Bytes of disk writes held in memory since the snapshot, all disks.
+    pub fn disk_scratch_bytes(&self) -> u64 {
+        let disks = &self.vmm.devices.disks;
+        disks.iter().map(|d| lock(&d.disk).scratch_bytes()).sum()
+    }
+
     /// Test support: every difference between the VM now and its snapshot
     /// (memory pages, vCPU state parts, irqchips, PIT, devices), read the
     /// slow, complete way. Empty after an exact reset.
@@ -447,5 +489,16 @@ impl Vm {
         self.settle()?;
         let snap = self.snapshot.as_ref().ok_or(Error::NoSnapshot)?;
         crate::fuzz::verify::differences(&self.vmm, snap)
+    }
+}
+
+impl Drop for Vm {
+    /// The VM's folder (disk overlays) goes with it: its name was made up
+    /// here and nothing else refers to it.
+    fn drop(&mut self) {
+        let dir = crate::paths::vm_dir(&self.vmm.config.name);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -98,6 +98,47 @@ fn page_table_changes_between_resets_stay_exact() {
 }
 
 #[test]
+fn disk_writes_since_the_snapshot_are_dropped_by_each_reset() {
+    if !kvm_available("reset_disk") {
+        return;
+    }
+    const STALE_DISK: u64 = 0xD15C;
+    let home = Home::new("fuzz-disk");
+    let base = home.path.join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    // The VM's overlay goes under REWIND_HOME; only this test gives a disk.
+    std::env::set_var("REWIND_HOME", &home.path);
+    let mut vm = Vm::boot(&VmOptions {
+        cmdline: "mode=fuzz disk=1".into(),
+        disks: vec![base.clone()],
+        ..VmOptions::default()
+    })
+    .unwrap();
+    assert_eq!(
+        vm.run(Duration::from_secs(60)).unwrap(),
+        Event::SnapshotRequested
+    );
+    vm.snapshot().unwrap();
+    for i in 0..50u32 {
+        let event = run_input(&mut vm, &i.to_le_bytes());
+        assert_ne!(
+            event,
+            Event::Crash(STALE_DISK),
+            "input {i} read an earlier input's write"
+        );
+        assert_eq!(event, Event::Done, "input {i}");
+    }
+    assert_eq!(vm.disk_scratch_bytes(), 0);
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    let vms = home.path.join("vms");
+    drop(vm);
+    // The base is never written, and the Vm's folder went with it.
+    assert_eq!(std::fs::read(&base).unwrap(), vec![0u8; 1 << 20]);
+    assert_eq!(std::fs::read_dir(&vms).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[test]
 fn a_fault_in_the_target_is_a_crash_and_the_next_input_runs() {
     if !kvm_available("reset_fault") {
         return;

@@ -22,6 +22,8 @@
  *   dirty=N         fuzz: pages each input writes (benchmarks), default 0
  *   ptchange=1      fuzz: each input remaps a 2 MiB window in its own page
  *                   tables and checks it sees the snapshot's mapping first
+ *   disk=1          fuzz: each input checks that disk 0's first sector holds
+ *                   what it held at the snapshot, then overwrites it
  */
 #include <stdint.h>
 
@@ -162,7 +164,7 @@ static int starts_with(const char *s, const char *prefix)
 struct options {
 	const char *mode;
 	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
-	uint64_t fault, dirty, ptchange;
+	uint64_t fault, dirty, ptchange, disk;
 	const char *insn;
 	const char *say;
 };
@@ -202,6 +204,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->dirty = parse_u64(c + 6);
 		else if (starts_with(c, "ptchange="))
 			o->ptchange = parse_u64(c + 9);
+		else if (starts_with(c, "disk="))
+			o->disk = parse_u64(c + 5);
 		while (*c && *c != ' ')
 			c++;
 	}
@@ -521,6 +525,8 @@ static void probe_insn(const char *name)
 #define DBG_FUZZ_CRASH (DBG_BASE + 0x40)
 #define FUZZ_CRASH_CODE 0x444E5752ULL /* "RWND" */
 #define FUZZ_STALE_PT_CODE 0x57A1EULL /* the window showed a page-table mapping the reset undid */
+#define FUZZ_STALE_DISK_CODE 0xD15CULL /* sector 0 held an earlier input's write */
+#define FUZZ_DISK_BEFORE 0xA1 /* sector 0's bytes at the snapshot */
 #define FUZZ_DIRTY_BASE (40UL << 20) /* dirty=N pages from here (guest needs 64 MiB) */
 /* ptchange=1: PD entry 500 (virtual 1000 MiB, no RAM there) maps one of
  * two 2 MiB pages, each holding its own marker. */
@@ -548,6 +554,21 @@ static void set_window(uint64_t phys)
 {
 	*(volatile uint64_t *)(PT_PD + PT_WINDOW_INDEX * 8) = phys | PDE_2M_USER_RW;
 	flush_tlb();
+}
+
+static uint8_t fuzz_sector[VBLK_SECTOR] __attribute__((aligned(512)));
+
+/* disk=1: sector 0 must read back as FUZZ_DISK_BEFORE in every input. */
+static void fuzz_disk_input(struct vblk *d, uint32_t n)
+{
+	memset(fuzz_sector, 0, sizeof(fuzz_sector));
+	disk_io(d, VBLK_T_IN, 0, fuzz_sector, sizeof(fuzz_sector));
+	for (unsigned i = 0; i < sizeof(fuzz_sector); i++)
+		if (fuzz_sector[i] != FUZZ_DISK_BEFORE)
+			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_DISK_CODE);
+	memset(fuzz_sector, 0xB0 ^ (int)n, sizeof(fuzz_sector));
+	disk_io(d, VBLK_T_OUT, 0, fuzz_sector, sizeof(fuzz_sector));
+	disk_io(d, VBLK_T_FLUSH, 0, 0, 0);
 }
 
 static uint64_t window_marker(void)
@@ -579,6 +600,21 @@ static __attribute__((noreturn)) void run_fuzz(const struct options *o)
 {
 	/* No timer: an input runs undisturbed and leaves no LAPIC state behind. */
 	mmio_write32(LAPIC_TIMER_INITIAL, 0);
+	struct vblk disk;
+	if (o->disk) {
+		/* The driver polls; see run_disk for why LINT0 is masked. */
+		mmio_write32(LAPIC_LVT0, LVT0_EXTINT_MASKED);
+		if (!vblk_present(DISK0_BASE) || vblk_init(&disk, DISK0_BASE)) {
+			say("NO-DISK");
+			guest_exit(4);
+		}
+		/* No timer ticks, so no timeout: rewind's own catches a hang. */
+		disk.clock = &ticks[0];
+		disk.timeout = ~0ULL;
+		memset(fuzz_sector, FUZZ_DISK_BEFORE, sizeof(fuzz_sector));
+		disk_io(&disk, VBLK_T_OUT, 0, fuzz_sector, sizeof(fuzz_sector));
+		disk_io(&disk, VBLK_T_FLUSH, 0, 0, 0);
+	}
 	if (o->ptchange) {
 		*(volatile uint64_t *)PT_PAGE_A = 0xAAAA;
 		*(volatile uint64_t *)PT_PAGE_B = 0xBBBB;
@@ -612,6 +648,8 @@ static __attribute__((noreturn)) void run_fuzz(const struct options *o)
 	}
 	for (uint64_t p = 0; p < o->dirty; p++)
 		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = p + n;
+	if (o->disk)
+		fuzz_disk_input(&disk, n);
 	fuzz_target(fuzz_input.data, n, o);
 	mmio_write64(DBG_FUZZ_DONE, 1);
 	say("fuzz: no fuzzer attached, the input ran once");

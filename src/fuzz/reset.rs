@@ -47,7 +47,8 @@ pub struct ResetTimes {
     pub vcpu_round_trip: Duration,
     /// Irqchips and PIT (read, written back where they differ).
     pub irqchips: Duration,
-    /// rewind's own devices and the doorbell registers.
+    /// rewind's own devices, the doorbell registers and the disks' scratch
+    /// layers (emptied: the disk writes since the snapshot are dropped).
     pub devices: Duration,
     pub pages_copied: u64,
     pub slot_reloads: u64,
@@ -156,6 +157,10 @@ impl MemSnapshot {
             }
         }
         let link = lock(&vmm.devices.debug_console).fuzz_link();
+        // Disk writes from here on stay in memory; a reset drops them.
+        for d in &vmm.devices.disks {
+            lock(&d.disk).begin_scratch();
+        }
         Ok(MemSnapshot {
             regions,
             vcpus: state.vcpus.iter().cloned().map(Arc::new).collect(),
@@ -230,6 +235,9 @@ impl MemSnapshot {
         times.irqchips += t.elapsed();
         let t = Instant::now();
         restore_devices(vmm, &self.state.devices)?;
+        for d in &vmm.devices.disks {
+            lock(&d.disk).reset_scratch();
+        }
         lock(&vmm.devices.debug_console)
             .fuzz_link()
             .set_registers(self.doorbell);
