@@ -10,10 +10,12 @@ const SOURCES: &[&str] = &[
     "main.c",
     "virtio_blk.c",
     "virtio_blk.h",
+    "fuzz.c",
+    "guest.h",
     "link.ld",
 ];
 /// Ring-3 C files, compiled with the same freestanding flags.
-const C_FILES: &[&str] = &["main.c", "virtio_blk.c"];
+const C_FILES: &[&str] = &["main.c", "virtio_blk.c", "fuzz.c"];
 
 fn run(cmd: &mut Command) {
     let status = cmd

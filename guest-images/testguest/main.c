@@ -27,20 +27,14 @@
  */
 #include <stdint.h>
 
+#include "guest.h"
 #include "virtio_blk.h"
 
-#define DBG_BASE 0xD0000000UL
 #define DBG_PRINT (DBG_BASE + 0x08)
 #define DBG_EXIT (DBG_BASE + 0x10)
-#define LAPIC_TIMER_INITIAL (0xFEE00000UL + 0x380)
-#define LAPIC_LVT0 (0xFEE00000UL + 0x350)
-#define LVT0_EXTINT_MASKED 0x10700 /* delivery mode ExtINT, mask bit 16 */
 #define EXIT_PORT 0xF4
-#define PAGE 4096UL
 #define LOW_RESERVED (16UL << 20) /* image, stacks, page tables live below */
-#define DISK0_BASE 0xD0001000UL /* first virtio-mmio window rewind places */
 
-extern volatile uint64_t ticks[];
 /* Resume interrupts each vCPU got (entry.S, vector 48). */
 extern volatile uint64_t resumes[];
 /* Ticks each vCPU has verified, so vCPU 0 can end the run once all got there. */
@@ -68,12 +62,12 @@ void *memcpy(void *d, const void *s, unsigned long n)
 	return d;
 }
 
-static void mmio_write64(uint64_t addr, uint64_t v)
+void mmio_write64(uint64_t addr, uint64_t v)
 {
 	*(volatile uint64_t *)addr = v;
 }
 
-static void mmio_write32(uint64_t addr, uint32_t v)
+void mmio_write32(uint64_t addr, uint32_t v)
 {
 	*(volatile uint32_t *)addr = v;
 }
@@ -116,7 +110,7 @@ static void emit(struct line *l)
 	l->len = 0;
 }
 
-static void say(const char *s)
+void say(const char *s)
 {
 	struct line l = { .len = 0 };
 	put_str(&l, s);
@@ -132,7 +126,7 @@ static void say_word(const char *w)
 	emit(&l);
 }
 
-static __attribute__((noreturn)) void guest_exit(uint32_t status)
+__attribute__((noreturn)) void guest_exit(uint32_t status)
 {
 	mmio_write32(DBG_EXIT, status);
 	for (;;)
@@ -164,7 +158,7 @@ static int starts_with(const char *s, const char *prefix)
 struct options {
 	const char *mode;
 	uint64_t region_mib, period_ms, exit_after, status, disk_sectors;
-	uint64_t fault, dirty, ptchange, disk;
+	struct fuzz_options fuzz;
 	const char *insn;
 	const char *say;
 };
@@ -199,13 +193,13 @@ static void parse_cmdline(const char *c, struct options *o)
 		else if (starts_with(c, "say="))
 			o->say = c + 4;
 		else if (starts_with(c, "fault="))
-			o->fault = parse_u64(c + 6);
+			o->fuzz.fault = parse_u64(c + 6);
 		else if (starts_with(c, "dirty="))
-			o->dirty = parse_u64(c + 6);
+			o->fuzz.dirty = parse_u64(c + 6);
 		else if (starts_with(c, "ptchange="))
-			o->ptchange = parse_u64(c + 9);
+			o->fuzz.ptchange = parse_u64(c + 9);
 		else if (starts_with(c, "disk="))
-			o->disk = parse_u64(c + 5);
+			o->fuzz.disk = parse_u64(c + 5);
 		while (*c && *c != ' ')
 			c++;
 	}
@@ -359,7 +353,7 @@ static uint64_t disk_check(uint64_t tick, uint64_t first, uint64_t n)
 }
 
 /* A request that fails ends the run: the disk's contents are unknown after it. */
-static void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len)
+void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len)
 {
 	int r = vblk_request(d, type, sector, buf, len);
 	if (r == 0)
@@ -509,153 +503,6 @@ static void probe_insn(const char *name)
 	emit(&l);
 }
 
-/*
- * mode=fuzz: a ring-3 fuzz target behind the doorbells (register map in
- * src/devices/debug_console.rs). It declares its input and feedback
- * buffers, rings SNAPSHOT, and from there on every run sees a new input,
- * parses it and rings DONE; the planted bug (input starting with "RWND")
- * rings CRASH, or with fault=1 stores to an unmapped address. One compare
- * per byte, each marking the feedback buffer, so a mutator guided by the
- * feedback finds the magic a byte at a time.
- */
-#define DBG_FUZZ_INPUT (DBG_BASE + 0x20)
-#define DBG_FUZZ_FEEDBACK (DBG_BASE + 0x28)
-#define DBG_FUZZ_SNAPSHOT (DBG_BASE + 0x30)
-#define DBG_FUZZ_DONE (DBG_BASE + 0x38)
-#define DBG_FUZZ_CRASH (DBG_BASE + 0x40)
-#define FUZZ_CRASH_CODE 0x444E5752ULL /* "RWND" */
-#define FUZZ_STALE_PT_CODE 0x57A1EULL /* the window showed a page-table mapping the reset undid */
-#define FUZZ_STALE_DISK_CODE 0xD15CULL /* sector 0 held an earlier input's write */
-#define FUZZ_DISK_BEFORE 0xA1 /* sector 0's bytes at the snapshot */
-#define FUZZ_DIRTY_BASE (40UL << 20) /* dirty=N pages from here (guest needs 64 MiB) */
-/* ptchange=1: PD entry 500 (virtual 1000 MiB, no RAM there) maps one of
- * two 2 MiB pages, each holding its own marker. */
-#define PT_PD 0xB000UL /* the boot identity map's first PD (src/arch/layout.rs PD_FIRST) */
-#define PT_WINDOW_INDEX 500UL
-#define PT_WINDOW (PT_WINDOW_INDEX << 21)
-#define PT_PAGE_A (32UL << 20)
-#define PT_PAGE_B (34UL << 20)
-#define PDE_2M_USER_RW 0x87UL
-
-static struct {
-	uint32_t len;
-	uint8_t data[4092];
-} fuzz_input __attribute__((aligned(4096)));
-static volatile uint8_t fuzz_feedback[64] __attribute__((aligned(64)));
-
-/* Ring 0 reloads CR3 (the `cli` probe, code 5): the TLB forgets the window. */
-static void flush_tlb(void)
-{
-	uint64_t code = 5;
-	__asm__ volatile("cli" : "+a"(code) : : "memory");
-}
-
-static void set_window(uint64_t phys)
-{
-	*(volatile uint64_t *)(PT_PD + PT_WINDOW_INDEX * 8) = phys | PDE_2M_USER_RW;
-	flush_tlb();
-}
-
-static uint8_t fuzz_sector[VBLK_SECTOR] __attribute__((aligned(512)));
-
-/* disk=1: sector 0 must read back as FUZZ_DISK_BEFORE in every input. */
-static void fuzz_disk_input(struct vblk *d, uint32_t n)
-{
-	memset(fuzz_sector, 0, sizeof(fuzz_sector));
-	disk_io(d, VBLK_T_IN, 0, fuzz_sector, sizeof(fuzz_sector));
-	for (unsigned i = 0; i < sizeof(fuzz_sector); i++)
-		if (fuzz_sector[i] != FUZZ_DISK_BEFORE)
-			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_DISK_CODE);
-	memset(fuzz_sector, 0xB0 ^ (int)n, sizeof(fuzz_sector));
-	disk_io(d, VBLK_T_OUT, 0, fuzz_sector, sizeof(fuzz_sector));
-	disk_io(d, VBLK_T_FLUSH, 0, 0, 0);
-}
-
-static uint64_t window_marker(void)
-{
-	return *(volatile uint64_t *)PT_WINDOW;
-}
-
-static void fuzz_target(const uint8_t *d, uint32_t n, const struct options *o)
-{
-	fuzz_feedback[0] = 1;
-	if (n < 4 || d[0] != 'R')
-		return;
-	fuzz_feedback[1] = 1;
-	if (d[1] != 'W')
-		return;
-	fuzz_feedback[2] = 1;
-	if (d[2] != 'N')
-		return;
-	fuzz_feedback[3] = 1;
-	if (d[3] != 'D')
-		return;
-	fuzz_feedback[4] = 1;
-	if (o->fault)
-		*(volatile uint64_t *)0xDEAD00000000UL = 1; /* no page table maps it */
-	mmio_write64(DBG_FUZZ_CRASH, FUZZ_CRASH_CODE);
-}
-
-static __attribute__((noreturn)) void run_fuzz(const struct options *o)
-{
-	/* No timer: an input runs undisturbed and leaves no LAPIC state behind. */
-	mmio_write32(LAPIC_TIMER_INITIAL, 0);
-	struct vblk disk;
-	if (o->disk) {
-		/* The driver polls; see run_disk for why LINT0 is masked. */
-		mmio_write32(LAPIC_LVT0, LVT0_EXTINT_MASKED);
-		if (!vblk_present(DISK0_BASE) || vblk_init(&disk, DISK0_BASE)) {
-			say("NO-DISK");
-			guest_exit(4);
-		}
-		/* No timer ticks, so no timeout: rewind's own catches a hang. */
-		disk.clock = &ticks[0];
-		disk.timeout = ~0ULL;
-		memset(fuzz_sector, FUZZ_DISK_BEFORE, sizeof(fuzz_sector));
-		disk_io(&disk, VBLK_T_OUT, 0, fuzz_sector, sizeof(fuzz_sector));
-		disk_io(&disk, VBLK_T_FLUSH, 0, 0, 0);
-	}
-	if (o->ptchange) {
-		*(volatile uint64_t *)PT_PAGE_A = 0xAAAA;
-		*(volatile uint64_t *)PT_PAGE_B = 0xBBBB;
-		set_window(PT_PAGE_A);
-		(void)window_marker(); /* let KVM shadow the window's mapping */
-	}
-	/* Write every page an input will write once now: the CPU sets the
-	 * dirty bit in the page tables here, before the snapshot, instead of
-	 * in every input (a page-table page restored on every reset would make
-	 * rewind flush KVM's shadow page tables on PVM each time). */
-	*(volatile uint32_t *)&fuzz_input.len = 0;
-	fuzz_feedback[0] = 0;
-	for (uint64_t p = 0; p < o->dirty; p++)
-		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = 0;
-	mmio_write64(DBG_FUZZ_INPUT, (uint64_t)(uintptr_t)&fuzz_input | (sizeof(fuzz_input) << 48));
-	mmio_write64(DBG_FUZZ_FEEDBACK,
-		     (uint64_t)(uintptr_t)fuzz_feedback | (sizeof(fuzz_feedback) << 48));
-	mmio_write64(DBG_FUZZ_SNAPSHOT, 1);
-	/* Every reset comes back here, the next input in fuzz_input (written
-	 * behind the compiler's back). */
-	__asm__ volatile("" ::: "memory");
-	uint32_t n = fuzz_input.len;
-	if (n > sizeof(fuzz_input.data))
-		n = sizeof(fuzz_input.data);
-	if (o->ptchange) {
-		if (window_marker() != 0xAAAA)
-			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_PT_CODE);
-		set_window(PT_PAGE_B);
-		if (window_marker() != 0xBBBB)
-			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_PT_CODE);
-	}
-	for (uint64_t p = 0; p < o->dirty; p++)
-		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = p + n;
-	if (o->disk)
-		fuzz_disk_input(&disk, n);
-	fuzz_target(fuzz_input.data, n, o);
-	mmio_write64(DBG_FUZZ_DONE, 1);
-	say("fuzz: no fuzzer attached, the input ran once");
-	guest_exit(0);
-}
-
 void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64_t ncpus)
 {
 	const char *cmdline = (const char *)(uintptr_t)(*(const uint32_t *)(zp + 0x228));
@@ -695,7 +542,7 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 		guest_exit(0);
 	}
 	if (word_is(o.mode, "fuzz"))
-		run_fuzz(&o);
+		run_fuzz(&o.fuzz);
 	say("unknown mode= value");
 	guest_exit(2);
 }
