@@ -153,10 +153,21 @@ impl Disk {
         self.scratch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// From now on the guest's writes stay in memory (an empty layer), until
-    /// [`Disk::end_scratch`]; `reset_scratch` drops them.
-    pub fn begin_scratch(&self) {
-        *self.scratch() = Some(ScratchLayer::default());
+    /// From now on the guest's writes stay in memory (an empty layer);
+    /// `reset_scratch` drops them. A layer already there (an earlier
+    /// snapshot's) is written down first: a new snapshot starts from the
+    /// disk as the guest sees it now.
+    pub fn begin_scratch(&self) -> Result<()> {
+        let mut scratch = self.scratch();
+        if let Some(old) = scratch.take() {
+            let top = self.top()?;
+            for (sector, data) in old.sectors() {
+                top.write(&data[..], sector * SECTOR)
+                    .ctx("write", &self.path)?;
+            }
+        }
+        *scratch = Some(ScratchLayer::default());
+        Ok(())
     }
 
     pub fn reset_scratch(&self) {

@@ -61,6 +61,11 @@ impl ScratchLayer {
         }
     }
 
+    /// Every sector held, in no particular order.
+    pub fn sectors(&self) -> impl Iterator<Item = (u64, &[u8; SECTOR as usize])> {
+        self.sectors.iter().map(|(s, d)| (*s, &**d))
+    }
+
     pub fn clear(&mut self) {
         self.sectors.clear();
     }

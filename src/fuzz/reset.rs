@@ -159,7 +159,9 @@ impl MemSnapshot {
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         // Disk writes from here on stay in memory; a reset drops them.
         for d in &vmm.devices.disks {
-            lock(&d.disk).begin_scratch();
+            lock(&d.disk)
+                .begin_scratch()
+                .map_err(|e| FuzzError::State(e.to_string()))?;
         }
         Ok(MemSnapshot {
             regions,

@@ -231,7 +231,7 @@ fn scratch_layer_keeps_writes_in_memory_until_reset() {
     let before_file = hash_file(&top);
     let snapshot = model.clone();
 
-    disk.begin_scratch();
+    disk.begin_scratch().unwrap();
     let mut buf = vec![0u8; SIZE as usize];
     for round in 0..3u64 {
         let writes: [(u64, usize); 4] = [
@@ -262,7 +262,19 @@ fn scratch_layer_keeps_writes_in_memory_until_reset() {
             "round {round}: a reset must drop every scratch write"
         );
     }
-    drop(disk);
     assert_eq!(hash_file(&top), before_file, "the overlay file was written");
     assert!(read_view(&top) == snapshot);
+
+    // A new snapshot starts from the disk as the guest sees it: what the
+    // old layer held is written down, and survives the next reset.
+    disk.write_at(&pattern(1000, 77), 300).unwrap();
+    model_write(&mut model, 300, &pattern(1000, 77));
+    disk.begin_scratch().unwrap();
+    disk.write_at(&pattern(512, 78), 0).unwrap();
+    disk.reset_scratch();
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(
+        buf == model,
+        "a second snapshot lost the first one's writes"
+    );
 }
