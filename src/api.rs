@@ -277,7 +277,7 @@ impl Vm {
     /// the reset's vCPU half on the way.
     fn start_vcpu(&mut self) -> Result<(), Error> {
         let t = Instant::now();
-        let task = self.take_vcpu_task();
+        let task = self.take_vcpu_task(true);
         let vcpu = &self.vmm.vcpus[0];
         match vcpu.run_task_and_resume(task) {
             Ok(()) => {}
@@ -299,11 +299,11 @@ impl Vm {
     }
 
     /// The pending vCPU restore, or nothing to do.
-    fn take_vcpu_task(&mut self) -> VcpuTask {
+    fn take_vcpu_task(&mut self, then_runs: bool) -> VcpuTask {
         match (self.vcpu_pending, &self.snapshot) {
             (true, Some(s)) => {
                 self.vcpu_pending = false;
-                s.vcpu_task(0)
+                s.vcpu_task(0, then_runs)
             }
             _ => Box::new(|_| Ok(())),
         }
@@ -314,7 +314,7 @@ impl Vm {
     fn settle(&mut self) -> Result<(), Error> {
         self.stop()?;
         if self.vcpu_pending {
-            let task = self.take_vcpu_task();
+            let task = self.take_vcpu_task(false);
             match self.vmm.vcpus[0].run_task(task) {
                 Ok(()) => {}
                 Err(VcpuError::Task { msg, .. }) if msg == CR3_MOVED => {

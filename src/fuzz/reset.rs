@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry};
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs};
+use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
@@ -75,6 +75,10 @@ struct PartCost {
     set: [Duration; 9],
     sets: [u64; 9],
     total: Duration,
+    /// KVM offers KVM_CAP_SYNC_REGS (registers through `kvm_run`).
+    sync_ok: bool,
+    /// The valid bits are set, so `kvm_run` holds the state of the last exit.
+    sync_valid: bool,
 }
 
 /// A snapshot taken into memory: no files.
@@ -175,7 +179,10 @@ impl MemSnapshot {
                 .copied()
                 .filter(|&m| m != MSR_TSC)
                 .collect(),
-            cost: Arc::default(),
+            cost: Arc::new(Mutex::new(PartCost {
+                sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                ..PartCost::default()
+            })),
         })
     }
 
@@ -251,14 +258,21 @@ impl MemSnapshot {
     /// It fails with [`CR3_MOVED`] (state restored, guest not resumed) when
     /// the guest had switched address spaces: the caller must then make
     /// KVM drop its shadows before the guest runs.
-    pub fn vcpu_task(&self, index: usize) -> VcpuTask {
+    /// `then_runs`: the vCPU enters the guest right after the task, so the
+    /// state may go in through `kvm_run` (see [`restore_with_sync`]).
+    pub fn vcpu_task(&self, index: usize, then_runs: bool) -> VcpuTask {
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
         Box::new(move |fd| {
             let mut cost = cost.lock().unwrap_or_else(|p| p.into_inner());
             let t = Instant::now();
-            let moved = restore_vcpu(fd, &snap, &msrs, &mut cost).map_err(|e| e.to_string())?;
+            let moved = if then_runs {
+                restore_with_sync(fd, &snap, &msrs, &mut cost)
+            } else {
+                restore_vcpu(fd, &snap, &msrs, &mut cost, None)
+            }
+            .map_err(|e| e.to_string())?;
             cost.total += t.elapsed();
             if moved {
                 return Err(CR3_MOVED.to_string());
@@ -373,6 +387,42 @@ fn step(
     Ok(())
 }
 
+/// [`restore_vcpu`] with KVM_CAP_SYNC_REGS where KVM has it: the registers,
+/// special registers and pending events KVM stored in `kvm_run` at the last
+/// exit are read from there (no ioctl), and the registers and events go back
+/// the same way, applied by KVM as the vCPU next enters (events still last).
+/// Only for a restore followed by a run: a later KVM_GET_REGS would not see
+/// the registers until then.
+fn restore_with_sync(
+    fd: &mut VcpuFd,
+    snap: &VcpuState,
+    msr_indices: &[u32],
+    cost: &mut PartCost,
+) -> Result<bool, vcpu_state::VcpuStateError> {
+    // kvm_run holds them only after an exit with the valid bits set.
+    let synced = cost.sync_valid.then(|| fd.sync_regs());
+    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref())?;
+    if let Some(now) = synced {
+        let t = Instant::now();
+        fd.sync_regs_mut().regs = snap.regs;
+        fd.set_sync_dirty_reg(SyncReg::Register);
+        cost.set[1] += t.elapsed();
+        cost.sets[1] += 1;
+        if now.events != snap.vcpu_events {
+            fd.sync_regs_mut().events = snap.vcpu_events;
+            fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+            cost.sets[8] += 1;
+        }
+    }
+    if cost.sync_ok {
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        cost.sync_valid = true;
+    }
+    Ok(moved)
+}
+
 /// Reads each part, writes it back only if it differs from the snapshot, in
 /// kvm::vcpu_state's apply order (LAPIC before MSRs, events last). Returns
 /// whether CR3 had moved (a new address space: KVM's shadows must go).
@@ -381,6 +431,7 @@ fn restore_vcpu(
     snap: &VcpuState,
     msr_indices: &[u32],
     cost: &mut PartCost,
+    synced: Option<&kvm_sync_regs>,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
     step(
         cost,
@@ -391,16 +442,22 @@ fn restore_vcpu(
                 .map_err(kvm_err("set mp_state"))
         },
     )?;
-    // The registers always changed: the guest ran.
-    step(cost, 1, &mut || Ok(false), &mut || {
-        fd.set_regs(&snap.regs).map_err(kvm_err("set registers"))
-    })?;
+    // The registers always changed: the guest ran. With synced registers
+    // they go in through kvm_run as the vCPU enters (see restore_with_sync).
+    if synced.is_none() {
+        step(cost, 1, &mut || Ok(false), &mut || {
+            fd.set_regs(&snap.regs).map_err(kvm_err("set registers"))
+        })?;
+    }
     let mut moved = false;
     step(
         cost,
         2,
         &mut || {
-            let now = fd.get_sregs().map_err(kvm_err("read special registers"))?;
+            let now = match synced {
+                Some(s) => s.sregs,
+                None => fd.get_sregs().map_err(kvm_err("read special registers"))?,
+            };
             moved = now.cr3 != snap.sregs.cr3;
             Ok(now == snap.sregs)
         },
@@ -474,6 +531,9 @@ fn restore_vcpu(
         vcpu_state::write_msrs(fd, &changed)?;
         cost.set[7] += t.elapsed();
         cost.sets[7] += 1;
+    }
+    if synced.is_some() {
+        return Ok(moved);
     }
     step(
         cost,
