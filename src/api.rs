@@ -1,6 +1,7 @@
 //! The library API a harness links against: [`Vm`].
 //!
-//! A `Vm` is one guest with one vCPU, driven from the calling thread: run it
+//! A `Vm` is one guest with one vCPU, driven from the thread that made it
+//! (it is not `Send`; one harness thread per VM, as fuzzers run): run it
 //! until a guest event or a timeout, read and write its memory and
 //! registers, take a [`Vm::snapshot`] into memory (no files) and
 //! [`Vm::reset`] back to it as often as you like. A guest talks to the
@@ -246,8 +247,8 @@ impl Vm {
     }
 
     /// [`Vm::run`] for a VM with virtio devices, whose queue notifications
-    /// need the VMM's event loop (an epoll set, built per run so that a `Vm`
-    /// stays `Send`).
+    /// need the VMM's event loop (an epoll set, built per run: only VMs with
+    /// disks pay for it).
     fn run_with_devices(&mut self, deadline: Instant) -> Result<Event, Error> {
         let mut lp = self.vmm.event_loop(None, None, false)?;
         loop {
