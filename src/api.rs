@@ -42,10 +42,10 @@ use crate::console::ConsoleTarget;
 use crate::devices::bus::lock;
 use crate::devices::debug_console::FuzzLink;
 use crate::events::{Doorbell, VmEvent};
-use crate::fuzz::reset::{MemSnapshot, CR3_MOVED};
+use crate::fuzz::reset::MemSnapshot;
 use crate::fuzz::{FuzzError, ResetTimes};
 use crate::guest::GuestKind;
-use crate::kvm::vcpu::{VcpuError, VcpuTask};
+use crate::kvm::vcpu::VcpuTask;
 use crate::vmm::{RunOptions, Vmm, VmmError};
 
 /// The vCPU's general-purpose registers, RIP and RFLAGS (KVM's layout).
@@ -279,21 +279,11 @@ impl Vm {
     fn start_vcpu(&mut self) -> Result<(), Error> {
         let t = Instant::now();
         let task = self.take_vcpu_task(true);
-        let vcpu = &self.vmm.vcpus[0];
-        match vcpu.run_task_and_resume(task) {
-            Ok(()) => {}
-            Err(VcpuError::Task { msg, .. }) if msg == CR3_MOVED => {
-                // A new address space: KVM's shadows of the old one go.
-                self.vmm
-                    .vm
-                    .reload_memory(&self.vmm.mem)
-                    .map_err(FuzzError::from)?;
-                self.times.slot_reloads += 1;
-                vcpu.run_task_and_resume(Box::new(|_| Ok(())))
-                    .map_err(FuzzError::from)?;
-            }
-            Err(e) => return Err(FuzzError::from(e).into()),
-        }
+        // Not waited for: the guest's next event (or a Fatal one, if the
+        // task failed) is the answer, one thread wake-up fewer per input.
+        self.vmm.vcpus[0]
+            .request_run_and_resume(task)
+            .map_err(FuzzError::from)?;
         self.times.vcpu_round_trip += t.elapsed();
         self.vmm.paused = false;
         Ok(())
@@ -316,17 +306,7 @@ impl Vm {
         self.stop()?;
         if self.vcpu_pending {
             let task = self.take_vcpu_task(false);
-            match self.vmm.vcpus[0].run_task(task) {
-                Ok(()) => {}
-                Err(VcpuError::Task { msg, .. }) if msg == CR3_MOVED => {
-                    self.vmm
-                        .vm
-                        .reload_memory(&self.vmm.mem)
-                        .map_err(FuzzError::from)?;
-                    self.times.slot_reloads += 1;
-                }
-                Err(e) => return Err(FuzzError::from(e).into()),
-            }
+            self.vmm.vcpus[0].run_task(task).map_err(FuzzError::from)?;
         }
         Ok(())
     }

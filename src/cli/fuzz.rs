@@ -73,12 +73,12 @@ fn us(d: Duration, n: u64) -> f64 {
 fn time_split(t: &ResetTimes) -> String {
     let n = t.resets;
     let mut s = format!(
-        "per reset: dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (+{:.1} us hand-over), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
+        "per reset: dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (on the vCPU thread, handed over in {:.1} us), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
         us(t.dirty_log, n),
         us(t.page_copy, n),
         t.pages_copied as f64 / n.max(1) as f64,
         us(t.vcpu_state, n),
-        us(t.vcpu_round_trip.saturating_sub(t.vcpu_state), n),
+        us(t.vcpu_round_trip, n),
         us(t.irqchips, n),
         us(t.devices, n),
         t.slot_reloads,

@@ -19,6 +19,7 @@ use super::FuzzError;
 use crate::devices::bus::lock;
 use crate::kvm::vcpu::VcpuTask;
 use crate::kvm::vcpu_state::{self, VcpuState};
+use crate::kvm::vm::SlotReloader;
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::Persist;
 use crate::vmm::{MachineState, Vmm};
@@ -27,9 +28,6 @@ use crate::vmm::{MachineState, Vmm};
 /// cannot set it at all; on hardware a reset that moved it back would make
 /// guest time run backwards between inputs).
 const MSR_TSC: u32 = 0x10;
-
-/// What [`MemSnapshot::vcpu_task`] fails with when CR3 had moved.
-pub(crate) const CR3_MOVED: &str = "CR3 moved since the snapshot";
 
 /// Where a reset spends its time, summed over resets.
 #[derive(Debug, Clone, Default)]
@@ -42,8 +40,9 @@ pub struct ResetTimes {
     /// Re-registering the memory slots (shadow paging, a page table restored).
     pub slot_reload: Duration,
     /// The vCPU's registers, read, compared and written where they differ,
-    /// measured on the vCPU thread; `vcpu_round_trip` adds the hand-over.
+    /// measured on the vCPU thread as it resumes.
     pub vcpu_state: Duration,
+    /// Handing that work to the vCPU thread (not waited for).
     pub vcpu_round_trip: Duration,
     /// Irqchips and PIT (read, written back where they differ).
     pub irqchips: Duration,
@@ -77,6 +76,8 @@ struct PartCost {
     total: Duration,
     /// KVM offers KVM_CAP_SYNC_REGS (registers through `kvm_run`).
     sync_ok: bool,
+    /// Slot reloads done on the vCPU thread (CR3 had moved).
+    cr3_reloads: u64,
     /// The valid bits are set, so `kvm_run` holds the state of the last exit.
     sync_valid: bool,
 }
@@ -94,6 +95,9 @@ pub(crate) struct MemSnapshot {
     /// MSRs to compare on reset (all but the TSC).
     msrs: Vec<u32>,
     cost: Arc<Mutex<PartCost>>,
+    /// Where KVM shadows the guest's page tables: the slot reload a vCPU
+    /// task does itself when CR3 had moved.
+    reloader: Option<Arc<SlotReloader>>,
 }
 
 /// Pages written since the last call, per slot: by the guest (KVM's log) or
@@ -179,6 +183,12 @@ impl MemSnapshot {
                 .copied()
                 .filter(|&m| m != MSR_TSC)
                 .collect(),
+            reloader: match vmm.host.shadows_guest_page_tables() {
+                true => Some(Arc::new(vmm.vm.slot_reloader(&vmm.mem).map_err(|e| {
+                    FuzzError::State(format!("cannot duplicate the VM fd: {e}"))
+                })?)),
+                false => None,
+            },
             cost: Arc::new(Mutex::new(PartCost {
                 sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
                 ..PartCost::default()
@@ -255,15 +265,16 @@ impl MemSnapshot {
     }
 
     /// The task that puts vCPU `index` back (see [`MemSnapshot::reset`]).
-    /// It fails with [`CR3_MOVED`] (state restored, guest not resumed) when
-    /// the guest had switched address spaces: the caller must then make
-    /// KVM drop its shadows before the guest runs.
+    /// When the guest had switched address spaces (CR3 moved) and KVM
+    /// shadows page tables, it makes KVM drop its shadows too, right there
+    /// on the vCPU thread, so the caller need not wait for its answer.
     /// `then_runs`: the vCPU enters the guest right after the task, so the
     /// state may go in through `kvm_run` (see [`restore_with_sync`]).
     pub fn vcpu_task(&self, index: usize, then_runs: bool) -> VcpuTask {
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
+        let reloader = self.reloader.clone();
         Box::new(move |fd| {
             let mut cost = cost.lock().unwrap_or_else(|p| p.into_inner());
             let t = Instant::now();
@@ -274,8 +285,10 @@ impl MemSnapshot {
             }
             .map_err(|e| e.to_string())?;
             cost.total += t.elapsed();
-            if moved {
-                return Err(CR3_MOVED.to_string());
+            if let (true, Some(r)) = (moved, &reloader) {
+                r.reload()
+                    .map_err(|e| format!("cannot re-register guest memory: {e}"))?;
+                cost.cr3_reloads += 1;
             }
             Ok(())
         })
@@ -285,6 +298,7 @@ impl MemSnapshot {
     pub fn fill_vcpu_times(&self, times: &mut ResetTimes) {
         let c = self.cost.lock().unwrap_or_else(|p| p.into_inner());
         times.vcpu_state = c.total;
+        times.slot_reloads += c.cr3_reloads;
         times.vcpu_parts = PARTS
             .iter()
             .enumerate()

@@ -206,18 +206,12 @@ impl VcpuHandle {
         }
     }
 
-    /// Runs `task` on the stopped vCPU thread, then lets the guest run
-    /// (see [`Request::RunResume`]). The VM counts as running after it.
-    pub fn run_task_and_resume(&self, task: VcpuTask) -> Result<(), VcpuError> {
-        let ticket = self.send(Request::RunResume(task))?;
-        match self.wait(ticket)? {
-            Reply::Done(Ok(())) => Ok(()),
-            Reply::Done(Err(msg)) => Err(VcpuError::Task {
-                cpu: self.index,
-                msg,
-            }),
-            _ => Err(VcpuError::Gone(self.index)),
-        }
+    /// Runs `task` on the stopped vCPU thread, then lets the guest run (see
+    /// [`Request::RunResume`]), without waiting for the answer: a fuzzer
+    /// hears from the guest next anyway. A task that fails is
+    /// reported as [`VmEvent::Fatal`] (the guest does not run).
+    pub fn request_run_and_resume(&self, task: VcpuTask) -> Result<Ticket, VcpuError> {
+        self.send(Request::RunResume(task))
     }
 
     pub fn stop(&mut self) {
@@ -318,8 +312,13 @@ impl VcpuThread {
                 } else {
                     task(&mut self.vcpu)
                 };
-                if result.is_ok() {
-                    self.state = State::Running;
+                match &result {
+                    Ok(()) => self.state = State::Running,
+                    // Whoever did not wait for the reply hears of it here.
+                    Err(msg) => self
+                        .ctx
+                        .events
+                        .send(VmEvent::Fatal(format!("vCPU {}: {msg}", self.ctx.index))),
                 }
                 let _ = self.replies.send(reply(Reply::Done(result)));
             }
