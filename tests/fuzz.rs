@@ -89,6 +89,19 @@ fn page_table_changes_between_resets_stay_exact() {
         // Every input rewrote a page table: every reset flushed KVM's shadows.
         assert_eq!(vm.reset_times().slot_reloads, 100);
     }
+    // The same in a second address space the input switches to and leaves
+    // in place: its tables are not reachable from the snapshot's CR3, so the
+    // reset learns of them from CR3 having moved.
+    let mut switched = target("cr3switch=1");
+    for i in 0..50u32 {
+        let event = run_input(&mut switched, &i.to_le_bytes());
+        assert_eq!(event, Event::Done, "input {i} (cr3switch)");
+    }
+    let diffs = switched.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    if is_pvm_host() {
+        assert_eq!(switched.reset_times().slot_reloads, 50);
+    }
     // An input that leaves the page tables alone costs no flush.
     let mut plain = target("");
     for i in 0..50u32 {

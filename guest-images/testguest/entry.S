@@ -211,9 +211,13 @@ gp_isr:
         popcnt rax, rax
         jmp 9f
 6:      cmp rax, 5                      /* flush the TLB: mode=fuzz ptchange=1 remapped a window */
-        jne 7f
+        jne 8f
         mov rax, cr3
         mov cr3, rax
+        jmp 9f
+8:      cmp rax, 6                      /* switch address space to rbx: mode=fuzz cr3switch=1 */
+        jne 7f
+        mov cr3, rbx
         jmp 9f
 7:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
         jne 9f

@@ -48,10 +48,15 @@ static void flush_tlb(void)
 	__asm__ volatile("cli" : "+a"(code) : : "memory");
 }
 
+static void set_window_in(uint64_t pd, uint64_t phys)
+{
+	*(volatile uint64_t *)(pd + PT_WINDOW_INDEX * 8) = phys | PDE_2M_USER_RW;
+	flush_tlb();
+}
+
 static void set_window(uint64_t phys)
 {
-	*(volatile uint64_t *)(PT_PD + PT_WINDOW_INDEX * 8) = phys | PDE_2M_USER_RW;
-	flush_tlb();
+	set_window_in(PT_PD, phys);
 }
 
 static uint8_t fuzz_sector[VBLK_SECTOR] __attribute__((aligned(512)));
@@ -67,6 +72,36 @@ static void fuzz_disk_input(struct vblk *d, uint32_t n)
 	memset(fuzz_sector, 0xB0 ^ (int)n, sizeof(fuzz_sector));
 	disk_io(d, VBLK_T_OUT, 0, fuzz_sector, sizeof(fuzz_sector));
 	disk_io(d, VBLK_T_FLUSH, 0, 0, 0);
+}
+
+/* cr3switch=1: a second address space, a copy of the boot tables whose
+ * first GiB goes through its own PD (PML4', PDPT', PD' in three pages). */
+#define ALT_PML4 (36UL << 20)
+#define ALT_PDPT (ALT_PML4 + PAGE)
+#define ALT_PD (ALT_PML4 + 2 * PAGE)
+#define BOOT_PML4 0x9000UL /* src/arch/layout.rs PML4 */
+
+static void switch_cr3(uint64_t cr3)
+{
+	uint64_t code = 6;
+	__asm__ volatile("cli" : "+a"(code) : "b"(cr3) : "memory");
+}
+
+static void build_alt_tables(void)
+{
+	volatile uint64_t *pml4 = (volatile uint64_t *)ALT_PML4;
+	volatile uint64_t *pdpt = (volatile uint64_t *)ALT_PDPT;
+	volatile uint64_t *pd = (volatile uint64_t *)ALT_PD;
+	const volatile uint64_t *boot_pml4 = (const volatile uint64_t *)BOOT_PML4;
+	const volatile uint64_t *boot_pdpt = (const volatile uint64_t *)(boot_pml4[0] & ~0xFFFUL);
+	const volatile uint64_t *boot_pd = (const volatile uint64_t *)PT_PD;
+	for (int i = 0; i < 512; i++) {
+		pml4[i] = boot_pml4[i];
+		pdpt[i] = boot_pdpt[i];
+		pd[i] = boot_pd[i];
+	}
+	pdpt[0] = ALT_PD | 7;
+	pml4[0] = ALT_PDPT | 7;
 }
 
 static uint64_t window_marker(void)
@@ -119,6 +154,15 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 		set_window(PT_PAGE_A);
 		(void)window_marker(); /* let KVM shadow the window's mapping */
 	}
+	if (o->cr3switch) {
+		*(volatile uint64_t *)PT_PAGE_A = 0xAAAA;
+		*(volatile uint64_t *)PT_PAGE_B = 0xBBBB;
+		build_alt_tables();
+		set_window_in(ALT_PD, PT_PAGE_A);
+		switch_cr3(ALT_PML4);
+		(void)window_marker(); /* KVM shadows the second address space too */
+		switch_cr3(BOOT_PML4);
+	}
 	/* Write every page an input will write once now: the CPU sets the
 	 * dirty bit in the page tables here, before the snapshot, instead of
 	 * in every input (a page-table page restored on every reset would make
@@ -137,6 +181,15 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 	uint32_t n = fuzz_input.len;
 	if (n > sizeof(fuzz_input.data))
 		n = sizeof(fuzz_input.data);
+	if (o->cr3switch) {
+		/* Left in place at DONE: the reset finds CR3 moved. */
+		switch_cr3(ALT_PML4);
+		if (window_marker() != 0xAAAA)
+			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_PT_CODE);
+		set_window_in(ALT_PD, PT_PAGE_B);
+		if (window_marker() != 0xBBBB)
+			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_PT_CODE);
+	}
 	if (o->ptchange) {
 		if (window_marker() != 0xAAAA)
 			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_PT_CODE);

@@ -27,7 +27,7 @@ void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t
 
 /* mode=fuzz options (fuzz.c). */
 struct fuzz_options {
-	uint64_t fault, dirty, ptchange, disk;
+	uint64_t fault, dirty, ptchange, disk, cr3switch;
 };
 __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o);
 

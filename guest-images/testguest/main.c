@@ -24,6 +24,9 @@
  *                   tables and checks it sees the snapshot's mapping first
  *   disk=1          fuzz: each input checks that disk 0's first sector holds
  *                   what it held at the snapshot, then overwrites it
+ *   cr3switch=1     fuzz: each input switches to a second address space and
+ *                   remaps the window there (ptchange's check, not reachable
+ *                   from the snapshot's CR3)
  */
 #include <stdint.h>
 
@@ -200,6 +203,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->fuzz.ptchange = parse_u64(c + 9);
 		else if (starts_with(c, "disk="))
 			o->fuzz.disk = parse_u64(c + 5);
+		else if (starts_with(c, "cr3switch="))
+			o->fuzz.cr3switch = parse_u64(c + 10);
 		while (*c && *c != ' ')
 			c++;
 	}
