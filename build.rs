@@ -12,10 +12,11 @@ const SOURCES: &[&str] = &[
     "virtio_blk.h",
     "hostile.c",
     "testguest.h",
+    "fuzz.c",
     "link.ld",
 ];
 /// Ring-3 C files, compiled with the same freestanding flags.
-const C_FILES: &[&str] = &["main.c", "virtio_blk.c", "hostile.c"];
+const C_FILES: &[&str] = &["main.c", "virtio_blk.c", "hostile.c", "fuzz.c"];
 
 fn run(cmd: &mut Command) {
     let status = cmd

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fuzzes each of rewind's parsers of untrusted input (src/fuzz.rs) with
+# Fuzzes each of rewind's parsers of untrusted input (src/parser_fuzz.rs) with
 # libFuzzer for a bounded time: scripts/fuzz-parsers.sh [SECONDS_PER_TARGET]
 # (default 60) [TARGET...]. Builds on stable Rust: libfuzzer-sys with the
 # coverage instrumentation cargo-fuzz would ask for (no sanitizer: the code

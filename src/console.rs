@@ -260,7 +260,10 @@ impl Console {
     /// guest's output. It is not guest output: `--expect` never sees it.
     pub fn notice(&self, text: &str) {
         let mut inner = lock(&self.inner);
-        let mut msg = String::new();
+        // CAN first: the guest may be halfway through an escape sequence
+        // (busybox's prompt asks for the cursor position with ESC [ 6 n), and
+        // the terminal would read "[rewind]" as the rest of it.
+        let mut msg = String::from("\x18");
         if !inner.at_line_start {
             msg.push_str("\r\n");
         }

@@ -23,6 +23,20 @@ pub enum VmEvent {
     Fatal(String),
     /// The console's reader went away (EPIPE on a pipe).
     ConsoleClosed,
+    /// A fuzzing doorbell rang while a fuzzer was attached; the vCPU that
+    /// rang it has stopped and waits for the fuzzer.
+    Doorbell(Doorbell),
+}
+
+/// The fuzzing doorbells (devices::debug_console has the register map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doorbell {
+    /// Take the root snapshot here.
+    Snapshot,
+    /// This input ran to its end.
+    Done,
+    /// This input crashed with this code.
+    Crash(u64),
 }
 
 /// The sending half, cloned into every device and vCPU thread. The EventFd
@@ -57,6 +71,12 @@ impl VmEventReceiver {
     pub fn drain(&self) -> Vec<VmEvent> {
         let _ = self.wake.read();
         self.rx.try_iter().collect()
+    }
+
+    /// The next event, waiting at most `timeout` (a fuzzer's loop: one
+    /// event per input, no poll set needed).
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<VmEvent> {
+        self.rx.recv_timeout(timeout).ok()
     }
 }
 

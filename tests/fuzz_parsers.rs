@@ -96,7 +96,7 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>, other: &[u8]) {
 }
 
 fn run_target(name: &str) {
-    let (_, f) = rewind::fuzz::TARGETS
+    let (_, f) = rewind::parser_fuzz::TARGETS
         .iter()
         .find(|(n, _)| *n == name)
         .expect("a target of that name");

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rewind::fuzz::bundle(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rewind::parser_fuzz::bundle(data));

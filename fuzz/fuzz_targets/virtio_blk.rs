@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rewind::fuzz::virtio_blk(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rewind::parser_fuzz::virtio_blk(data));

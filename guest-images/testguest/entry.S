@@ -211,7 +211,16 @@ gp_isr:
         jne 6f
         popcnt rax, rax
         jmp 9f
-6:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
+6:      cmp rax, 8                      /* flush the TLB: mode=fuzz ptchange=1 remapped a window */
+        jne 8f
+        mov rax, cr3
+        mov cr3, rax
+        jmp 9f
+8:      cmp rax, 9                      /* switch address space to rbx: mode=fuzz cr3switch=1 */
+        jne 7f
+        mov cr3, rbx
+        jmp 9f
+7:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
         jne 10f
         sub rsp, 16
         mov [rsp], ebx

@@ -5,7 +5,7 @@
  * src/devices/debug_console.rs for the register map).
  *
  * Command line (space separated, all optional):
- *   mode=verify|disk|exit|exitport|triple|insn|hostile   default verify
+ *   mode=verify|disk|exit|exitport|triple|insn|hostile|fuzz   default verify
  *   region=MIB      verify: per-vCPU data region, default 16 (0: ticks only)
  *   fill=MIB        verify: per-vCPU area written once at boot and checked
  *                   every 4th tick (much memory, little rewritten: what
@@ -22,16 +22,25 @@
  *   say=TEXT        print TEXT (`_` for a space) after REWIND-READY: lets a
  *                   test show that rewind does not act on what any guest says
  *   flood_mib=N     hostile: console flood size, default 100
+ *   fault=1         fuzz: the planted bug is a real fault, not the CRASH doorbell
+ *   dirty=N         fuzz: pages each input writes (benchmarks), default 0
+ *   ptchange=1      fuzz: each input remaps a 2 MiB window in its own page
+ *                   tables and checks it sees the snapshot's mapping first
+ *   disk=1          fuzz: each input checks that disk 0's first sector holds
+ *                   what it held at the snapshot, then overwrites it
+ *   cr3switch=1     fuzz: each input switches to a second address space and
+ *                   remaps the window there (ptchange's check, not reachable
+ *                   from the snapshot's CR3)
  *
  * mode=hostile (hostile.c, needs a disk) attacks rewind's devices, says
- * HOSTILE-DONE, then ticks as mode=verify.
+ * HOSTILE-DONE, then ticks as mode=verify. mode=fuzz (fuzz.c) is a target
+ * for `rewind fuzz` and the rewind::Vm API.
  */
 #include <stdint.h>
 
 #include "testguest.h"
 #include "virtio_blk.h"
 
-#define LAPIC_TIMER_INITIAL (0xFEE00000UL + 0x380)
 #define EXIT_PORT 0xF4
 #define LOW_RESERVED (16UL << 20) /* image, stacks, page tables live below */
 
@@ -121,7 +130,7 @@ static void say_word(const char *w)
 	emit(&l);
 }
 
-static __attribute__((noreturn)) void guest_exit(uint32_t status)
+__attribute__((noreturn)) void guest_exit(uint32_t status)
 {
 	mmio_write32(DBG_EXIT, status);
 	for (;;)
@@ -153,6 +162,7 @@ static int starts_with(const char *s, const char *prefix)
 struct options {
 	const char *mode;
 	uint64_t region_mib, fill_mib, period_ms, exit_after, status, disk_sectors, flood_mib;
+	struct fuzz_options fuzz;
 	const char *insn;
 	const char *say;
 };
@@ -190,6 +200,16 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->say = c + 4;
 		else if (starts_with(c, "flood_mib="))
 			o->flood_mib = parse_u64(c + 10);
+		else if (starts_with(c, "fault="))
+			o->fuzz.fault = parse_u64(c + 6);
+		else if (starts_with(c, "dirty="))
+			o->fuzz.dirty = parse_u64(c + 6);
+		else if (starts_with(c, "ptchange="))
+			o->fuzz.ptchange = parse_u64(c + 9);
+		else if (starts_with(c, "disk="))
+			o->fuzz.disk = parse_u64(c + 5);
+		else if (starts_with(c, "cr3switch="))
+			o->fuzz.cr3switch = parse_u64(c + 10);
 		while (*c && *c != ' ')
 			c++;
 	}
@@ -352,7 +372,7 @@ static uint64_t disk_check(uint64_t tick, uint64_t first, uint64_t n)
 }
 
 /* A request that fails ends the run: the disk's contents are unknown after it. */
-static void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len)
+void disk_io(struct vblk *d, uint32_t type, uint64_t sector, void *buf, uint32_t len)
 {
 	int r = vblk_request(d, type, sector, buf, len);
 	if (r == 0)
@@ -546,6 +566,8 @@ void __attribute__((noreturn)) user_main(uint64_t cpu, const uint8_t *zp, uint64
 		probe_insn(o.insn);
 		guest_exit(0);
 	}
+	if (word_is(o.mode, "fuzz"))
+		run_fuzz(&o.fuzz);
 	say("unknown mode= value");
 	guest_exit(2);
 }

@@ -3,7 +3,7 @@
 //! to be defined twice). This module imports nothing, so anything may use
 //! it; devices do not: they never learn where they sit, the VMM places them.
 //!
-//! The test guest hard-codes a few of these (guest-images/testguest/main.c:
+//! The test guest hard-codes a few of these (guest-images/testguest/guest.h:
 //! the debug console, the LAPIC, the exit port, the first virtio window):
 //! change both.
 

@@ -88,6 +88,15 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 8)]
         mib: u64,
     },
+    /// Fuzzer resets per second in process (`rewind::Vm`), input run
+    /// included: idle, 16 dirty pages and 1 MiB per input, each also with a
+    /// guest page-table change per input.
+    Reset {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 5000)]
+        inputs: u64,
+    },
     /// Everything above with default sizes, plus 1 GiB variants.
     All,
     /// Long use: VMS test guests restored from one snapshot, each rewriting
@@ -565,6 +574,7 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
         BenchCmd::Restore { runs, mem, region } => restore(runs, mem, region),
         BenchCmd::Disk { mib } => disk(mib),
         BenchCmd::Soak { vms, minutes } => super::soak::soak(&home, vms, minutes),
+        BenchCmd::Reset { runs, inputs } => super::fuzz::bench(runs, inputs),
         BenchCmd::All => boot(20, 256, 1)
             .and_then(|_| pause(50))
             .and_then(|_| snapshot(10, 256, 16, false))
@@ -581,7 +591,8 @@ pub fn run(cmd: BenchCmd) -> Result<i32, String> {
             .and_then(|_| restore(20, 256, 0))
             .and_then(|_| restore(20, 1024, 0))
             .and_then(|_| restore(20, 256, 16))
-            .and_then(|_| disk(8)),
+            .and_then(|_| disk(8))
+            .and_then(|_| super::fuzz::bench(5, 5000)),
     };
     let _ = std::fs::remove_dir_all(&home);
     result.map(|_| 0)

@@ -19,6 +19,7 @@ use rewind::vmm::{RunOptions, SignalFd, Vmm, VmmError};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod snapshot;
 mod soak;
 mod vms;
@@ -102,6 +103,9 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Show the main job on the embedded test guest: boot, snapshot, revert, restore.
     Demo,
+    /// Fuzz the test guest's target: a seeded mutation loop with a reset
+    /// after every input; prints the crash it finds and resets per second.
+    Fuzz(fuzz::FuzzArgs),
     /// Measure rewind (medians over several runs).
     Bench {
         #[command(subcommand)]
@@ -577,7 +581,7 @@ fn main() -> ExitCode {
     }
     if !matches!(
         cli.command,
-        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. }
+        Cmd::Run(_) | Cmd::Restore(_) | Cmd::Demo | Cmd::Bench { .. } | Cmd::Fuzz(_)
     ) {
         // Listings end quietly when their reader leaves (`rewind ps | head
         // -1`), as other Unix tools do, instead of panicking in println!.
@@ -607,6 +611,7 @@ fn main() -> ExitCode {
         Cmd::Restore(args) => restore(args),
         Cmd::Demo => demo::run().map_err(Failure::Runtime),
         Cmd::Bench { what } => bench::run(what).map_err(Failure::Runtime),
+        Cmd::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

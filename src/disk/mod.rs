@@ -33,6 +33,7 @@ pub(crate) mod chain;
 pub(crate) mod image;
 mod merge;
 pub(crate) mod overlay;
+pub(crate) mod scratch;
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 
 use super::chain::{self, create_qcow2, open_chain, open_layer, resolve_backing, Layer};
 use super::image::ImageFormat;
+use super::scratch::{ScratchLayer, SECTOR};
 use super::{DiskError, IoContext, Result};
 use crate::fsutil::{self, parent_dir, same_file};
 use imago::file::File;
@@ -72,6 +73,9 @@ pub struct Disk {
     top: Option<Layer>,
     path: PathBuf,
     size: u64,
+    /// While a fuzzer holds a snapshot in memory, the guest's writes go here
+    /// instead of the overlay (see disk::scratch).
+    scratch: std::sync::Mutex<Option<ScratchLayer>>,
 }
 
 impl Disk {
@@ -85,6 +89,7 @@ impl Disk {
             size: top.size(),
             top: Some(top),
             path: path.to_path_buf(),
+            scratch: Default::default(),
         })
     }
 
@@ -115,14 +120,77 @@ impl Disk {
     /// Reads exactly `buf.len()` bytes; unallocated ranges come from the backing chain.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.top()?.read(buf, offset).ctx("read", &self.path)
+        self.top()?
+            .read(&mut *buf, offset)
+            .ctx("read", &self.path)?;
+        if let Some(s) = self.scratch().as_ref() {
+            s.patch_read(buf, offset);
+        }
+        Ok(())
     }
 
     /// Writes all of `buf` into the overlay; partial clusters are completed from the backing
     /// chain by imago (copy-on-write), the backing files are never touched.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.top()?.write(buf, offset).ctx("write", &self.path)
+        let top = self.top()?;
+        if let Some(s) = self.scratch().as_mut() {
+            let mut failed = None;
+            s.write(buf, offset, |sector, data| {
+                if let Err(e) = top.read(&mut data[..], sector * SECTOR) {
+                    failed = Some(e);
+                }
+            });
+            return match failed {
+                Some(e) => Err(e).ctx("read", &self.path),
+                None => Ok(()),
+            };
+        }
+        top.write(buf, offset).ctx("write", &self.path)
+    }
+
+    fn scratch(&self) -> std::sync::MutexGuard<'_, Option<ScratchLayer>> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on the guest's writes stay in memory (an empty layer);
+    /// `reset_scratch` drops them. A layer already there (an earlier
+    /// snapshot's) is written down first: a new snapshot starts from the
+    /// disk as the guest sees it now.
+    pub fn begin_scratch(&self) -> Result<()> {
+        let mut scratch = self.scratch();
+        if let Some(old) = scratch.take() {
+            let top = self.top()?;
+            for (sector, data) in old.sectors() {
+                top.write(&data[..], sector * SECTOR)
+                    .ctx("write", &self.path)?;
+            }
+        }
+        *scratch = Some(ScratchLayer::default());
+        Ok(())
+    }
+
+    pub fn reset_scratch(&self) {
+        if let Some(s) = self.scratch().as_mut() {
+            s.clear();
+        }
+    }
+
+    /// Bytes held in memory (0 without a scratch layer).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch().as_ref().map_or(0, ScratchLayer::bytes)
+    }
+
+    /// The direct-to-guest-memory paths below bypass the scratch layer.
+    fn refuse_scratch(&self) -> Result<()> {
+        if self.scratch().is_some() {
+            return Err(DiskError::Io {
+                op: "access (direct I/O bypasses a fuzzer's scratch layer)",
+                path: self.path.clone(),
+                io: io::ErrorKind::Unsupported.into(),
+            });
+        }
+        Ok(())
     }
 
     /// Reads straight into guest memory (no bounce buffer), e.g. a virtio-blk descriptor chain.
@@ -133,6 +201,7 @@ impl Disk {
     ) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
+        self.refuse_scratch()?;
         // The guard keeps the guest mappings alive (and marks them dirty) until the read is done.
         let (vec, _guard) = IoVectorMut::from_volatile_slice(bufs);
         self.top()?.readv(vec, offset).ctx("read", &self.path)
@@ -146,12 +215,17 @@ impl Disk {
     ) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
+        self.refuse_scratch()?;
         let (vec, _guard) = IoVector::from_volatile_slice(bufs);
         self.top()?.writev(vec, offset).ctx("write", &self.path)
     }
 
     /// Writes back imago's metadata caches and fsyncs the overlay: what virtio-blk FLUSH needs.
     pub fn flush(&self) -> Result<()> {
+        if self.scratch().is_some() {
+            // Nothing of the guest's since the snapshot is meant to last.
+            return Ok(());
+        }
         let top = self.top()?;
         top.flush().ctx("flush", &self.path)?;
         top.sync().ctx("fsync", &self.path)
@@ -161,6 +235,9 @@ impl Disk {
     /// (no data written, the backing data is hidden); only unaligned head/tail bytes are written.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if self.scratch().is_some() {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
         self.top()?
             .write_zeroes(offset, len)
             .ctx("write zeroes to", &self.path)
@@ -171,6 +248,10 @@ impl Disk {
     /// Needs `&mut self` because freeing clusters invalidates mappings imago might hold.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        if self.scratch().is_some() {
+            // Discarded data may read as anything; zeroes keep it simple.
+            return self.write_zeroes(offset, len);
+        }
         let Disk { top, path, .. } = self;
         let top = top.as_mut().ok_or_else(|| lost(path))?;
         match top.discard_to_any(offset, len) {

@@ -12,8 +12,9 @@
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -65,6 +66,10 @@ pub enum Request {
     Stop,
     /// Only accepted while paused; used by snapshot capture and restore.
     Run(VcpuTask),
+    /// Run the task, then run the guest if it succeeded, also a vCPU that
+    /// had stopped for good (a triple fault): a fuzzer's reset puts the
+    /// whole state back and goes on in one round trip.
+    RunResume(VcpuTask),
 }
 
 #[derive(Debug)]
@@ -93,6 +98,10 @@ pub struct VcpuContext {
     pub mmio: Bus,
     pub mem: GuestMemory,
     pub events: VmEventSender,
+    /// Set by a device (the fuzzing doorbell) that needs this vCPU to stop
+    /// right after the access it is handling; the thread takes it and
+    /// pauses itself.
+    pub park: Arc<AtomicBool>,
 }
 
 /// A request or reply on the wire, with its sequence number.
@@ -197,6 +206,14 @@ impl VcpuHandle {
         }
     }
 
+    /// Runs `task` on the stopped vCPU thread, then lets the guest run (see
+    /// [`Request::RunResume`]), without waiting for the answer: a fuzzer
+    /// hears from the guest next anyway. A task that fails is
+    /// reported as [`VmEvent::Fatal`] (the guest does not run).
+    pub fn request_run_and_resume(&self, task: VcpuTask) -> Result<Ticket, VcpuError> {
+        self.send(Request::RunResume(task))
+    }
+
     pub fn stop(&mut self) {
         let _ = self.send(Request::Stop);
         if let Some(t) = self.thread.take() {
@@ -290,6 +307,22 @@ impl VcpuThread {
                 };
                 let _ = self.replies.send(reply(Reply::Done(result)));
             }
+            Request::RunResume(task) => {
+                let result = if self.state == State::Running {
+                    Err("vCPU must be paused first".to_string())
+                } else {
+                    task(&mut self.vcpu)
+                };
+                match &result {
+                    Ok(()) => self.state = State::Running,
+                    // Whoever did not wait for the reply hears of it here.
+                    Err(msg) => self
+                        .ctx
+                        .events
+                        .send(VmEvent::Fatal(format!("vCPU {}: {msg}", self.ctx.index))),
+                }
+                let _ = self.replies.send(reply(Reply::Done(result)));
+            }
         }
         true
     }
@@ -320,6 +353,11 @@ impl VcpuThread {
             }
             if let Flow::Halt = self.run_once() {
                 self.state = State::Halted;
+            } else if self.ctx.park.swap(false, Ordering::SeqCst) {
+                // The device already told the VMM; finish the access so the
+                // saved RIP is past it, then wait for requests.
+                self.complete_in_flight_io();
+                self.state = State::Paused;
             }
         }
     }
@@ -431,6 +469,7 @@ mod tests {
             mmio: Bus::default(),
             mem: crate::memory::create_guest_memory(2 << 20).unwrap(),
             events,
+            park: Arc::default(),
         };
         let mut handle = VcpuHandle::spawn(vcpu, ctx).unwrap();
         handle.reply_timeout = Duration::from_millis(200);

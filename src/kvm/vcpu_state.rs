@@ -226,9 +226,14 @@ pub fn apply(vcpu: &VcpuFd, state: &VcpuState) -> Result<Vec<u32>, VcpuStateErro
     Ok(refused)
 }
 
+/// The FPU part of [`apply`] alone (a fuzzer's reset writes only what changed).
+pub fn apply_fpu(vcpu: &VcpuFd, fpu: &FpuState) -> Result<(), VcpuStateError> {
+    vcpu.set_fpu(&fpu.to_kvm()).map_err(kvm("set the FPU"))
+}
+
 /// KVM_SET_MSRS stops at the first MSR it refuses: apply the rest after it
 /// and report the refused ones.
-fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<Vec<u32>, VcpuStateError> {
+pub fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<Vec<u32>, VcpuStateError> {
     let mut refused = Vec::new();
     let mut rest = entries;
     while !rest.is_empty() {

@@ -209,3 +209,66 @@ impl Vm {
             .map_err(kvm_err("read the dirty page log"))
     }
 }
+
+/// [`Vm::reload_memory`] for another thread (a vCPU's, in a fuzzer's reset):
+/// its own duplicate of the VM fd and a handle on guest memory, which keeps
+/// the mappings the slots point at alive for as long as this lives.
+pub struct SlotReloader {
+    fd: std::os::fd::OwnedFd,
+    mem: GuestMemory,
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_bindings::KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
+
+impl Vm {
+    pub fn slot_reloader(&self, mem: &GuestMemory) -> std::io::Result<SlotReloader> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the VM fd is open for as long as `self` lives, and only
+        // borrowed here to duplicate it.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
+        Ok(SlotReloader {
+            fd: fd.try_clone_to_owned()?,
+            mem: mem.clone(),
+        })
+    }
+}
+
+impl SlotReloader {
+    /// Deletes and re-adds every slot (see [`Vm::reload_memory`]). vCPUs
+    /// must be stopped.
+    pub fn reload(&self) -> std::io::Result<()> {
+        let regions = memory::regions(&self.mem);
+        let set = |slot: usize, guest: u64, size: u64, host: u64, flags: u32| {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the ioctl reads a valid region struct; a zero size
+            // deletes the slot, otherwise `host..host + size` is guest
+            // memory that `self.mem` keeps mapped while the slot exists
+            // (the VM, which holds the same memory, outlives its slots).
+            let r = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_SET_USER_MEMORY_REGION(), &region)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        for (slot, (guest, _, host)) in regions.iter().copied().enumerate() {
+            set(slot, guest, 0, host, 0)?;
+        }
+        for (slot, (guest, size, host)) in regions.into_iter().enumerate() {
+            set(slot, guest, size, host, KVM_MEM_LOG_DIRTY_PAGES)?;
+        }
+        Ok(())
+    }
+}

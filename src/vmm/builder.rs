@@ -19,6 +19,7 @@ use crate::arch::{boot, cpuid, loader};
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN};
+use crate::devices::bus::lock;
 use crate::devices::debug_console::DebugConsole;
 use crate::devices::exit_port::ExitPort;
 use crate::devices::i8042::{I8042, I8042_LEN};
@@ -299,6 +300,7 @@ impl Vmm {
             devices.debug_console.clone(),
         )?;
 
+        let park = lock(&devices.debug_console).fuzz_link().park_flag();
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         let mut tsc_khz = None;
         for index in 0..config.cpus as usize {
@@ -316,6 +318,7 @@ impl Vmm {
                 mmio: mmio.clone(),
                 mem: mem.clone(),
                 events: events_tx.clone(),
+                park: park.clone(),
             };
             vcpus.push(VcpuHandle::spawn(fd, ctx)?);
         }

@@ -426,6 +426,8 @@ impl Vmm {
             VmEvent::Ready => return None,
             VmEvent::Fatal(msg) => Outcome::Fatal(msg),
             VmEvent::ConsoleClosed => Outcome::ConsoleClosed,
+            // Only rings with a fuzzer attached, which runs its own loop.
+            VmEvent::Doorbell(_) => return None,
         })
     }
 }
