@@ -451,7 +451,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert_eq!(
             got,
-            "[rewind] first\r\npartial\r\n[rewind] two\r\n[rewind] lines\r\n rest\n[rewind] after\r\n"
+            "\x18[rewind] first\r\npartial\x18\r\n[rewind] two\r\n[rewind] lines\r\n rest\n\x18[rewind] after\r\n"
         );
         assert!(rx.drain().is_empty(), "--expect saw a notice");
     }
