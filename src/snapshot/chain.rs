@@ -221,46 +221,54 @@ impl MemoryChain {
     /// Copies back only the `dirty` pages (per slot), each from the topmost
     /// layer that has it. Returns pages copied.
     pub fn revert_pages(&self, mem: &GuestMemory, dirty: &[Vec<u64>]) -> Result<u64, ChainError> {
-        let mut copied = 0;
-        for (region, bitmap) in mem.iter().zip(dirty) {
-            let first = region.start_addr().0 / PAGE_SIZE;
-            let pages = region.len() / PAGE_SIZE;
-            for (w, &word) in bitmap.iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    let bit = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    let p = w as u64 * 64 + bit;
-                    if p >= pages {
-                        continue;
-                    }
-                    self.read_page(mem, first + p)?;
-                    copied += 1;
-                }
+        let pages = pages_of(dirty, mem);
+        let mut i = 0;
+        while i < pages.len() {
+            let (source, offset) = self.locate(pages[i]);
+            let Some((host, room)) = delta::host_run(mem, pages[i]) else {
+                i += 1;
+                continue;
+            };
+            // One read for a run of pages consecutive in memory and in the
+            // same file (a revert after a snapshot reads data that skipped
+            // the page cache: a read per page would be a disk access each).
+            let mut n = 1;
+            while i + n < pages.len()
+                && pages[i + n] == pages[i] + n as u64
+                && (n as u64) < room
+                && self.locate(pages[i + n]) == (source, offset + n as u64 * PAGE_SIZE)
+            {
+                n += 1;
             }
+            let file = match source {
+                Some(l) => &self.layers[l].file,
+                None => &self.base,
+            };
+            // SAFETY: the run lies inside one live guest region (host_run);
+            // vCPUs are paused, so nothing else writes it.
+            let buf = unsafe { std::slice::from_raw_parts_mut(host, n * PAGE_SIZE as usize) };
+            file.read_exact_at(buf, offset)
+                .map_err(|source_err| ChainError::Write {
+                    path: match source {
+                        Some(l) => self.layers[l].dir.join(DELTA_FILE),
+                        None => self.base_path(),
+                    },
+                    source: source_err,
+                })?;
+            i += n;
         }
-        Ok(copied)
+        Ok(pages.len() as u64)
     }
 
-    fn read_page(&self, mem: &GuestMemory, page: u64) -> Result<(), ChainError> {
-        let (file, path, offset) = self
-            .layers
+    /// Where page `page` of this snapshot is stored: the topmost layer that
+    /// has it (`Some(index)`) or the full layer (`None`), and the offset.
+    fn locate(&self, page: u64) -> (Option<usize>, u64) {
+        self.layers
             .iter()
+            .enumerate()
             .rev()
-            .find_map(|l| {
-                l.index
-                    .offset_of(page)
-                    .map(|o| (&l.file, l.dir.join(DELTA_FILE), o))
-            })
-            .unwrap_or((&self.base, self.base_path(), page * PAGE_SIZE));
-        let Some((host, _)) = delta::host_run(mem, page) else {
-            return Ok(());
-        };
-        // SAFETY: one page inside a live guest region (host_run); vCPUs are
-        // paused, so nothing else writes it.
-        let buf = unsafe { std::slice::from_raw_parts_mut(host, PAGE_SIZE as usize) };
-        file.read_exact_at(buf, offset)
-            .map_err(|source| ChainError::Write { path, source })
+            .find_map(|(i, l)| l.index.offset_of(page).map(|o| (Some(i), o)))
+            .unwrap_or((None, page * PAGE_SIZE))
     }
 
     /// Writes the composed memory as one full layer at `to` (created, must
