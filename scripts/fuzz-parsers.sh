@@ -11,7 +11,7 @@ set -eu
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 [ $# -gt 0 ] && shift
-targets=${*:-http agent virtio_blk assist bundle}
+targets=${*:-http agent virtio_blk assist bundle memory_delta}
 RUSTFLAGS="-Cpasses=sancov-module \
 -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \

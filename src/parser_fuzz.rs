@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_blk", virtio_blk),
     ("assist", assist),
     ("bundle", bundle),
+    ("memory_delta", memory_delta),
 ];
 
 /// The control socket's request parser (and the client's response parser).
@@ -236,6 +237,43 @@ pub fn bundle(mut data: &[u8]) {
         running: None,
     };
     let _ = crate::snapshot::ops::validate::<MachineState>(dir, &target);
+}
+
+/// An incremental memory layer (`memory.delta`) read the way restore reads
+/// it: through `snapshot::chain::open` onto a 1 MiB full parent, then
+/// applied to guest memory. Input = flags byte, then the file. Flag bit 0
+/// makes the header's CRC-64 agree with the header and index, so mutations
+/// reach the checks behind it.
+pub fn memory_delta(data: &[u8]) {
+    const FIELDS: usize = 96;
+    const MEM: u64 = 1 << 20;
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let mut file = rest.to_vec();
+    if flags & 1 == 1 && file.len() >= FIELDS + 8 {
+        let count = u64::from_le_bytes(file[FIELDS - 8..FIELDS].try_into().unwrap_or([0; 8]));
+        let index_end = 4096usize.saturating_add((count.min(1 << 20) as usize) * 8);
+        let mut checked = file[..FIELDS].to_vec();
+        if let Some(index) = file.get(4096..index_end) {
+            checked.extend_from_slice(index);
+        }
+        file[FIELDS..FIELDS + 8].copy_from_slice(&crc64_xz(&checked).to_le_bytes());
+    }
+    let root = bundle_dir().join("delta");
+    let (parent, child) = (root.join("p"), root.join("c"));
+    std::fs::create_dir_all(&parent).expect("parent directory");
+    std::fs::create_dir_all(&child).expect("child directory");
+    let base = std::fs::File::create(parent.join("memory.bin")).expect("full layer");
+    base.set_len(MEM).expect("sparse full layer");
+    let mut f = std::fs::File::create(child.join("memory.delta")).expect("delta file");
+    f.write_all(&file).expect("delta file");
+    drop(f);
+    if let Ok(chain) = crate::snapshot::chain::open(&child, MEM) {
+        let mem = crate::memory::create_guest_memory(MEM).expect("guest memory");
+        let _ = chain.data_bitmap(&mem);
+        let _ = chain.apply_layers(&mem);
+    }
 }
 
 /// A state.bin image around `body`, header and CRC correct.

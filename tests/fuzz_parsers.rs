@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Inputs per target; the bundle writes files for each, so fewer.
 fn random_runs(target: &str) -> usize {
-    if target == "bundle" {
+    if target == "bundle" || target == "memory_delta" {
         300
     } else {
         2000
@@ -150,4 +150,9 @@ fn assist() {
 #[test]
 fn bundle() {
     run_target("bundle");
+}
+
+#[test]
+fn memory_delta() {
+    run_target("memory_delta");
 }
