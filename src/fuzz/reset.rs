@@ -100,25 +100,6 @@ pub(crate) struct MemSnapshot {
     reloader: Option<Arc<SlotReloader>>,
 }
 
-/// Pages written since the last call, per slot: by the guest (KVM's log) or
-/// by rewind (vm-memory's bitmap, e.g. an input written into the guest).
-/// Folded into `populated`, which file snapshots rely on.
-fn take_dirty(vmm: &mut Vmm) -> Result<Vec<Vec<u64>>, FuzzError> {
-    let vmm_dirty = crate::snapshot::memory::take_vmm_dirty(&vmm.mem);
-    let mut out = Vec::new();
-    for (slot, (_, size, _)) in crate::memory::regions(&vmm.mem).into_iter().enumerate() {
-        let mut log = vmm.vm.take_dirty_log(slot as u32, size as usize)?;
-        if let Some(extra) = vmm_dirty.get(slot) {
-            for (w, e) in log.iter_mut().zip(extra) {
-                *w |= e;
-            }
-        }
-        out.push(log);
-    }
-    crate::snapshot::memory::merge_bitmaps(&mut vmm.populated, &out);
-    Ok(out)
-}
-
 fn region_ptr<R: GuestMemoryRegion>(r: &R) -> *mut u8 {
     r.get_host_address(vm_memory::MemoryRegionAddress(0))
         .unwrap_or(std::ptr::null_mut())
@@ -130,7 +111,7 @@ impl MemSnapshot {
     /// forgotten (its next revert copies everything, as after a restore).
     pub fn take(vmm: &mut Vmm) -> Result<MemSnapshot, FuzzError> {
         vmm.baseline = None;
-        take_dirty(vmm)?;
+        vmm.take_dirty_logs()?;
         let page = PAGE_SIZE as usize;
         let mut regions = Vec::new();
         for r in vmm.mem.iter() {
@@ -203,7 +184,7 @@ impl MemSnapshot {
     pub fn reset(&self, vmm: &mut Vmm, times: &mut ResetTimes) -> Result<(), FuzzError> {
         times.resets += 1;
         let t = Instant::now();
-        let dirty = take_dirty(vmm)?;
+        let dirty = vmm.take_dirty_logs()?;
         times.dirty_log += t.elapsed();
 
         let t = Instant::now();

@@ -78,6 +78,15 @@ impl Vmm {
     /// the logs; nothing is lost, since both sets only grow until a
     /// snapshot holding them is durable.
     pub(super) fn collect_dirty(&mut self) -> Result<(), VmmError> {
+        let out = self.take_dirty_logs()?;
+        snapmem::merge_bitmaps(&mut self.since_baseline, &out);
+        Ok(())
+    }
+
+    /// Per slot: the pages written since the logs were last read, by the
+    /// guest (KVM's log) or by rewind (vm-memory's bitmap), also folded into
+    /// `populated`. Reading clears the logs.
+    pub(crate) fn take_dirty_logs(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
         let vmm_dirty = snapmem::take_vmm_dirty(&self.mem);
         let mut out = Vec::new();
         for (slot, (_, size, _)) in crate::memory::regions(&self.mem).into_iter().enumerate() {
@@ -90,8 +99,7 @@ impl Vmm {
             out.push(log);
         }
         snapmem::merge_bitmaps(&mut self.populated, &out);
-        snapmem::merge_bitmaps(&mut self.since_baseline, &out);
-        Ok(())
+        Ok(out)
     }
 
     /// Memory equals the snapshot just written or reverted to.
