@@ -178,6 +178,33 @@ pub(crate) fn spawn(name: &str, args: &[&str]) -> Result<ChildVm, String> {
     Ok(ChildVm::spawn(cmd, name, rewind::paths::api_socket(name))?)
 }
 
+/// `rewind restore SNAP --vm VM --name CLONE` with the console on a pipe,
+/// ending after `timeout` seconds or at a line matching `expect`.
+pub(crate) fn spawn_restore(
+    clone: &str,
+    snap: &str,
+    vm: &str,
+    timeout: &str,
+    expect: Option<&str>,
+) -> Result<ChildVm, String> {
+    let mut args = vec![
+        "restore",
+        snap,
+        "--vm",
+        vm,
+        "--name",
+        clone,
+        "--console",
+        "stdio",
+        "--timeout",
+        timeout,
+    ];
+    if let Some(e) = expect {
+        args.extend(["--expect", e]);
+    }
+    spawn(clone, &args)
+}
+
 fn start_guest(name: &str, mem: u64, append: &str) -> Result<ChildVm, String> {
     let mem = mem.to_string();
     let vm = spawn(
@@ -374,23 +401,7 @@ fn chain(runs: usize, mem: u64, region: u64) -> Result<(), String> {
         for (snap, samples) in [("c0", &mut base), ("c10", &mut top)] {
             let name = format!("chain-restored-{snap}-{i}");
             let t = Instant::now();
-            let c = spawn(
-                &name,
-                &[
-                    "restore",
-                    snap,
-                    "--vm",
-                    &orig,
-                    "--name",
-                    &name,
-                    "--console",
-                    "stdio",
-                    "--timeout",
-                    "30",
-                    "--expect",
-                    "resumed",
-                ],
-            )?;
+            let c = spawn_restore(&name, snap, &orig, "30", Some("resumed"))?;
             c.next_line(|l| l == "resumed")?;
             samples.push(ms(t.elapsed()));
         }
@@ -453,23 +464,7 @@ fn restore(runs: usize, mem: u64, region: u64) -> Result<(), String> {
     for i in 0..runs {
         let name = format!("restored-{mem}-{region}-{i}");
         let t = Instant::now();
-        let c = spawn(
-            &name,
-            &[
-                "restore",
-                "r",
-                "--vm",
-                &orig,
-                "--name",
-                &name,
-                "--console",
-                "stdio",
-                "--timeout",
-                "30",
-                "--expect",
-                "tick",
-            ],
-        )?;
+        let c = spawn_restore(&name, "r", &orig, "30", Some("tick"))?;
         // "resumed" comes the moment the clone runs (what restore costs);
         // its first tick, at most 1 ms on, follows a re-verification of the
         // region through the lazily mapped memory file.

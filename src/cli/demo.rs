@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::bench::spawn;
+use crate::bench::{spawn, spawn_restore};
 use rewind::child_vm::tick_of;
 
 const PERIOD_MS: u64 = 100;
@@ -71,21 +71,7 @@ pub fn run() -> Result<i32, String> {
 
     let t = Instant::now();
     let clone_name = format!("{name}-clone");
-    let clone = spawn(
-        &clone_name,
-        &[
-            "restore",
-            &snap_name,
-            "--vm",
-            &name,
-            "--name",
-            &clone_name,
-            "--console",
-            "stdio",
-            "--timeout",
-            "30",
-        ],
-    )?;
+    let clone = spawn_restore(&clone_name, &snap_name, &name, "30", None)?;
     let first =
         clone.next_line(|l| l == "resumed" || tick_of(l).is_some() || l.contains("CORRUPT"))?;
     let first_ms = ms(t);

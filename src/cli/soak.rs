@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rewind::child_vm::ChildVm;
 
-use super::bench::{median, spawn};
+use super::bench::{median, spawn, spawn_restore};
 
 const BASE: &str = "soak-base";
 const OPS: [&str; 3] = ["snapshot", "revert", "delete"];
@@ -131,21 +131,7 @@ pub fn soak(home: &Path, vms: usize, minutes: f64) -> Result<(), String> {
     let mut clones = Vec::new();
     for i in 0..vms {
         let name = format!("soak-{i}");
-        let c = spawn(
-            &name,
-            &[
-                "restore",
-                "golden",
-                "--vm",
-                BASE,
-                "--name",
-                &name,
-                "--console",
-                "stdio",
-                "--timeout",
-                &limit,
-            ],
-        )?;
+        let c = spawn_restore(&name, "golden", BASE, &limit, None)?;
         clones.push(c);
     }
     let mut start = Vec::new();
