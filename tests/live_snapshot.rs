@@ -20,21 +20,7 @@ fn create(vm: &VmProcess, body: serde_json::Value) -> serde_json::Value {
 fn restores_cleanly(home: &Home, vm: &str, snap: &str) {
     let k = snapshot_tick(home, vm, snap);
     let clone = format!("{vm}-{snap}-check");
-    let o = home.run(&[
-        "restore",
-        snap,
-        "--vm",
-        vm,
-        "--name",
-        &clone,
-        "--console",
-        "stdio",
-        "--timeout",
-        "60",
-        "--expect",
-        &format!("^tick {} ", k + 5),
-    ]);
-    let _ = std::fs::remove_dir_all(home.path.join("vms").join(&clone));
+    let o = restore_until(&home.path, vm, snap, &clone, &format!("^tick {} ", k + 5));
     let out = stdout(&o);
     assert_eq!(
         o.status.code(),

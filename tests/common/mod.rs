@@ -356,26 +356,7 @@ pub fn snapshot_tick(home: &Home, vm: &str, snap: &str) -> u64 {
 /// removed after, so no overlay of it keeps depending on the snapshot.
 pub fn snapshot_tick_in(home: &Path, vm: &str, snap: &str) -> u64 {
     let clone = format!("{vm}-{snap}-tick");
-    let mut cmd = Command::new(BIN);
-    cmd.env("REWIND_HOME", home).stdin(Stdio::null());
-    let o = cmd
-        .args([
-            "restore",
-            snap,
-            "--vm",
-            vm,
-            "--name",
-            &clone,
-            "--console",
-            "stdio",
-            "--timeout",
-            "60",
-            "--expect",
-            "^(cpu0 )?tick [0-9]+ (disk )?ok$",
-        ])
-        .output()
-        .expect("rewind binary runs");
-    let _ = std::fs::remove_dir_all(home.join("vms").join(&clone));
+    let o = restore_until(home, vm, snap, &clone, "^(cpu0 )?tick [0-9]+ (disk )?ok$");
     assert_eq!(o.status.code(), Some(0), "restore {snap}: {}", stderr(&o));
     let first = stdout(&o)
         .lines()
@@ -383,6 +364,34 @@ pub fn snapshot_tick_in(home: &Path, vm: &str, snap: &str) -> u64 {
         .unwrap_or_else(|| panic!("restore {snap} printed no tick: {}", stdout(&o)));
     assert!(first > 0, "restore {snap}: {}", stdout(&o));
     first - 1
+}
+
+/// Restores snapshot `snap` of `vm` as VM `clone` in $REWIND_HOME `home`,
+/// console on stdout, until a line matches `expect` (60 s at most); the
+/// clone's folder is removed after, so no overlay of it keeps depending on
+/// the snapshot.
+pub fn restore_until(home: &Path, vm: &str, snap: &str, clone: &str, expect: &str) -> Output {
+    let o = Command::new(BIN)
+        .env("REWIND_HOME", home)
+        .stdin(Stdio::null())
+        .args([
+            "restore",
+            snap,
+            "--vm",
+            vm,
+            "--name",
+            clone,
+            "--console",
+            "stdio",
+            "--timeout",
+            "60",
+            "--expect",
+            expect,
+        ])
+        .output()
+        .expect("rewind binary runs");
+    let _ = std::fs::remove_dir_all(home.join("vms").join(clone));
+    o
 }
 
 /// Copies the files of snapshot directory `from` to `to`.
