@@ -86,27 +86,11 @@ fn atomic_write_with(
     fsync_dir(parent_dir(path))
 }
 
-/// Creates `path`, which must not exist, for reading and writing: the one
-/// place snapshot data files are created, so they all get the same rules.
-pub fn create_new(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mode = crate::paths::file_mode();
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
-    // Whatever the umask: snapshot data is private unless --group-access.
-    file.set_permissions(fs::Permissions::from_mode(mode))?;
-    Ok(file)
-}
-
 /// Writes a new file inside a directory that is published later as a whole
 /// (`publish_dir`): no rename of its own is needed, only the data on disk
 /// before the directory's.
 pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = create_new(path)?;
+    let mut file = crate::paths::create_private_file(path, true)?;
     file.write_all(bytes)?;
     file.sync_all()
 }

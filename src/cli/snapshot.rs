@@ -137,7 +137,9 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32, Failure> {
                 store::resolve(&name, vm.as_deref()).map_err(|e| Failure::Usage(e.to_string()))?;
             let m = store::read_manifest(&dir).map_err(|e| Failure::Usage(e.to_string()))?;
             let bytes = chain::flatten(&dir, m.memory_file_len).map_err(|e| match e {
-                chain::ChainError::Write { .. } => Failure::Runtime(e.to_string()),
+                chain::ChainError::Write { .. } | chain::ChainError::Read { .. } => {
+                    Failure::Runtime(e.to_string())
+                }
                 other => Failure::Usage(other.to_string()),
             })?;
             println!(

@@ -54,6 +54,11 @@ pub enum ChainError {
     TooDeep { dir: String },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The full layer's own error, which names its file.
+    #[error("{0}")]
+    FullLayer(String),
 }
 
 /// One incremental layer of a chain.
@@ -211,10 +216,8 @@ impl MemoryChain {
 
     /// Makes all of guest memory equal this snapshot (vCPUs paused).
     pub fn revert_full(&self, mem: &GuestMemory) -> Result<(), ChainError> {
-        full::revert_full(mem, &self.base, &self.base_path()).map_err(|e| ChainError::Write {
-            path: self.base_path(),
-            source: io::Error::other(e.to_string()),
-        })?;
+        full::revert_full(mem, &self.base, &self.base_path())
+            .map_err(|e| ChainError::FullLayer(e.to_string()))?;
         self.apply_layers(mem)
     }
 
@@ -248,7 +251,7 @@ impl MemoryChain {
             // vCPUs are paused, so nothing else writes it.
             let buf = unsafe { std::slice::from_raw_parts_mut(host, n * PAGE_SIZE as usize) };
             file.read_exact_at(buf, offset)
-                .map_err(|source_err| ChainError::Write {
+                .map_err(|source_err| ChainError::Read {
                     path: match source {
                         Some(l) => self.layers[l].dir.join(DELTA_FILE),
                         None => self.base_path(),
@@ -278,7 +281,7 @@ impl MemoryChain {
             path: to.to_path_buf(),
             source,
         };
-        let dst = fsutil::create_new(to).map_err(err)?;
+        let dst = crate::paths::create_private_file(to, true).map_err(err)?;
         let len = self.base.metadata().map_err(err)?.len();
         dst.set_len(len).map_err(err)?;
         copy_data(&self.base, &dst).map_err(err)?;
@@ -286,7 +289,13 @@ impl MemoryChain {
         for layer in &self.layers {
             for (i, &p) in layer.index.pages.iter().enumerate() {
                 let at = layer.index.data_offset() + i as u64 * PAGE_SIZE;
-                layer.file.read_exact_at(&mut page, at).map_err(err)?;
+                layer
+                    .file
+                    .read_exact_at(&mut page, at)
+                    .map_err(|source| ChainError::Read {
+                        path: layer.dir.join(DELTA_FILE),
+                        source,
+                    })?;
                 dst.write_all_at(&page, p * PAGE_SIZE).map_err(err)?;
             }
         }
@@ -361,13 +370,19 @@ pub fn merge_parent_into(child: &Path, mem_file_len: u64) -> Result<(), ChainErr
         let out = delta::create(&tmp, &merged)?;
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for (i, &p) in merged.pages.iter().enumerate() {
-            let (file, at) = own
+            let (layer, at) = own
                 .index
                 .offset_of(p)
-                .map(|o| (&own.file, o))
-                .or_else(|| below.index.offset_of(p).map(|o| (&below.file, o)))
-                .unwrap_or((&below.file, 0));
-            file.read_exact_at(&mut page, at).map_err(werr)?;
+                .map(|o| (own, o))
+                .or_else(|| below.index.offset_of(p).map(|o| (below, o)))
+                .unwrap_or((below, 0));
+            layer
+                .file
+                .read_exact_at(&mut page, at)
+                .map_err(|source| ChainError::Read {
+                    path: layer.dir.join(DELTA_FILE),
+                    source,
+                })?;
             out.write_all_at(&page, merged.data_offset() + i as u64 * PAGE_SIZE)
                 .map_err(werr)?;
         }

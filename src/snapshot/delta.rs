@@ -111,7 +111,7 @@ pub fn create(path: &Path, index: &DeltaIndex) -> Result<File, DeltaError> {
             what: format!("parent name {:?} is not 1-64 bytes", index.parent),
         });
     }
-    let file = crate::fsutil::create_new(path).map_err(err)?;
+    let file = crate::paths::create_private_file(path, true).map_err(err)?;
     file.set_len(index.file_len()).map_err(err)?;
     file.write_all_at(&index.encode(), 0).map_err(err)?;
     Ok(file)

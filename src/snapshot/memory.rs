@@ -121,7 +121,7 @@ pub fn create_full(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError>
         path: path.display().to_string(),
         source,
     };
-    let file = crate::fsutil::create_new(path).map_err(err)?;
+    let file = crate::paths::create_private_file(path, true).map_err(err)?;
     file.set_len(memory::ram_end(mem_bytes)).map_err(err)?;
     Ok(file)
 }
