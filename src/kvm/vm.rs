@@ -79,13 +79,7 @@ impl Vm {
     /// One slot per RAM region, dirty logging on from the start so a
     /// snapshot can always tell what changed since the previous one.
     pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
-        for (slot, (guest, size, host)) in memory::regions(mem).into_iter().enumerate() {
-            // SAFETY: the region maps memory owned by `mem`, which the VMM keeps
-            // alive (and at the same address) for as long as the VM exists.
-            unsafe { self.set_slot(slot, guest, size, host, KVM_MEM_LOG_DIRTY_PAGES) }
-                .map_err(kvm_err("register guest memory"))?;
-        }
-        Ok(())
+        register_slots(&self.fd, mem).map_err(kvm_io_err("register guest memory"))
     }
 
     /// Deletes and re-adds every memory slot, which makes KVM drop all its
@@ -97,35 +91,67 @@ impl Vm {
     /// garbage. The dirty log starts over with the new slots, which is what
     /// a revert wants anyway. vCPUs must be paused.
     pub fn reload_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
-        for (slot, (guest, _, host)) in memory::regions(mem).into_iter().enumerate() {
-            // SAFETY: a zero-sized region deletes the slot; no memory is
-            // handed to KVM.
-            unsafe { self.set_slot(slot, guest, 0, host, 0) }
-                .map_err(kvm_err("remove a guest memory slot"))?;
-        }
+        remove_slots(&self.fd, mem).map_err(kvm_io_err("remove a guest memory slot"))?;
         self.register_memory(mem)
     }
+}
 
-    /// # Safety
-    /// `host..host + size` must stay mapped for as long as the slot exists.
-    unsafe fn set_slot(
-        &self,
-        slot: usize,
-        guest: u64,
-        size: u64,
-        host: u64,
-        flags: u32,
-    ) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags,
-            guest_phys_addr: guest,
-            memory_size: size,
-            userspace_addr: host,
-        };
-        // SAFETY: the caller vouches for the mapping (see above).
-        unsafe { self.fd.set_user_memory_region(region) }
+fn kvm_io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |e| {
+        kvm_err(what)(kvm_ioctls::Error::new(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))
     }
+}
+
+/// One slot per RAM region of `mem` on the VM `fd`, dirty logging on.
+fn register_slots(fd: &impl std::os::fd::AsRawFd, mem: &GuestMemory) -> std::io::Result<()> {
+    for (slot, (guest, size, host)) in memory::regions(mem).into_iter().enumerate() {
+        // SAFETY: the region maps memory owned by `mem`, which the VMM keeps
+        // alive (and at the same address) for as long as the VM exists.
+        unsafe { set_slot(fd, slot, guest, size, host, KVM_MEM_LOG_DIRTY_PAGES)? };
+    }
+    Ok(())
+}
+
+/// Deletes the slots `register_slots` made.
+fn remove_slots(fd: &impl std::os::fd::AsRawFd, mem: &GuestMemory) -> std::io::Result<()> {
+    for (slot, (guest, _, host)) in memory::regions(mem).into_iter().enumerate() {
+        // SAFETY: a zero-sized region deletes the slot; no memory is handed
+        // to KVM.
+        unsafe { set_slot(fd, slot, guest, 0, host, 0)? };
+    }
+    Ok(())
+}
+
+/// KVM_SET_USER_MEMORY_REGION on the VM `fd` (the VM's own, or a
+/// duplicate a vCPU thread holds, see [`SlotReloader`]).
+///
+/// # Safety
+/// `host..host + size` must stay mapped for as long as the slot exists.
+unsafe fn set_slot(
+    fd: &impl std::os::fd::AsRawFd,
+    slot: usize,
+    guest: u64,
+    size: u64,
+    host: u64,
+    flags: u32,
+) -> std::io::Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: slot as u32,
+        flags,
+        guest_phys_addr: guest,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: the ioctl reads a valid region struct; the caller vouches for
+    // the mapping (see above).
+    let r =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_SET_USER_MEMORY_REGION(), &region) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// VM-wide KVM state: interrupt controllers, PIT and the KVM clock.
@@ -242,33 +268,7 @@ impl SlotReloader {
     /// Deletes and re-adds every slot (see [`Vm::reload_memory`]). vCPUs
     /// must be stopped.
     pub fn reload(&self) -> std::io::Result<()> {
-        let regions = memory::regions(&self.mem);
-        let set = |slot: usize, guest: u64, size: u64, host: u64, flags: u32| {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags,
-                guest_phys_addr: guest,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            // SAFETY: the ioctl reads a valid region struct; a zero size
-            // deletes the slot, otherwise `host..host + size` is guest
-            // memory that `self.mem` keeps mapped while the slot exists
-            // (the VM, which holds the same memory, outlives its slots).
-            let r = unsafe {
-                vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_SET_USER_MEMORY_REGION(), &region)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        for (slot, (guest, _, host)) in regions.iter().copied().enumerate() {
-            set(slot, guest, 0, host, 0)?;
-        }
-        for (slot, (guest, size, host)) in regions.into_iter().enumerate() {
-            set(slot, guest, size, host, KVM_MEM_LOG_DIRTY_PAGES)?;
-        }
-        Ok(())
+        remove_slots(&self.fd, &self.mem)?;
+        register_slots(&self.fd, &self.mem)
     }
 }
