@@ -69,6 +69,17 @@ pub struct Layer {
     pub index: DeltaIndex,
 }
 
+impl Layer {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ChainError::Read {
+                path: self.dir.join(DELTA_FILE),
+                source,
+            })
+    }
+}
+
 /// The memory of one snapshot, opened and checked.
 #[derive(Debug)]
 pub struct MemoryChain {
@@ -243,21 +254,20 @@ impl MemoryChain {
             {
                 n += 1;
             }
-            let file = match source {
-                Some(l) => &self.layers[l].file,
-                None => &self.base,
-            };
             // SAFETY: the run lies inside one live guest region (host_run);
             // vCPUs are paused, so nothing else writes it.
             let buf = unsafe { std::slice::from_raw_parts_mut(host, n * PAGE_SIZE as usize) };
-            file.read_exact_at(buf, offset)
-                .map_err(|source_err| ChainError::Read {
-                    path: match source {
-                        Some(l) => self.layers[l].dir.join(DELTA_FILE),
-                        None => self.base_path(),
-                    },
-                    source: source_err,
-                })?;
+            match source {
+                Some(l) => self.layers[l].read_at(buf, offset)?,
+                None => {
+                    self.base
+                        .read_exact_at(buf, offset)
+                        .map_err(|source| ChainError::Read {
+                            path: self.base_path(),
+                            source,
+                        })?
+                }
+            }
             i += n;
         }
         Ok(pages.len() as u64)
@@ -289,13 +299,7 @@ impl MemoryChain {
         for layer in &self.layers {
             for (i, &p) in layer.index.pages.iter().enumerate() {
                 let at = layer.index.data_offset() + i as u64 * PAGE_SIZE;
-                layer
-                    .file
-                    .read_exact_at(&mut page, at)
-                    .map_err(|source| ChainError::Read {
-                        path: layer.dir.join(DELTA_FILE),
-                        source,
-                    })?;
+                layer.read_at(&mut page, at)?;
                 dst.write_all_at(&page, p * PAGE_SIZE).map_err(err)?;
             }
         }
@@ -376,13 +380,7 @@ pub fn merge_parent_into(child: &Path, mem_file_len: u64) -> Result<(), ChainErr
                 .map(|o| (own, o))
                 .or_else(|| below.index.offset_of(p).map(|o| (below, o)))
                 .unwrap_or((below, 0));
-            layer
-                .file
-                .read_exact_at(&mut page, at)
-                .map_err(|source| ChainError::Read {
-                    path: layer.dir.join(DELTA_FILE),
-                    source,
-                })?;
+            layer.read_at(&mut page, at)?;
             out.write_all_at(&page, merged.data_offset() + i as u64 * PAGE_SIZE)
                 .map_err(werr)?;
         }
