@@ -1,11 +1,13 @@
 //! Seccomp filters, one per kind of thread in a VM's process, and the one
 //! place that says which system calls each may make (x86-64).
 //!
-//! A VM process runs three kinds of thread (`rewind run`, `rewind restore`):
+//! A VM process runs four kinds of thread (`rewind run`, `rewind restore`):
 //! - **vcpu**: one per vCPU, `KVM_RUN` and the state ioctls; device
 //!   registers it reaches (UART, debug console, virtio-mmio) signal the
 //!   event loop through eventfds and channels.
 //! - **console**: writes guest output to stdout, a file or a pipe.
+//! - **thp-mender**: puts guest RAM back into huge pages after a live
+//!   snapshot's writer exits (`memory::huge_pages`).
 //! - **vmm**: the main thread once the VM is built: the event loop, every
 //!   device's back end (virtio-blk on qcow2 files), the control API, the
 //!   exec agent link on COM2, snapshot create/revert/delete, the boot cache,
@@ -57,6 +59,7 @@ pub enum Thread {
     Vcpu,
     Console,
     Vmm,
+    Mender,
 }
 
 impl Thread {
@@ -65,6 +68,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Console => "console",
             Thread::Vmm => "vmm",
+            Thread::Mender => "thp-mender",
         }
     }
 
@@ -73,6 +77,7 @@ impl Thread {
             Thread::Vcpu => VCPU,
             Thread::Console => CONSOLE,
             Thread::Vmm => VMM,
+            Thread::Mender => MENDER,
         }
     }
 }
@@ -116,6 +121,10 @@ const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
 /// Writes to stdout, a file or a pipe (in COMMON); closes a file or pipe
 /// it owns when the VM ends.
 const CONSOLE: &[i64] = &[libc::SYS_close, libc::SYS_fcntl];
+
+/// Collapses guest RAM back into huge pages (`madvise`, in COMMON) and
+/// nothing else (`memory::huge_pages`).
+const MENDER: &[i64] = &[];
 
 const VMM: &[i64] = &[
     // Files: snapshots, disk layers (imago), manifests, the boot cache.
@@ -213,6 +222,8 @@ const VMM: &[i64] = &[
     libc::SYS_wait4,
     libc::SYS_getppid,
     libc::SYS_pause,
+    // The event loop wakes when a live snapshot's writer exits.
+    libc::SYS_pidfd_open,
     // glibc's fork resets the child's robust futex list.
     libc::SYS_set_robust_list,
 ];
@@ -418,7 +429,7 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_no_list_allows_the_dangerous_calls() {
-        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm] {
+        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm, Thread::Mender] {
             program(kind).unwrap();
             let allowed = allowed(kind);
             for bad in [

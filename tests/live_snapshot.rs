@@ -425,3 +425,62 @@ fn children_of(pid: u32) -> Vec<i32> {
         })
         .collect()
 }
+
+/// While a live snapshot's memory writer runs, the VMM goes on serving the
+/// guest's disk and the API: the writer is held (a test stall) and the
+/// guest's disk ticks and a GET /vm must still complete. Killing the writer
+/// then fails that snapshot only; the VM and its disk run on.
+#[test]
+fn the_vm_keeps_its_disk_and_api_while_memory_is_written() {
+    if !kvm_available("disk_during_write") {
+        return;
+    }
+    let home = Home::new("diskwrite");
+    let img = home.path.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let vm = start_guest_env(
+        &home,
+        "w",
+        "300",
+        "mode=disk period_ms=20",
+        &["--disk", img.to_str().unwrap()],
+        &[("REWIND_TEST_STALL_AT", "memory-write-started:held")],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "disk tick 2", |l| l == "tick 2 disk ok");
+    let snapper = snapshot_in_background(&home, "w", "held");
+    wait_for_path(
+        &home.path.join("stalled-at-memory-write-started"),
+        "the memory writer's stall",
+    );
+    let writer = children_of(vm.pid());
+    assert_eq!(writer.len(), 1, "one forked memory writer: {writer:?}");
+    let from = vm.lines().len();
+    let first = vm.wait_for(from, "a disk tick with the writer held", |l| {
+        first_tick(l).is_some()
+    });
+    let t = first_tick(&vm.lines()[first]).unwrap();
+    vm.wait_for(first, "three more disk ticks with the writer held", |l| {
+        first_tick(l).is_some_and(|n| n >= t + 3)
+    });
+    let info = vm.api_ok("GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(
+        !snapper.is_finished(),
+        "the snapshot ended with its writer held"
+    );
+    // SAFETY: kill(2) of the forked writer, a child of our child.
+    unsafe { libc::kill(writer[0], libc::SIGKILL) };
+    assert!(
+        !snapper.join().unwrap(),
+        "the snapshot succeeded without its writer"
+    );
+    assert!(!snapshots_dir(&home, "w").join("held").exists());
+    create(&vm, serde_json::json!({ "name": "after" }));
+    let from = vm.lines().len();
+    vm.wait_for(from, "a disk tick after", |l| first_tick(l).is_some());
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
+    check_vm_disks(&home.path, "w");
+}

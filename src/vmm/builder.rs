@@ -108,6 +108,10 @@ impl Vmm {
             },
         )?;
         vmm.kernel_format = Some(loaded.format);
+        // Fresh RAM is anonymous and can be huge pages again after a live
+        // snapshot; a restored VM's is a private file mapping, which the
+        // kernel does not collapse, so it gets no mender.
+        vmm.mender = crate::memory::huge_pages::HugePageMender::start().ok();
         Ok(vmm)
     }
 
@@ -349,6 +353,8 @@ impl Vmm {
             tsc_khz,
             kernel_identity: None,
             kernel_format: None,
+            mender: None,
+            pending: None,
         })
     }
 }

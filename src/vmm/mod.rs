@@ -205,6 +205,11 @@ pub struct Vmm {
     pub(crate) kernel_identity: Option<String>,
     /// The booted image's kind (None after a restore), for `diagnosis`.
     pub(crate) kernel_format: Option<loader::KernelFormat>,
+    /// Collapses RAM the guest wrote during a live snapshot back into huge
+    /// pages (fresh, anonymous RAM only).
+    pub(crate) mender: Option<crate::memory::huge_pages::HugePageMender>,
+    /// A live snapshot an API client waits for, while its writer runs.
+    pub(crate) pending: Option<(snapshots::PendingSnapshot, snapshots::SnapshotReply)>,
 }
 
 /// The devices whose state a snapshot carries.
@@ -328,6 +333,7 @@ impl Vmm {
         }
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.settle_snapshot();
                 return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
             }
             // Wake for the run's deadline or a running command's, whichever is first.
@@ -336,8 +342,17 @@ impl Vmm {
                 .flatten()
                 .min();
             let fired = events.wait(until)?;
+            if fired.has(Wake::SnapshotWritten) {
+                self.settle_snapshot();
+            }
             if let Some(outcome) = self.turn(fired, opts, control, signals, &mut hotkeys) {
+                self.settle_snapshot();
                 return Ok(outcome);
+            }
+            // A live snapshot begun this turn is finished when its writer
+            // exits; where that cannot be watched, now.
+            if !events.follow_writer(self.pending_writer()) {
+                self.settle_snapshot();
             }
         }
     }
@@ -443,6 +458,12 @@ impl Vmm {
             }
             return false;
         }
+        if let Command::SnapshotCreate { name, paused, full } = cmd {
+            let reply: snapshots::SnapshotReply =
+                Box::new(move |r| client.answer(&r.map(Reply::SnapshotCreated)));
+            self.snapshot_create_then(name, SnapshotHow { paused, full }, reply);
+            return false;
+        }
         let result = self.handle_command(cmd);
         let stop = matches!(result, Ok(Reply::Stopped));
         client.answer(&result);
@@ -452,6 +473,7 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        self.settle_snapshot();
         for v in &mut self.vcpus {
             v.stop();
         }
