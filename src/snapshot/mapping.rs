@@ -35,7 +35,12 @@ pub struct MapPolicy {
 }
 
 impl MapPolicy {
-    /// Measured with `cargo bench --bench chain_map` (figures in the README).
+    /// Measured with `cargo bench --bench chain_map` here: a mapping costs
+    /// about 3 us, a read about 2.3 us a page (its copy-on-write fault and
+    /// copy). Runs of 1 page gain nothing mapped, of 2 pages 43% (12 against
+    /// 21 ms for 4,096 runs), of 4 pages 72%; a mapped page costs its copy
+    /// later instead, when the guest first writes it. A fork took 0.06 ms
+    /// with one run mapped, 0.37 ms with 1,024 and 2.8 ms with 8,192.
     pub const DEFAULT: MapPolicy = MapPolicy {
         min_run: 4,
         max_maps: 1024,
