@@ -140,6 +140,15 @@ fn live_snapshots_of_a_busy_guest_restore_and_revert_exactly() {
     let r = create(&clone, serde_json::json!({ "name": "c2" }));
     assert_eq!(r["incremental_on"], "c1", "{r}");
     restores_cleanly(&home, "c", "c2");
+    // In place in the clone, whose memory maps s3's layers: reverting
+    // writes into those mappings.
+    let k = snapshot_tick(&home, "c", "c1");
+    let from = clone.lines().len();
+    clone.api_ok("PUT", "/snapshots/c1/revert", None);
+    let i = clone.wait_for(from, "the tick after c1's", |l| {
+        parse_tick(l) == Some((0, k + 1))
+    });
+    clone.wait_for(i, "four more", |l| parse_tick(l) == Some((0, k + 5)));
     let lines: Vec<String> = vm.lines().into_iter().chain(clone.lines()).collect();
     assert_eq!(clone.stop(), Some(0));
     assert_eq!(vm.stop(), Some(0));

@@ -70,7 +70,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| ChainError::Read {
@@ -194,7 +194,8 @@ impl MemoryChain {
     }
 
     /// Copies the incremental layers over memory that already equals the
-    /// full layer (a fresh private mapping of it, or a full revert). Top
+    /// full layer (a full revert; a restore maps them instead, see
+    /// `mapping`). Top
     /// layer first, and each page only from the topmost layer that has it,
     /// so a deep chain of layers rewriting the same pages costs what one does.
     pub fn apply_layers(&self, mem: &GuestMemory) -> Result<(), ChainError> {
