@@ -46,6 +46,7 @@ use crate::fuzz::reset::MemSnapshot;
 use crate::fuzz::{FuzzError, ResetTimes};
 use crate::guest::GuestKind;
 use crate::kvm::vcpu::VcpuTask;
+use crate::memory::PAGE_SIZE;
 use crate::vmm::{RunOptions, Vmm, VmmError};
 
 /// The vCPU's general-purpose registers, RIP and RFLAGS (KVM's layout).
@@ -223,6 +224,13 @@ impl Vm {
         if self.vmm.paused {
             self.start_vcpu()?;
         }
+        let t = Instant::now();
+        let event = self.run_until(deadline);
+        self.times.guest_run += t.elapsed();
+        event
+    }
+
+    fn run_until(&mut self, deadline: Instant) -> Result<Event, Error> {
         if !self.vmm.devices.disks.is_empty() {
             return self.run_with_devices(deadline);
         }
@@ -462,6 +470,37 @@ impl Vm {
     pub fn disk_scratch_bytes(&self) -> u64 {
         let disks = &self.vmm.devices.disks;
         disks.iter().map(|d| lock(&d.disk).scratch_bytes()).sum()
+    }
+
+    /// Bench support: the floor under a reset on this host
+    /// ([`crate::fuzz::Floor`]), measured from the snapshot over `runs`
+    /// inputs that are not reset in between; the VM is reset afterwards.
+    #[doc(hidden)]
+    pub fn measure_floor(&mut self, runs: usize) -> Result<crate::fuzz::Floor, Error> {
+        self.reset()?;
+        self.settle()?;
+        let snap = self.snapshot.as_ref().ok_or(Error::NoSnapshot)?;
+        let regs = snap.vcpu_states()[0].regs;
+        let done =
+            crate::arch::layout::DEBUG_CONSOLE_BASE + crate::devices::debug_console::REG_FUZZ_DONE;
+        // Two pages from the stack pointer down: the doorbell call's frame.
+        let base = (regs.rsp & !(PAGE_SIZE - 1)).saturating_sub(PAGE_SIZE);
+        let mut stack = (base, vec![0u8; 2 * PAGE_SIZE as usize]);
+        self.read_memory(base, &mut stack.1)?;
+        let mem = self.vmm.mem.clone();
+        let (tx, rx) = channel();
+        self.vmm.vcpus[0]
+            .run_task(Box::new(move |fd| {
+                let floor = crate::fuzz::floor::vcpu_floor(fd, &mem, &regs, &stack, done, runs)?;
+                tx.send(floor).map_err(|_| "receiver gone".to_string())
+            }))
+            .map_err(FuzzError::from)?;
+        let mut floor = rx
+            .recv()
+            .map_err(|_| Error::Dead("the vCPU thread is gone".into()))?;
+        floor.hand_off = crate::fuzz::floor::hand_off(runs);
+        self.reset()?;
+        Ok(floor)
     }
 
     /// Test support: every difference between the VM now and its snapshot

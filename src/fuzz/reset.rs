@@ -44,6 +44,9 @@ pub struct ResetTimes {
     pub vcpu_state: Duration,
     /// Handing that work to the vCPU thread (not waited for).
     pub vcpu_round_trip: Duration,
+    /// From the vCPU told to run until the harness holds the guest's event:
+    /// the input's own run and the hand-offs around it.
+    pub guest_run: Duration,
     /// Irqchips and PIT (read, written back where they differ).
     pub irqchips: Duration,
     /// rewind's own devices, the doorbell registers and the disks' scratch
