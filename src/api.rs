@@ -46,6 +46,7 @@ use crate::fuzz::reset::MemSnapshot;
 use crate::fuzz::{FuzzError, ResetTimes};
 use crate::guest::GuestKind;
 use crate::kvm::vcpu::VcpuTask;
+use crate::kvm::vcpu_inline::InlineStop;
 use crate::memory::PAGE_SIZE;
 use crate::vmm::{RunOptions, Vmm, VmmError};
 
@@ -70,6 +71,9 @@ pub enum Error {
     Memory { addr: u64, len: usize },
     #[error("the guest stopped for good ({0}); reset() it first")]
     Dead(String),
+    /// The vCPU could not be run on this thread (one line why).
+    #[error("{0}")]
+    Inline(String),
 }
 
 /// How to build a [`Vm`].
@@ -202,6 +206,13 @@ impl Vm {
         if vmm.config.cpus != 1 {
             return Err(Error::Cpus(vmm.config.cpus));
         }
+        let mut vmm = vmm;
+        if vmm.devices.disks.is_empty() {
+            // The vCPU runs on the harness's thread: no hand-off per input.
+            // Disks keep their vCPU thread, since their queues are served by
+            // the event loop on this one while the guest runs.
+            vmm.vcpus[0].make_inline().map_err(FuzzError::from)?;
+        }
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         link.arm(true);
         Ok(Vm {
@@ -231,6 +242,9 @@ impl Vm {
     }
 
     fn run_until(&mut self, deadline: Instant) -> Result<Event, Error> {
+        if self.vmm.vcpus[0].inline.is_some() {
+            return self.run_inline(deadline);
+        }
         if !self.vmm.devices.disks.is_empty() {
             return self.run_with_devices(deadline);
         }
@@ -253,6 +267,45 @@ impl Vm {
                 }
                 return Ok(ev);
             }
+        }
+    }
+
+    /// [`Vm::run`] with the vCPU on this thread (see kvm::vcpu_inline).
+    fn run_inline(&mut self, deadline: Instant) -> Result<Event, Error> {
+        let mut seen = Vec::new();
+        let outcome = {
+            let events = &self.vmm.events;
+            let mut vcpu = self.vmm.vcpus[0]
+                .inline()
+                .ok_or_else(|| Error::Inline("the vCPU is not on this thread".into()))?;
+            vcpu.run(deadline, &mut || {
+                let mut ends = false;
+                while let Some(e) = events.recv_timeout(Duration::ZERO) {
+                    ends |= !matches!(
+                        e,
+                        VmEvent::Ready | VmEvent::ExpectMatched(_) | VmEvent::ConsoleClosed
+                    );
+                    seen.push(e);
+                }
+                ends
+            })
+            .map_err(Error::Inline)?
+        };
+        self.vmm.paused = true;
+        // A doorbell or a halt sent its event before the run returned.
+        while let Some(e) = self.vmm.events.recv_timeout(Duration::ZERO) {
+            seen.push(e);
+        }
+        for e in seen {
+            if let Some(ev) = self.stopped_by(e) {
+                return Ok(ev);
+            }
+        }
+        match outcome {
+            InlineStop::TimedOut => Ok(Event::Timeout),
+            other => Err(Error::Dead(format!(
+                "the vCPU stopped ({other:?}) without an event"
+            ))),
         }
     }
 
@@ -294,7 +347,9 @@ impl Vm {
         self.vmm.vcpus[0]
             .request_run_and_resume(task)
             .map_err(FuzzError::from)?;
-        self.times.vcpu_round_trip += t.elapsed();
+        if self.vmm.vcpus[0].inline.is_none() {
+            self.times.vcpu_round_trip += t.elapsed();
+        }
         self.vmm.paused = false;
         Ok(())
     }

@@ -3,5 +3,6 @@
 
 pub(crate) mod assist;
 pub(crate) mod vcpu;
+pub(crate) mod vcpu_inline;
 pub(crate) mod vcpu_state;
 pub(crate) mod vm;
