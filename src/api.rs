@@ -145,6 +145,8 @@ pub struct Vm {
     dead: Option<String>,
     /// A reset's vCPU half, carried out as the vCPU next starts.
     vcpu_pending: bool,
+    /// The last input ended at a doorbell store (see fuzz::untouched).
+    stopped_at_doorbell: bool,
 }
 
 fn console_target(c: &Console) -> ConsoleTarget {
@@ -222,6 +224,7 @@ impl Vm {
             times: ResetTimes::default(),
             dead: None,
             vcpu_pending: false,
+            stopped_at_doorbell: false,
         })
     }
 
@@ -235,6 +238,8 @@ impl Vm {
         if self.vmm.paused {
             self.start_vcpu()?;
         }
+        // Read by the reset's vCPU half just handed over; this run decides anew.
+        self.stopped_at_doorbell = false;
         let t = Instant::now();
         let event = self.run_until(deadline);
         self.times.guest_run += t.elapsed();
@@ -359,7 +364,7 @@ impl Vm {
         match (self.vcpu_pending, &self.snapshot) {
             (true, Some(s)) => {
                 self.vcpu_pending = false;
-                s.vcpu_task(0, then_runs)
+                s.vcpu_task(0, then_runs, self.stopped_at_doorbell)
             }
             _ => Box::new(|_| Ok(())),
         }
@@ -379,6 +384,9 @@ impl Vm {
     /// What a VM event means to the caller; `None` for ones that do not
     /// stop the run (the ready line).
     fn stopped_by(&mut self, event: VmEvent) -> Option<Event> {
+        if matches!(event, VmEvent::Doorbell(_)) {
+            self.stopped_at_doorbell = true;
+        }
         let ev = match event {
             VmEvent::Doorbell(bell) => {
                 // The vCPU parked itself right after the doorbell store.

@@ -85,6 +85,10 @@ fn time_split(t: &ResetTimes) -> String {
         t.slot_reloads,
         us(t.slot_reload, n),
     );
+    s += &format!(
+        "\n  XCRs, debug registers and MSRs left unread in {} of {n} resets (vCPU statistics: no ring-0 code ran)",
+        t.ring0_unread
+    );
     s += "\n  vCPU parts, read/write us per reset (writes):";
     for (name, get, set, sets) in &t.vcpu_parts {
         s += &format!(" {name} {:.1}/{:.1} ({sets})", us(*get, n), us(*set, n));

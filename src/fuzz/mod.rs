@@ -7,6 +7,7 @@ pub mod engine;
 pub mod floor;
 pub(crate) mod pagetables;
 pub(crate) mod reset;
+pub(crate) mod untouched;
 pub(crate) mod verify;
 
 pub use engine::{fuzz, FuzzOptions, FuzzReport};
