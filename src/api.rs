@@ -537,9 +537,11 @@ impl Vm {
 
     /// Bench support: the floor under a reset on this host
     /// ([`crate::fuzz::Floor`]), measured from the snapshot over `runs`
-    /// inputs that are not reset in between; the VM is reset afterwards.
+    /// inputs that are not reset in between (only the stack and KVM's dirty
+    /// log are, so every input pays for its first write to each page as a
+    /// reset one does). Memory is not put back: the VM is used up.
     #[doc(hidden)]
-    pub fn measure_floor(&mut self, runs: usize) -> Result<crate::fuzz::Floor, Error> {
+    pub fn measure_floor(mut self, runs: usize) -> Result<crate::fuzz::Floor, Error> {
         self.reset()?;
         self.settle()?;
         let snap = self.snapshot.as_ref().ok_or(Error::NoSnapshot)?;
@@ -550,19 +552,30 @@ impl Vm {
         let base = (regs.rsp & !(PAGE_SIZE - 1)).saturating_sub(PAGE_SIZE);
         let mut stack = (base, vec![0u8; 2 * PAGE_SIZE as usize]);
         self.read_memory(base, &mut stack.1)?;
-        let mem = self.vmm.mem.clone();
-        let (tx, rx) = channel();
-        self.vmm.vcpus[0]
-            .run_task(Box::new(move |fd| {
-                let floor = crate::fuzz::floor::vcpu_floor(fd, &mem, &regs, &stack, done, runs)?;
-                tx.send(floor).map_err(|_| "receiver gone".to_string())
-            }))
-            .map_err(FuzzError::from)?;
-        let mut floor = rx
-            .recv()
-            .map_err(|_| Error::Dead("the vCPU thread is gone".into()))?;
+        let slots = crate::memory::regions(&self.vmm.mem);
+        let vm = &self.vmm.vm;
+        let mut rearm = || {
+            for (slot, (_, size, _)) in slots.iter().enumerate() {
+                vm.take_dirty_log(slot as u32, *size as usize)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let mut vcpu = self.vmm.vcpus[0]
+            .inline()
+            .ok_or_else(|| Error::Inline("the vCPU is not on this thread".into()))?;
+        let mut floor = crate::fuzz::floor::vcpu_floor(
+            vcpu.vcpu(),
+            &self.vmm.mem,
+            &regs,
+            &stack,
+            done,
+            runs,
+            &mut rearm,
+        )
+        .map_err(Error::Inline)?;
+        drop(vcpu);
         floor.hand_off = crate::fuzz::floor::hand_off(runs);
-        self.reset()?;
         Ok(floor)
     }
 

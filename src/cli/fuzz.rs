@@ -157,8 +157,8 @@ pub fn run(args: FuzzArgs) -> Result<i32, Failure> {
 
 /// What an input costs here with no reset work at all (see
 /// rewind::fuzz::Floor): the ceiling on resets per second on this host.
-fn floor(inputs: u64) -> Result<(), String> {
-    let mut vm = target("", 64).map_err(|e| match e {
+fn floor(name: &str, append: &str, inputs: u64) -> Result<(), String> {
+    let vm = target(append, 64).map_err(|e| match e {
         Failure::Usage(m) | Failure::Runtime(m) | Failure::Timeout(m) => m,
     })?;
     let f = vm
@@ -166,7 +166,7 @@ fn floor(inputs: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "floor (medians of {inputs}): KVM_RUN from the snapshot to DONE {:.1} us (at most {:.0} inputs/s), KVM_RUN with immediate_exit {:.1} us, one vCPU ioctl {:.1} us, thread hand-off {:.1} us",
+        "floor, {name} (medians of {inputs}): KVM_RUN from the snapshot to DONE {:.1} us (at most {:.0} inputs/s), KVM_RUN with immediate_exit {:.1} us, one vCPU ioctl {:.1} us, thread hand-off {:.1} us",
         us(f.kvm_run),
         1.0 / f.kvm_run.as_secs_f64().max(1e-9),
         us(f.immediate_exit_run),
@@ -187,7 +187,8 @@ pub fn bench(runs: usize, inputs: u64) -> Result<(), String> {
         ("16 dirty pages, page-table change", "dirty=16 ptchange=1"),
         ("1 MiB dirty, page-table change", "dirty=256 ptchange=1"),
     ];
-    floor(inputs)?;
+    floor("idle", "", inputs)?;
+    floor("16 dirty pages", "dirty=16", inputs)?;
     for (name, append) in cases {
         let mut rates = Vec::new();
         let mut last = ResetTimes::default();

@@ -36,10 +36,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// Runs the stopped vCPU from `regs` to the MMIO write at `done_gpa`,
-/// `runs` times. Only the stack (`stack`: its guest-physical address and
-/// bytes at the snapshot) is put back between runs, since the doorbell
-/// call's return address lives there; the rest of memory is left as the
-/// inputs made it, so a reset must follow.
+/// `runs` times. Between runs only the stack (`stack`: its guest-physical
+/// address and bytes at the snapshot) is put back, since the doorbell
+/// call's return address lives there, and `rearm` takes KVM's dirty log
+/// (untimed), so each run's first write to a page faults as after a reset.
+/// The rest of memory is left as the inputs made it.
 pub(crate) fn vcpu_floor(
     fd: &mut VcpuFd,
     mem: &GuestMemory,
@@ -47,6 +48,7 @@ pub(crate) fn vcpu_floor(
     stack: &(u64, Vec<u8>),
     done_gpa: u64,
     runs: usize,
+    rearm: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<Floor, String> {
     let mut run = Vec::with_capacity(runs);
     let mut immediate = Vec::with_capacity(runs);
@@ -55,6 +57,7 @@ pub(crate) fn vcpu_floor(
     fd.set_kvm_immediate_exit(0);
     fd.set_sync_valid_reg(SyncReg::Register);
     for _ in 0..runs {
+        rearm()?;
         let t = Instant::now();
         mem.write_slice(&stack.1, GuestAddress(stack.0))
             .map_err(|e| e.to_string())?;

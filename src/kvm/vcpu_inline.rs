@@ -102,6 +102,11 @@ impl InlineVcpu {
         }
     }
 
+    /// The stopped vCPU itself (bench support: the bare KVM_RUN loop).
+    pub(crate) fn vcpu(&mut self) -> &mut VcpuFd {
+        &mut self.core.vcpu
+    }
+
     /// Runs `task` on the stopped vCPU.
     pub(crate) fn run_task(&mut self, task: VcpuTask) -> Result<(), String> {
         task(&mut self.core.vcpu)
