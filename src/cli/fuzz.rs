@@ -73,7 +73,7 @@ fn us(d: Duration, n: u64) -> f64 {
 fn time_split(t: &ResetTimes) -> String {
     let n = t.resets;
     let mut s = format!(
-        "per reset: input run {:.1} us (vCPU told to run until its event is in hand), dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (on the vCPU thread, handed over in {:.1} us), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
+        "per reset: input run {:.1} us (vCPU told to run until its event is in hand), dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (handed to a vCPU thread in {:.1} us; none when it runs on this one), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
         us(t.guest_run, n),
         us(t.dirty_log, n),
         us(t.page_copy, n),
