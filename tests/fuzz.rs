@@ -13,6 +13,8 @@ use rewind::{Console, Event, Vm, VmOptions};
 /// shows the mapping of the previous input (main.c FUZZ_STALE_PT_CODE).
 const STALE_PAGE_TABLE: u64 = 0x57A1E;
 const MAGIC_CRASH: u64 = 0x444E5752;
+/// fuzz.c FUZZ_STALE_MSR_CODE: KERNEL_GS_BASE held an earlier input's value.
+const STALE_MSR: u64 = 0x5157;
 
 fn target(append: &str) -> Vm {
     let mut vm = Vm::boot(&VmOptions {
@@ -108,6 +110,41 @@ fn page_table_changes_between_resets_stay_exact() {
         assert_eq!(run_input(&mut plain, &i.to_le_bytes()), Event::Done);
     }
     assert_eq!(plain.reset_times().slot_reloads, 0);
+}
+
+/// A reset leaves MSRs, XCRs and debug registers unread when the vCPU's
+/// statistics prove the input ran no ring-0 code (src/fuzz/untouched.rs).
+/// With `msrchange=1` every input's ring-0 code writes KERNEL_GS_BASE after
+/// checking that it still holds the snapshot's value: a reset that skipped
+/// the MSRs then shows up as the STALE crash in the next input.
+#[test]
+fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
+    if !kvm_available("reset_msr") {
+        return;
+    }
+    let mut vm = target("msrchange=1");
+    for i in 0..30u32 {
+        let event = run_input(&mut vm, &i.to_le_bytes());
+        assert_ne!(
+            event,
+            Event::Crash(STALE_MSR),
+            "input {i} found KERNEL_GS_BASE as the input before it left it"
+        );
+        assert_eq!(event, Event::Done, "input {i}");
+    }
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    assert_eq!(vm.reset_times().ring0_unread, 0, "every input ran ring 0");
+    let mut plain = target("");
+    for i in 0..30u32 {
+        assert_eq!(run_input(&mut plain, &i.to_le_bytes()), Event::Done);
+    }
+    let diffs = plain.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    if is_pvm_host() {
+        // The first reset has no earlier statistics to compare with.
+        assert_eq!(plain.reset_times().ring0_unread, 29);
+    }
 }
 
 #[test]

@@ -9,13 +9,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs};
+use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
 use super::pagetables::page_table_pages;
+use super::untouched::{no_msr_side_effects, Ring0Watch};
 use super::FuzzError;
+use crate::arch::host::HostKind;
 use crate::devices::bus::lock;
 use crate::kvm::vcpu::VcpuTask;
 use crate::kvm::vcpu_state::{self, VcpuState};
@@ -44,6 +46,9 @@ pub struct ResetTimes {
     pub vcpu_state: Duration,
     /// Handing that work to the vCPU thread (not waited for).
     pub vcpu_round_trip: Duration,
+    /// From the vCPU told to run until the harness holds the guest's event:
+    /// the input's own run and the hand-offs around it.
+    pub guest_run: Duration,
     /// Irqchips and PIT (read, written back where they differ).
     pub irqchips: Duration,
     /// rewind's own devices, the doorbell registers and the disks' scratch
@@ -51,6 +56,9 @@ pub struct ResetTimes {
     pub devices: Duration,
     pub pages_copied: u64,
     pub slot_reloads: u64,
+    /// Resets that left XCRs, debug registers and MSRs unread: the vCPU's
+    /// statistics proved the guest ran no ring-0 code (fuzz::untouched).
+    pub ring0_unread: u64,
     /// Per vCPU state part: (name, time reading, time writing, writes).
     pub vcpu_parts: Vec<(&'static str, Duration, Duration, u64)>,
 }
@@ -80,6 +88,15 @@ struct PartCost {
     cr3_reloads: u64,
     /// The valid bits are set, so `kvm_run` holds the state of the last exit.
     sync_valid: bool,
+    watch: Ring0Watch,
+    ring0_unread: u64,
+}
+
+/// Parts a reset leaves unread, each proven unchanged (fuzz::untouched).
+#[derive(Clone, Copy, Default)]
+struct Skip {
+    mp_state: bool,
+    ring0: bool,
 }
 
 /// A snapshot taken into memory: no files.
@@ -145,6 +162,12 @@ impl MemSnapshot {
                 }
             }
         }
+        // Statistics are read on the harness's thread only (the vCPU
+        // thread's seccomp filter has no need for them).
+        let watch = vmm.host == HostKind::Pvm
+            && vmm.vcpus.len() == 1
+            && vmm.vcpus[0].inline.is_some()
+            && no_msr_side_effects(&state.vcpus[0].lapic, &state.vcpus[0].msrs);
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         // Disk writes from here on stay in memory; a reset drops them.
         for d in &vmm.devices.disks {
@@ -172,6 +195,7 @@ impl MemSnapshot {
             },
             cost: Arc::new(Mutex::new(PartCost {
                 sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                watch: Ring0Watch::new(watch),
                 ..PartCost::default()
             })),
         })
@@ -251,7 +275,9 @@ impl MemSnapshot {
     /// on the vCPU thread, so the caller need not wait for its answer.
     /// `then_runs`: the vCPU enters the guest right after the task, so the
     /// state may go in through `kvm_run` (see [`restore_with_sync`]).
-    pub fn vcpu_task(&self, index: usize, then_runs: bool) -> VcpuTask {
+    /// `after_doorbell`: the input ended at a doorbell store (see
+    /// fuzz::untouched for what that lets a reset leave unread).
+    pub fn vcpu_task(&self, index: usize, then_runs: bool, after_doorbell: bool) -> VcpuTask {
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
@@ -259,12 +285,19 @@ impl MemSnapshot {
         Box::new(move |fd| {
             let mut cost = cost.lock().unwrap_or_else(|p| p.into_inner());
             let t = Instant::now();
+            let (counters, proven) = cost.watch.check(fd, after_doorbell);
+            let skip = Skip {
+                mp_state: after_doorbell && snap.mp_state.mp_state == KVM_MP_STATE_RUNNABLE,
+                ring0: proven,
+            };
             let moved = if then_runs {
-                restore_with_sync(fd, &snap, &msrs, &mut cost)
+                restore_with_sync(fd, &snap, &msrs, &mut cost, skip)
             } else {
-                restore_vcpu(fd, &snap, &msrs, &mut cost, None)
+                restore_vcpu(fd, &snap, &msrs, &mut cost, None, skip)
             }
             .map_err(|e| e.to_string())?;
+            cost.watch.equal_at(counters);
+            cost.ring0_unread += u64::from(proven);
             cost.total += t.elapsed();
             if let (true, Some(r)) = (moved, &reloader) {
                 r.reload()
@@ -280,6 +313,7 @@ impl MemSnapshot {
         let c = self.cost.lock().unwrap_or_else(|p| p.into_inner());
         times.vcpu_state = c.total;
         times.slot_reloads += c.cr3_reloads;
+        times.ring0_unread = c.ring0_unread;
         times.vcpu_parts = PARTS
             .iter()
             .enumerate()
@@ -393,10 +427,11 @@ fn restore_with_sync(
     snap: &VcpuState,
     msr_indices: &[u32],
     cost: &mut PartCost,
+    skip: Skip,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
     // kvm_run holds them only after an exit with the valid bits set.
     let synced = cost.sync_valid.then(|| fd.sync_regs());
-    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref())?;
+    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref(), skip)?;
     if let Some(now) = synced {
         let t = Instant::now();
         fd.sync_regs_mut().regs = snap.regs;
@@ -427,11 +462,15 @@ fn restore_vcpu(
     msr_indices: &[u32],
     cost: &mut PartCost,
     synced: Option<&kvm_sync_regs>,
+    skip: Skip,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
     step(
         cost,
         0,
-        &mut || Ok(fd.get_mp_state().map_err(kvm_err("read mp_state"))? == snap.mp_state),
+        &mut || {
+            Ok(skip.mp_state
+                || fd.get_mp_state().map_err(kvm_err("read mp_state"))? == snap.mp_state)
+        },
         &mut || {
             fd.set_mp_state(snap.mp_state)
                 .map_err(kvm_err("set mp_state"))
@@ -482,7 +521,7 @@ fn restore_vcpu(
             &mut || vcpu_state::apply_fpu(fd, &snap.fpu),
         )?,
     }
-    if let Some(want) = &snap.xcrs {
+    if let (Some(want), false) = (&snap.xcrs, skip.ring0) {
         step(
             cost,
             4,
@@ -494,10 +533,11 @@ fn restore_vcpu(
         cost,
         5,
         &mut || {
-            Ok(fd
-                .get_debug_regs()
-                .map_err(kvm_err("read debug registers"))?
-                == snap.debugregs)
+            Ok(skip.ring0
+                || fd
+                    .get_debug_regs()
+                    .map_err(kvm_err("read debug registers"))?
+                    == snap.debugregs)
         },
         &mut || {
             fd.set_debug_regs(&snap.debugregs)
@@ -512,11 +552,14 @@ fn restore_vcpu(
     )?;
     // By hand, not through `step`: what is written depends on what was read.
     let t = Instant::now();
-    let now = vcpu_state::read_msrs(fd, msr_indices)?;
+    let now = match skip.ring0 {
+        true => Vec::new(),
+        false => vcpu_state::read_msrs(fd, msr_indices)?,
+    };
     let changed: Vec<kvm_msr_entry> = snap
         .msrs
         .iter()
-        .filter(|m| m.index != MSR_TSC)
+        .filter(|m| m.index != MSR_TSC && !skip.ring0)
         .filter(|m| !now.iter().any(|n| n.index == m.index && n.data == m.data))
         .copied()
         .collect();
