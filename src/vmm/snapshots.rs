@@ -109,6 +109,8 @@ pub(crate) type SnapshotReply = Box<dyn FnOnce(Result<SnapshotReport, VmmError>)
 
 /// What the pause captured, to be finished with the guest running.
 struct Captured {
+    /// Encoded into `body` after the pause.
+    state: crate::vmm::MachineState,
     body: Vec<u8>,
     memory: snapmem::MemoryOut,
     delta: Option<DeltaIndex>,
@@ -363,7 +365,6 @@ impl Vmm {
             .first()
             .map(|v| (v.tsc_khz, v.cpuid.clone()))
             .unwrap_or_default();
-        let body = encode_state(&state).map_err(snap_err)?;
         split(&mut parts.state);
         let delta = delta_parent.map(|parent| DeltaIndex {
             parent: parent.to_string(),
@@ -373,7 +374,7 @@ impl Vmm {
         let (file, path) = match &delta {
             Some(index) => {
                 let path = tmp.join(DELTA_FILE);
-                (delta::create(&path, index).map_err(snap_err)?, path)
+                (delta::create_empty(&path, index).map_err(snap_err)?, path)
             }
             None => {
                 let path = tmp.join(MEMORY_FILE);
@@ -385,8 +386,12 @@ impl Vmm {
         let memory = snapmem::MemoryOut::new(file, &path);
         let mem = &self.mem;
         let populated = &self.populated;
-        let write = |first_write: &dyn Fn()| match &delta {
+        // The delta's header and index (8 bytes a page) are encoded and
+        // written by the writer, after the pause, into this buffer.
+        let mut header = vec![0u8; delta.as_ref().map_or(0, DeltaIndex::header_len)];
+        let mut write = |first_write: &dyn Fn()| match &delta {
             Some(index) => {
+                delta::write_header(&memory.file, index, &mut header)?;
                 first_write();
                 delta::write_pages(&memory, mem, index)
             }
@@ -414,7 +419,8 @@ impl Vmm {
         split(&mut parts.memory);
         Ok(Captured {
             parts,
-            body,
+            state,
+            body: Vec::new(),
             memory,
             delta,
             job: Some(job),
@@ -484,8 +490,11 @@ impl Vmm {
         // which must survive a crash before the snapshot naming them is
         // published.
         let state_path = tmp.join(STATE_FILE);
-        let state_written = fsutil::write_new_synced(&state_path, &c.body)
-            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())));
+        let state_written = encode_state(&c.state).map_err(snap_err).and_then(|body| {
+            c.body = body;
+            fsutil::write_new_synced(&state_path, &c.body)
+                .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))
+        });
         if state_written.is_ok() {
             stall::point("state-written", name);
         }
@@ -548,10 +557,14 @@ impl Vmm {
                 .wait()
                 .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?,
             Some(MemoryJob::Copied(pages)) => {
-                let at = c.delta.as_ref().map_or(0, DeltaIndex::data_offset);
-                stall::point("memory-write-started", name);
-                c.memory
-                    .write_at(pages.as_bytes(), at)
+                let write = |index: &DeltaIndex| {
+                    delta::write_header(&c.memory.file, index, &mut vec![0; index.header_len()])?;
+                    stall::point("memory-write-started", name);
+                    c.memory.write_at(pages.as_bytes(), index.data_offset())
+                };
+                c.delta
+                    .as_ref()
+                    .map_or(Ok(()), write)
                     .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?;
                 sync(&c.memory)?;
             }
