@@ -449,6 +449,14 @@ impl Vmm {
         // the guest running: the pause then takes (and write-protects
         // again) only the pages written since, not all of them.
         self.collect_dirty()?;
+        // A snapshot that will fork has KVM drop its mappings first, so
+        // that the fork in the pause does not (see drop_kvm_mappings). One
+        // that will copy its few pages in the pause does not fork.
+        let will_copy =
+            delta_parent.is_some() && dirty_pages(&self.since_baseline) <= COPY_IN_PAUSE_PAGES;
+        if !paused && !will_copy {
+            crate::memory::drop_kvm_mappings(&self.mem);
+        }
         let pause_start = Instant::now();
         self.pause()?;
         let stop_vcpus = ms(pause_start);
@@ -657,6 +665,10 @@ fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
         crate::snapshot::layers::release_orphans(frozen, &cut);
     }
     Ok(())
+}
+
+fn dirty_pages(bits: &[Vec<u64>]) -> usize {
+    bits.iter().flatten().map(|w| w.count_ones() as usize).sum()
 }
 
 /// Copies the pages at these guest page numbers out of guest memory.
