@@ -146,6 +146,8 @@ const VMM: &[i64] = &[
     libc::SYS_statfs,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // Starts a snapshot's files' writeback before their fsyncs (fsutil).
+    libc::SYS_sync_file_range,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
     libc::SYS_fadvise64,

@@ -112,6 +112,8 @@ struct Captured {
     /// Encoded into `body` after the pause.
     state: crate::vmm::MachineState,
     body: Vec<u8>,
+    /// `state.bin`, written and not yet synced.
+    state_file: Option<std::fs::File>,
     memory: snapmem::MemoryOut,
     delta: Option<DeltaIndex>,
     job: Option<MemoryJob>,
@@ -421,6 +423,7 @@ impl Vmm {
             parts,
             state,
             body: Vec::new(),
+            state_file: None,
             memory,
             delta,
             job: Some(job),
@@ -500,8 +503,11 @@ impl Vmm {
         let state_path = tmp.join(STATE_FILE);
         let state_written = encode_state(&c.state).map_err(snap_err).and_then(|body| {
             c.body = body;
-            fsutil::write_new_synced(&state_path, &c.body)
-                .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())))
+            c.state_file =
+                Some(fsutil::write_new(&state_path, &c.body).map_err(|e| {
+                    snap_err(format!("cannot write {}: {e}", state_path.display()))
+                })?);
+            Ok(())
         });
         if state_written.is_ok() {
             stall::point("state-written", name);
@@ -554,16 +560,14 @@ impl Vmm {
             pause_ms,
         } = p;
         let name = name.as_str();
-        let sync = |memory: &snapmem::MemoryOut| {
-            memory
-                .file
-                .sync_all()
-                .map_err(|e| snap_err(format!("cannot flush guest memory: {e}")))
-        };
+        // The files the writer did not sync: made durable together below.
+        let mut memory_synced = false;
         match c.job.take() {
-            Some(MemoryJob::Forked(w)) => w
-                .wait()
-                .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?,
+            Some(MemoryJob::Forked(w)) => {
+                w.wait()
+                    .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?;
+                memory_synced = true;
+            }
             Some(MemoryJob::Copied(pages)) => {
                 let write = |index: &DeltaIndex| {
                     delta::write_header(&c.memory.file, index, &mut vec![0; index.header_len()])?;
@@ -574,9 +578,8 @@ impl Vmm {
                     .as_ref()
                     .map_or(Ok(()), write)
                     .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?;
-                sync(&c.memory)?;
             }
-            Some(MemoryJob::Written) | None => sync(&c.memory)?,
+            Some(MemoryJob::Written) | None => {}
         }
         stall::point("memory-written", name);
         let mem_bytes = match &c.delta {
@@ -614,8 +617,23 @@ impl Vmm {
         };
         let json = format::json_bytes(&manifest).map_err(snap_err)?;
         let manifest_path = tmp.join(MANIFEST_FILE);
-        fsutil::write_new_synced(&manifest_path, &json)
+        let manifest_file = fsutil::write_new(&manifest_path, &json)
             .map_err(|e| snap_err(format!("cannot write {}: {e}", manifest_path.display())))?;
+        let state_path = tmp.join(STATE_FILE);
+        let memory_path = tmp.join(if c.delta.is_some() {
+            DELTA_FILE
+        } else {
+            MEMORY_FILE
+        });
+        let mut unsynced = vec![(&manifest_file, manifest_path.as_path())];
+        if let Some(f) = &c.state_file {
+            unsynced.push((f, state_path.as_path()));
+        }
+        if !memory_synced {
+            unsynced.push((&c.memory.file, memory_path.as_path()));
+        }
+        fsutil::sync_together(&unsynced)
+            .map_err(|(path, e)| snap_err(format!("cannot flush {}: {e}", path.display())))?;
         stall::point("before-publish", name);
         store::publish(&tmp, &final_dir)?;
         stall::point("published", name);
