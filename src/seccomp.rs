@@ -6,8 +6,9 @@
 //!   registers it reaches (UART, debug console, virtio-mmio) signal the
 //!   event loop through eventfds and channels.
 //! - **console**: writes guest output to stdout, a file or a pipe.
-//! - **thp-mender**: puts guest RAM back into huge pages after a live
-//!   snapshot's writer exits (`memory::huge_pages`).
+//! - **mem-upkeep**: puts guest RAM back into huge pages after a live
+//!   snapshot's writer exits, and reads a new snapshot's memory back into
+//!   the page cache (`memory::upkeep`).
 //! - **vmm**: the main thread once the VM is built: the event loop, every
 //!   device's back end (virtio-blk on qcow2 files), the control API, the
 //!   exec agent link on COM2, snapshot create/revert/delete, the boot cache,
@@ -59,7 +60,7 @@ pub enum Thread {
     Vcpu,
     Console,
     Vmm,
-    Mender,
+    Upkeep,
 }
 
 impl Thread {
@@ -68,7 +69,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Console => "console",
             Thread::Vmm => "vmm",
-            Thread::Mender => "thp-mender",
+            Thread::Upkeep => "mem-upkeep",
         }
     }
 
@@ -77,7 +78,7 @@ impl Thread {
             Thread::Vcpu => VCPU,
             Thread::Console => CONSOLE,
             Thread::Vmm => VMM,
-            Thread::Mender => MENDER,
+            Thread::Upkeep => UPKEEP,
         }
     }
 }
@@ -123,8 +124,15 @@ const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
 const CONSOLE: &[i64] = &[libc::SYS_close, libc::SYS_fcntl];
 
 /// Collapses guest RAM back into huge pages (`madvise`, in COMMON) and
-/// nothing else (`memory::huge_pages`).
-const MENDER: &[i64] = &[];
+/// reads snapshot files back into the page cache: finds their data, starts
+/// readahead, closes them (`memory::upkeep`).
+const UPKEEP: &[i64] = &[
+    libc::SYS_lseek,
+    libc::SYS_fadvise64,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_close,
+];
 
 const VMM: &[i64] = &[
     // Files: snapshots, disk layers (imago), manifests, the boot cache.
@@ -431,7 +439,7 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_no_list_allows_the_dangerous_calls() {
-        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm, Thread::Mender] {
+        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm, Thread::Upkeep] {
             program(kind).unwrap();
             let allowed = allowed(kind);
             for bad in [

@@ -5,7 +5,7 @@
 //! Memory is `GuestMemoryMmap<AtomicBitmap>` from the start so that every
 //! write rewind itself makes into the guest is visible to dirty tracking.
 
-pub mod huge_pages;
+pub mod upkeep;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};

@@ -108,10 +108,7 @@ impl Vmm {
             },
         )?;
         vmm.kernel_format = Some(loaded.format);
-        // Fresh RAM is anonymous and can be huge pages again after a live
-        // snapshot; a restored VM's is a private file mapping, which the
-        // kernel does not collapse, so it gets no mender.
-        vmm.mender = crate::memory::huge_pages::HugePageMender::start().ok();
+        vmm.collapse_huge_pages = true;
         Ok(vmm)
     }
 
@@ -351,7 +348,9 @@ impl Vmm {
             tsc_khz,
             kernel_identity: None,
             kernel_format: None,
-            mender: None,
+            // Before the VMM thread's seccomp filter, which forbids threads.
+            upkeep: crate::memory::upkeep::Upkeep::start().ok(),
+            collapse_huge_pages: false,
             pending: None,
         })
     }

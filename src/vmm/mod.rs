@@ -205,9 +205,13 @@ pub struct Vmm {
     pub(crate) kernel_identity: Option<String>,
     /// The booted image's kind (None after a restore), for `diagnosis`.
     pub(crate) kernel_format: Option<loader::KernelFormat>,
-    /// Collapses RAM the guest wrote during a live snapshot back into huge
-    /// pages (fresh, anonymous RAM only).
-    pub(crate) mender: Option<crate::memory::huge_pages::HugePageMender>,
+    /// Collapses RAM back into huge pages after a live snapshot, reads new
+    /// snapshots back into the page cache (`memory::upkeep`).
+    pub(crate) upkeep: Option<crate::memory::upkeep::Upkeep>,
+    /// RAM is anonymous (a fresh boot), so huge pages can be collapsed; a
+    /// restored VM's is a private file mapping, which the kernel does not
+    /// collapse.
+    pub(crate) collapse_huge_pages: bool,
     /// A live snapshot an API client waits for, while its writer runs.
     pub(crate) pending: Option<(snapshots::PendingSnapshot, snapshots::SnapshotReply)>,
 }

@@ -149,12 +149,12 @@ impl Vmm {
     /// lived lost their huge pages to copy-on-write; have them collapsed
     /// again so that the next fork stays cheap (`memory::huge_pages`).
     fn mend_huge_pages(&mut self) {
-        if self.mender.is_none() || self.collect_dirty().is_err() {
+        if self.upkeep.is_none() || !self.collapse_huge_pages || self.collect_dirty().is_err() {
             return;
         }
-        let blocks = crate::memory::huge_pages::blocks_of(&self.mem, &self.since_baseline);
-        if let Some(m) = &self.mender {
-            m.mend(blocks);
+        let blocks = crate::memory::upkeep::blocks_of(&self.mem, &self.since_baseline);
+        if let Some(u) = &self.upkeep {
+            u.collapse(blocks);
         }
     }
 
@@ -638,6 +638,9 @@ impl Vmm {
         store::publish(&tmp, &final_dir)?;
         stall::point("published", name);
         self.set_baseline(Some(final_dir.clone()));
+        if let (Some(u), Ok(file)) = (&self.upkeep, c.memory.file.try_clone()) {
+            u.prefetch(file, snapmem::PREFETCH_LIMIT);
+        }
         if !paused {
             self.mend_huge_pages();
         }
