@@ -147,7 +147,7 @@ impl Vmm {
 
     /// After a live snapshot: the blocks the guest wrote while the writer
     /// lived lost their huge pages to copy-on-write; have them collapsed
-    /// again so that the next fork stays cheap (`memory::huge_pages`).
+    /// again so that the next fork stays cheap (`memory::upkeep`).
     fn mend_huge_pages(&mut self) {
         if self.upkeep.is_none() || !self.collapse_huge_pages || self.collect_dirty().is_err() {
             return;
