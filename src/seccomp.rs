@@ -1,7 +1,7 @@
 //! Seccomp filters, one per kind of thread in a VM's process, and the one
 //! place that says which system calls each may make (x86-64).
 //!
-//! A VM process runs four kinds of thread (`rewind run`, `rewind restore`):
+//! A VM process runs these kinds of thread (`rewind run`, `rewind restore`):
 //! - **vcpu**: one per vCPU, `KVM_RUN` and the state ioctls; device
 //!   registers it reaches (UART, debug console, virtio-mmio) signal the
 //!   event loop through eventfds and channels.
@@ -9,6 +9,8 @@
 //! - **mem-upkeep**: puts guest RAM back into huge pages after a live
 //!   snapshot's writer exits, and reads a new snapshot's memory back into
 //!   the page cache (`memory::upkeep`).
+//! - **fuzzer**: `rewind fuzz`'s main thread, which runs the vCPU and the
+//!   resets itself once the target is booted.
 //! - **vmm**: the main thread once the VM is built: the event loop, every
 //!   device's back end (virtio-blk on qcow2 files), the control API, the
 //!   exec agent link on COM2, snapshot create/revert/delete, the boot cache,
@@ -61,6 +63,7 @@ pub enum Thread {
     Console,
     Vmm,
     Upkeep,
+    Fuzzer,
 }
 
 impl Thread {
@@ -70,6 +73,7 @@ impl Thread {
             Thread::Console => "console",
             Thread::Vmm => "vmm",
             Thread::Upkeep => "mem-upkeep",
+            Thread::Fuzzer => "fuzzer",
         }
     }
 
@@ -79,6 +83,7 @@ impl Thread {
             Thread::Console => CONSOLE,
             Thread::Vmm => VMM,
             Thread::Upkeep => UPKEEP,
+            Thread::Fuzzer => FUZZER,
         }
     }
 }
@@ -118,6 +123,22 @@ const COMMON: &[i64] = &[
 /// (irqfds, waking the event loop), closing its vCPU fd when it ends; the
 /// emulation assist reads guest memory through the mapping (no calls).
 const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
+
+/// `rewind fuzz`'s main thread once the target is booted: it runs the vCPU
+/// itself (`kvm::vcpu_inline`) and resets the VM between inputs, so it has
+/// a vCPU thread's calls (KVM ioctls only) plus the run deadline's timer,
+/// reads of the vCPU's statistics fd, and writing the crashing input out.
+const FUZZER: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_close,
+    libc::SYS_timer_create,
+    libc::SYS_timer_settime,
+    libc::SYS_timer_delete,
+    libc::SYS_pread64,
+    libc::SYS_openat,
+    libc::SYS_statx,
+];
 
 /// Writes to stdout, a file or a pipe (in COMMON); closes a file or pipe
 /// it owns when the VM ends.
@@ -271,7 +292,7 @@ fn program(kind: Thread) -> Result<BpfProgram, SeccompError> {
     };
     let mut rules = BTreeMap::new();
     for nr in allowed(kind) {
-        let only = if kind == Thread::Vcpu && nr == libc::SYS_ioctl {
+        let only = if matches!(kind, Thread::Vcpu | Thread::Fuzzer) && nr == libc::SYS_ioctl {
             vec![kvm_ioctls_only().map_err(|e| build(e.to_string()))?]
         } else if nr == libc::SYS_clone {
             vec![fork_only().map_err(|e| build(e.to_string()))?]
@@ -439,7 +460,13 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_no_list_allows_the_dangerous_calls() {
-        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm, Thread::Upkeep] {
+        for kind in [
+            Thread::Vcpu,
+            Thread::Console,
+            Thread::Vmm,
+            Thread::Upkeep,
+            Thread::Fuzzer,
+        ] {
             program(kind).unwrap();
             let allowed = allowed(kind);
             for bad in [

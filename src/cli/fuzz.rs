@@ -116,6 +116,10 @@ pub fn run(args: FuzzArgs) -> Result<i32, Failure> {
         "rewind: fuzzing the test guest (seed {}, at most {} s)",
         args.seed, args.duration
     );
+    // From here this thread runs the guest (its exits, the resets): it gets
+    // a filter as a vCPU thread does.
+    rewind::seccomp::install(rewind::seccomp::Thread::Fuzzer)
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
     let opts = FuzzOptions {
         seed: args.seed,
         duration: Duration::from_secs(args.duration),
