@@ -127,7 +127,8 @@ const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
 /// `rewind fuzz`'s main thread once the target is booted: it runs the vCPU
 /// itself (`kvm::vcpu_inline`) and resets the VM between inputs, so it has
 /// a vCPU thread's calls (KVM ioctls only) plus the run deadline's timer,
-/// reads of the vCPU's statistics fd, and writing the crashing input out.
+/// reads of the vCPU's statistics fd, writing the crashing input out, and
+/// looking for the VM's folder to remove when it ends (realpath, statx).
 const FUZZER: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_read,
@@ -138,6 +139,7 @@ const FUZZER: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_openat,
     libc::SYS_statx,
+    libc::SYS_readlink,
 ];
 
 /// Writes to stdout, a file or a pipe (in COMMON); closes a file or pipe
