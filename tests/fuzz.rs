@@ -67,6 +67,40 @@ fn many_resets_leave_memory_registers_and_devices_as_snapshotted() {
     assert!(t.pages_copied >= 300 * 18, "{t:?}");
 }
 
+/// fuzz.c FUZZ_DIRTY_BASE: `dirty=N` writes one word into each of N pages
+/// from here, which hold zeros in the snapshot.
+const DIRTY_BASE: u64 = 40 << 20;
+
+/// Pages every input writes become hot (src/fuzz/hot.rs): KVM stops
+/// write-protecting them, so the guest's writes to them go unlogged, and
+/// every reset must copy them back anyway. Each input writes `page + its
+/// length` into 16 pages; after every reset, hot or not, they hold the
+/// snapshot's zeros again.
+#[test]
+fn pages_written_by_every_input_turn_hot_and_are_still_reset() {
+    if !kvm_available("reset_hot_pages") {
+        return;
+    }
+    let mut vm = target("dirty=16");
+    let mut page = vec![0u8; 4096];
+    for i in 0..40u32 {
+        let input = vec![b'a'; 1 + i as usize % 9];
+        assert_eq!(run_input(&mut vm, &input), Event::Done, "input {i}");
+        for p in 0..16u64 {
+            vm.read_memory(DIRTY_BASE + p * 4096, &mut page).unwrap();
+            assert!(
+                page.iter().all(|&b| b == 0),
+                "input {i}: page {p} kept the input's write: {:?}",
+                &page[..8]
+            );
+        }
+    }
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    let t = vm.reset_times();
+    assert!(t.hot_pages >= 16, "the 16 pages never turned hot: {t:?}");
+}
+
 #[test]
 fn page_table_changes_between_resets_stay_exact() {
     if !kvm_available("reset_page_tables") {

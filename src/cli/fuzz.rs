@@ -73,11 +73,12 @@ fn us(d: Duration, n: u64) -> f64 {
 fn time_split(t: &ResetTimes) -> String {
     let n = t.resets;
     let mut s = format!(
-        "per reset: input run {:.1} us (vCPU told to run until its event is in hand), dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (handed to a vCPU thread in {:.1} us; none when it runs on this one), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
+        "per reset: input run {:.1} us (vCPU told to run until its event is in hand), dirty log {:.1} us, page copy {:.1} us ({:.1} pages, {} of them hot), vCPU state {:.1} us (handed to a vCPU thread in {:.1} us; none when it runs on this one), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
         us(t.guest_run, n),
         us(t.dirty_log, n),
         us(t.page_copy, n),
         t.pages_copied as f64 / n.max(1) as f64,
+        t.hot_pages,
         us(t.vcpu_state, n),
         us(t.vcpu_round_trip, n),
         us(t.irqchips, n),

@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod floor;
+pub(crate) mod hot;
 pub(crate) mod pagetables;
 pub(crate) mod reset;
 pub(crate) mod untouched;

@@ -14,6 +14,7 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
+use super::hot::HotPages;
 use super::pagetables::page_table_pages;
 use super::untouched::{no_msr_side_effects, Ring0Watch};
 use super::FuzzError;
@@ -55,6 +56,8 @@ pub struct ResetTimes {
     /// layers (emptied: the disk writes since the snapshot are dropped).
     pub devices: Duration,
     pub pages_copied: u64,
+    /// Pages kept writable and copied back at every reset (fuzz::hot), now.
+    pub hot_pages: u64,
     pub slot_reloads: u64,
     /// Resets that left XCRs, debug registers and MSRs unread: the vCPU's
     /// statistics proved the guest ran no ring-0 code (fuzz::untouched).
@@ -115,6 +118,7 @@ pub(crate) struct MemSnapshot {
     /// Where KVM shadows the guest's page tables: the slot reload a vCPU
     /// task does itself when CR3 had moved.
     reloader: Option<Arc<SlotReloader>>,
+    hot: Mutex<HotPages>,
 }
 
 fn region_ptr<R: GuestMemoryRegion>(r: &R) -> *mut u8 {
@@ -128,6 +132,9 @@ impl MemSnapshot {
     /// forgotten (its next revert copies everything, as after a restore).
     pub fn take(vmm: &mut Vmm) -> Result<MemSnapshot, FuzzError> {
         vmm.baseline = None;
+        // An earlier snapshot's hot pages go back under the log first, so
+        // the read below re-protects them and counts from here.
+        vmm.vm.forget_hot();
         vmm.take_dirty_logs()?;
         let page = PAGE_SIZE as usize;
         let mut regions = Vec::new();
@@ -175,7 +182,10 @@ impl MemSnapshot {
                 .begin_scratch()
                 .map_err(|e| FuzzError::State(e.to_string()))?;
         }
+        let slot_pages: Vec<usize> = regions.iter().map(|r| r.len() / page).collect();
+        let hot = HotPages::new(&mut vmm.vm, &page_tables, &slot_pages);
         Ok(MemSnapshot {
+            hot: Mutex::new(hot),
             regions,
             vcpus: state.vcpus.iter().cloned().map(Arc::new).collect(),
             state,
@@ -246,6 +256,11 @@ impl MemSnapshot {
             }
         }
         times.page_copy += t.elapsed();
+
+        let t = Instant::now();
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        times.hot_pages = hot.observe(&mut vmm.vm, &dirty) as u64;
+        times.dirty_log += t.elapsed();
 
         if page_table_hit && vmm.host.shadows_guest_page_tables() {
             let t = Instant::now();
