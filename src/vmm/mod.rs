@@ -2,8 +2,10 @@
 //! event loop, and carries out [`crate::control::Command`]s.
 
 mod builder;
+mod capture;
 mod commands;
 mod diagnose;
+mod dirty;
 pub mod disks;
 mod event_loop;
 mod exec;

@@ -9,13 +9,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use zerocopy::IntoBytes;
 
+use super::capture::{Captured, MemoryJob, COPY_IN_PAUSE_PAGES};
+use super::dirty::dirty_pages;
 use super::{Vmm, VmmError};
 use crate::devices::bus::lock;
 use crate::fsutil;
 use crate::snapshot::chain::{self, MAX_DEPTH};
 use crate::snapshot::delta::{self, DeltaIndex, DELTA_FILE};
 use crate::snapshot::format::{crc64_xz, encode_state};
-use crate::snapshot::live::{self, StallMarker};
 use crate::snapshot::state::{Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
 use crate::snapshot::{format, memory as snapmem, stall, store};
 
@@ -62,26 +63,6 @@ pub struct PauseParts {
     pub resume: f64,
 }
 
-/// A live incremental snapshot of at most this many pages copies them
-/// inside the pause instead of forking a writer: 1 MiB copies in about
-/// 0.1 ms, less than forking the page tables of any but a tiny guest.
-const COPY_IN_PAUSE_PAGES: usize = 256;
-
-/// One page, aligned so that a run of them can be written `O_DIRECT`.
-#[derive(zerocopy::IntoBytes, zerocopy::Immutable)]
-#[repr(C, align(4096))]
-struct Page([u8; crate::memory::PAGE_SIZE as usize]);
-
-/// Where the memory write stands when the pause ends.
-enum MemoryJob {
-    /// Written inside the pause (`--paused`); the sync is left.
-    Written,
-    /// A forked writer writes and syncs it.
-    Forked(live::Writer),
-    /// A small delta's pages, copied inside the pause, in index order.
-    Copied(Vec<Page>),
-}
-
 /// A live snapshot's memory writer is running: the snapshot is finished
 /// (manifest, publish) when it exits.
 pub(crate) struct PendingSnapshot {
@@ -107,84 +88,7 @@ impl PendingSnapshot {
 /// Answers the client that asked for a snapshot.
 pub(crate) type SnapshotReply = Box<dyn FnOnce(Result<SnapshotReport, VmmError>)>;
 
-/// What the pause captured, to be finished with the guest running.
-struct Captured {
-    /// Encoded into `body` after the pause.
-    state: crate::vmm::MachineState,
-    body: Vec<u8>,
-    /// `state.bin`, written and not yet synced.
-    state_file: Option<std::fs::File>,
-    memory: snapmem::MemoryOut,
-    delta: Option<DeltaIndex>,
-    job: Option<MemoryJob>,
-    frozen_paths: Vec<PathBuf>,
-    vcpu0: (Option<u32>, Vec<kvm_bindings::kvm_cpuid_entry2>),
-    parts: PauseParts,
-}
-
 impl Vmm {
-    /// Takes the dirty logs (KVM's for the guest's writes, vm-memory's for
-    /// rewind's own) into `since_baseline` and `populated`. Reading clears
-    /// the logs; nothing is lost, since both sets only grow until a
-    /// snapshot holding them is durable.
-    pub(super) fn collect_dirty(&mut self) -> Result<(), VmmError> {
-        match self.take_dirty_logs() {
-            Ok(out) => {
-                snapmem::merge_bitmaps(&mut self.since_baseline, &out);
-                Ok(())
-            }
-            Err(e) => {
-                // Part of the logs may have been read and dropped: from now
-                // on every page counts as written, so no incremental
-                // snapshot can miss one.
-                for bits in self.since_baseline.iter_mut().chain(&mut self.populated) {
-                    bits.fill(u64::MAX);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// After a live snapshot: the blocks the guest wrote while the writer
-    /// lived lost their huge pages to copy-on-write; have them collapsed
-    /// again so that the next fork stays cheap (`memory::upkeep`).
-    fn mend_huge_pages(&mut self) {
-        if self.upkeep.is_none() || !self.collapse_huge_pages || self.collect_dirty().is_err() {
-            return;
-        }
-        let blocks = crate::memory::upkeep::blocks_of(&self.mem, &self.since_baseline);
-        if let Some(u) = &self.upkeep {
-            u.collapse(blocks);
-        }
-    }
-
-    /// Per slot: the pages written since the logs were last read, by the
-    /// guest (KVM's log) or by rewind (vm-memory's bitmap), also folded into
-    /// `populated`. Reading clears the logs.
-    pub(crate) fn take_dirty_logs(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
-        let vmm_dirty = snapmem::take_vmm_dirty(&self.mem);
-        let mut out = Vec::new();
-        for (slot, (_, size, _)) in crate::memory::regions(&self.mem).into_iter().enumerate() {
-            let mut log = self.vm.take_dirty_log(slot as u32, size as usize)?;
-            if let Some(extra) = vmm_dirty.get(slot) {
-                for (w, e) in log.iter_mut().zip(extra) {
-                    *w |= e;
-                }
-            }
-            out.push(log);
-        }
-        snapmem::merge_bitmaps(&mut self.populated, &out);
-        Ok(out)
-    }
-
-    /// Memory equals the snapshot just written or reverted to.
-    pub(super) fn set_baseline(&mut self, dir: Option<PathBuf>) {
-        self.baseline = dir;
-        for slot in &mut self.since_baseline {
-            slot.fill(0);
-        }
-    }
-
     fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
         if let Some(n) = name {
             if !crate::config::valid_name(&n) {
@@ -329,107 +233,6 @@ impl Vmm {
             next.push(path);
         }
         Ok((next, prepared))
-    }
-
-    /// Inside the pause: dirty logs, disk switch, machine state, and the
-    /// memory write started (live: forked) or done (paused).
-    fn capture(
-        &mut self,
-        tmp: &Path,
-        final_dir: &Path,
-        name: &str,
-        prepared: Vec<crate::disk::PreparedSwitch>,
-        delta_parent: Option<&str>,
-        paused: bool,
-    ) -> Result<Captured, VmmError> {
-        let mut parts = PauseParts::default();
-        let mut lap = Instant::now();
-        let mut split = |into: &mut f64| {
-            *into = ms(lap);
-            lap = Instant::now();
-        };
-        self.collect_dirty()?;
-        split(&mut parts.dirty_log);
-        let mut frozen_paths = Vec::new();
-        for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
-            let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
-            d.layer = frozen.clone();
-            frozen_paths.push(frozen);
-        }
-        split(&mut parts.disk_switch);
-        stall::point("overlay-switched", name);
-        let mut state = self.save_state()?;
-        for d in &mut state.devices.disks {
-            d.layer.frozen = super::disks::layer_name_in(final_dir, &d.layer.frozen);
-        }
-        let vcpu0 = state
-            .vcpus
-            .first()
-            .map(|v| (v.tsc_khz, v.cpuid.clone()))
-            .unwrap_or_default();
-        split(&mut parts.state);
-        let delta = delta_parent.map(|parent| DeltaIndex {
-            parent: parent.to_string(),
-            mem_file_len: crate::memory::ram_end(self.config.mem_bytes()),
-            pages: chain::pages_of(&self.since_baseline, &self.mem),
-        });
-        let (file, path) = match &delta {
-            Some(index) => {
-                let path = tmp.join(DELTA_FILE);
-                (delta::create_empty(&path, index).map_err(snap_err)?, path)
-            }
-            None => {
-                let path = tmp.join(MEMORY_FILE);
-                let file =
-                    snapmem::create_full(&path, self.config.mem_bytes()).map_err(snap_err)?;
-                (file, path)
-            }
-        };
-        let memory = snapmem::MemoryOut::new(file, &path);
-        let mem = &self.mem;
-        let populated = &self.populated;
-        // The delta's header and index (8 bytes a page) are encoded and
-        // written by the writer, after the pause, into this buffer.
-        let mut header = vec![0u8; delta.as_ref().map_or(0, DeltaIndex::header_len)];
-        let mut write = |first_write: &dyn Fn()| match &delta {
-            Some(index) => {
-                delta::write_header(&memory.file, index, &mut header)?;
-                first_write();
-                delta::write_pages(&memory, mem, index)
-            }
-            None => snapmem::write_full(mem, populated, &memory, first_write),
-        };
-        let small = delta
-            .as_ref()
-            .filter(|d| !paused && d.pages.len() <= COPY_IN_PAUSE_PAGES);
-        let job = if let Some(index) = small {
-            MemoryJob::Copied(copy_pages(mem, &index.pages)?)
-        } else if paused {
-            write(&|| stall::point("memory-write-started", name)).map_err(snap_err)?;
-            MemoryJob::Written
-        } else {
-            let job = || {
-                write(&|| ())?;
-                memory.file.sync_all()
-            };
-            let stall_marker = StallMarker::for_point("memory-write-started", name);
-            MemoryJob::Forked(
-                live::spawn(&stall_marker, job)
-                    .map_err(|e| snap_err(format!("cannot start the memory writer: {e}")))?,
-            )
-        };
-        split(&mut parts.memory);
-        Ok(Captured {
-            parts,
-            state,
-            body: Vec::new(),
-            state_file: None,
-            memory,
-            delta,
-            job: Some(job),
-            frozen_paths,
-            vcpu0,
-        })
     }
 
     /// Pauses, captures and resumes; leaves the memory write running (live)
@@ -686,27 +489,6 @@ fn bound_chain(frozen: &Path, base: &Path) -> Result<(), VmmError> {
         crate::snapshot::layers::release_orphans(frozen, &cut);
     }
     Ok(())
-}
-
-fn dirty_pages(bits: &[Vec<u64>]) -> usize {
-    bits.iter().flatten().map(|w| w.count_ones() as usize).sum()
-}
-
-/// Copies the pages at these guest page numbers out of guest memory.
-fn copy_pages(mem: &crate::memory::GuestMemory, pages: &[u64]) -> Result<Vec<Page>, VmmError> {
-    let mut out = Vec::with_capacity(pages.len());
-    for &page in pages {
-        let Some((host, _)) = delta::host_run(mem, page) else {
-            return Err(snap_err(format!("page {page:#x} is outside guest memory")));
-        };
-        let mut to = Page([0; crate::memory::PAGE_SIZE as usize]);
-        // SAFETY: host_run found this page inside a live guest mapping; the
-        // vCPUs are paused, so nothing writes it while it is copied.
-        let from = unsafe { std::slice::from_raw_parts(host, to.0.len()) };
-        to.0.copy_from_slice(from);
-        out.push(to);
-    }
-    Ok(out)
 }
 
 fn parent_label(parent: &Path, vm: &str) -> String {
