@@ -101,6 +101,19 @@ fn pages_written_by_every_input_turn_hot_and_are_still_reset() {
     assert!(t.hot_pages >= 16, "the 16 pages never turned hot: {t:?}");
 }
 
+/// Runs `n` inputs, each of which crashes with `stale` when it finds what
+/// the input before it left (`what`); every one must end Done, and the VM
+/// must equal its snapshot afterwards.
+fn inputs_never_see_the_last_one(vm: &mut Vm, n: u32, stale: u64, what: &str) {
+    for i in 0..n {
+        let event = run_input(vm, &i.to_le_bytes());
+        assert_ne!(event, Event::Crash(stale), "input {i} found {what}");
+        assert_eq!(event, Event::Done, "input {i}");
+    }
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
 #[test]
 fn page_table_changes_between_resets_stay_exact() {
     if !kvm_available("reset_page_tables") {
@@ -110,17 +123,12 @@ fn page_table_changes_between_resets_stay_exact() {
     // then remaps it: a reset that left KVM's shadow of the new mapping in
     // place shows up as the STALE crash in the next input.
     let mut vm = target("ptchange=1");
-    for i in 0..100u32 {
-        let event = run_input(&mut vm, &i.to_le_bytes());
-        assert_ne!(
-            event,
-            Event::Crash(STALE_PAGE_TABLE),
-            "input {i} saw the page-table mapping of the input before it"
-        );
-        assert_eq!(event, Event::Done, "input {i}");
-    }
-    let diffs = vm.differences_from_snapshot().unwrap();
-    assert!(diffs.is_empty(), "{diffs:?}");
+    inputs_never_see_the_last_one(
+        &mut vm,
+        100,
+        STALE_PAGE_TABLE,
+        "the page-table mapping of the input before it",
+    );
     if is_pvm_host() {
         // Every input rewrote a page table: every reset flushed KVM's shadows.
         assert_eq!(vm.reset_times().slot_reloads, 100);
@@ -157,17 +165,12 @@ fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
         return;
     }
     let mut vm = target("msrchange=1");
-    for i in 0..30u32 {
-        let event = run_input(&mut vm, &i.to_le_bytes());
-        assert_ne!(
-            event,
-            Event::Crash(STALE_MSR),
-            "input {i} found KERNEL_GS_BASE as the input before it left it"
-        );
-        assert_eq!(event, Event::Done, "input {i}");
-    }
-    let diffs = vm.differences_from_snapshot().unwrap();
-    assert!(diffs.is_empty(), "{diffs:?}");
+    inputs_never_see_the_last_one(
+        &mut vm,
+        30,
+        STALE_MSR,
+        "KERNEL_GS_BASE as the input before it left it",
+    );
     assert_eq!(vm.reset_times().ring0_unread, 0, "every input ran ring 0");
     let mut plain = target("");
     for i in 0..30u32 {

@@ -155,21 +155,28 @@ fn live_snapshots_of_a_busy_guest_restore_and_revert_exactly() {
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
 }
 
+/// The test guest in `mode=disk` on a fresh 4 MiB raw disk, writing it
+/// every 20 ms.
+fn disk_guest(home: &Home, name: &str, env: &[(&str, &str)]) -> VmProcess {
+    let img = home.path.join(format!("{name}.img"));
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    start_guest_env(
+        home,
+        name,
+        "300",
+        "mode=disk period_ms=20",
+        &["--disk", img.to_str().unwrap()],
+        env,
+    )
+}
+
 #[test]
 fn live_snapshots_while_the_guest_writes_its_disk() {
     if !kvm_available("live_disk") {
         return;
     }
     let home = Home::new("livedisk");
-    let img = home.path.join("disk.img");
-    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-    let vm = start_guest(
-        &home,
-        "d",
-        "300",
-        "mode=disk period_ms=20",
-        &["--disk", img.to_str().unwrap()],
-    );
+    let vm = disk_guest(&home, "d", &[]);
     vm.socket_ready();
     vm.wait_for(0, "disk tick 2", |l| l == "tick 2 disk ok");
     for i in 1..=3 {
@@ -445,14 +452,9 @@ fn the_vm_keeps_its_disk_and_api_while_memory_is_written() {
         return;
     }
     let home = Home::new("diskwrite");
-    let img = home.path.join("disk.img");
-    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-    let vm = start_guest_env(
+    let vm = disk_guest(
         &home,
         "w",
-        "300",
-        "mode=disk period_ms=20",
-        &["--disk", img.to_str().unwrap()],
         &[("REWIND_TEST_STALL_AT", "memory-write-started:held")],
     );
     vm.socket_ready();

@@ -23,7 +23,7 @@
 use kvm_bindings::{kvm_lapic_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
 
-use crate::kvm::vcpu_stats::{Counters, VcpuStats, NAMES};
+use crate::kvm::vcpu_stats::{Counters, VcpuStats, LEAVING_RING3, NAMES};
 
 const MSR_IA32_DEBUGCTL: u32 = 0x1d9;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -91,17 +91,7 @@ fn only_ring3(before: &Counters, now: &Counters) -> bool {
             .expect("a known counter");
         now[i].wrapping_sub(before[i])
     };
-    delta("insn_emulation") == delta("mmio_exits")
-        && [
-            "io_exits",
-            "irq_injections",
-            "nmi_injections",
-            "pf_guest",
-            "hypercalls",
-            "halt_exits",
-        ]
-        .iter()
-        .all(|n| delta(n) == 0)
+    delta("insn_emulation") == delta("mmio_exits") && LEAVING_RING3.iter().all(|n| delta(n) == 0)
 }
 
 /// Neither a LAPIC timer that could fire (and clear TSC_DEADLINE) nor

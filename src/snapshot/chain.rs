@@ -61,6 +61,31 @@ pub enum ChainError {
     FullLayer(String),
 }
 
+/// The pages a walk down a chain, from its top layer, has taken already:
+/// each page comes only from the topmost layer that has it.
+pub(crate) struct Taken(Vec<u64>);
+
+impl Taken {
+    /// One bit per page of the chain's memory file.
+    pub fn for_chain(chain: &MemoryChain) -> Taken {
+        let pages = chain.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
+        Taken(vec![0; (pages as usize).div_ceil(64)])
+    }
+
+    /// Takes `page`: false when a layer above took it, or it lies beyond
+    /// the memory file.
+    pub fn take(&mut self, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        match self.0.get_mut(w) {
+            Some(word) if *word & (1 << b) == 0 => {
+                *word |= 1 << b;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One incremental layer of a chain.
 #[derive(Debug)]
 pub struct Layer {
@@ -199,21 +224,10 @@ impl MemoryChain {
     /// layer first, and each page only from the topmost layer that has it,
     /// so a deep chain of layers rewriting the same pages costs what one does.
     pub fn apply_layers(&self, mem: &GuestMemory) -> Result<(), ChainError> {
-        let pages = self.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
-        let mut done = vec![0u64; (pages as usize).div_ceil(64)];
-        let mut is_done = |p: u64| {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            match done.get_mut(w) {
-                Some(word) if *word & (1 << b) == 0 => {
-                    *word |= 1 << b;
-                    false
-                }
-                _ => true,
-            }
-        };
+        let mut taken = Taken::for_chain(self);
         for layer in self.layers.iter().rev() {
             let todo: Vec<usize> = (0..layer.index.pages.len())
-                .filter(|&i| !is_done(layer.index.pages[i]))
+                .filter(|&i| taken.take(layer.index.pages[i]))
                 .collect();
             delta::apply_some(
                 mem,

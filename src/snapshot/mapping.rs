@@ -138,23 +138,12 @@ pub fn map_with(
 /// The runs that make up the layers' contribution: each page only from the
 /// topmost layer that has it, cut where guest memory or the file breaks.
 fn topmost_runs(chain: &MemoryChain, mem: &GuestMemory) -> Result<Vec<Run>, MappingError> {
-    let pages = chain.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
-    let mut taken = vec![0u64; (pages as usize).div_ceil(64)];
-    let mut take = |p: u64| {
-        let (w, b) = ((p / 64) as usize, p % 64);
-        match taken.get_mut(w) {
-            Some(word) if *word & (1 << b) == 0 => {
-                *word |= 1 << b;
-                true
-            }
-            _ => false,
-        }
-    };
+    let mut taken = super::chain::Taken::for_chain(chain);
     let mut runs: Vec<Run> = Vec::new();
     for (l, layer) in chain.layers.iter().enumerate().rev() {
         let mut room = 0;
         for (pos, &page) in layer.index.pages.iter().enumerate() {
-            if !take(page) {
+            if !taken.take(page) {
                 continue;
             }
             if let Some(last) = runs.last_mut() {
