@@ -46,6 +46,8 @@ use crate::fuzz::reset::MemSnapshot;
 use crate::fuzz::{FuzzError, ResetTimes};
 use crate::guest::GuestKind;
 use crate::kvm::vcpu::VcpuTask;
+use crate::kvm::vcpu_inline::InlineStop;
+use crate::memory::PAGE_SIZE;
 use crate::vmm::{RunOptions, Vmm, VmmError};
 
 /// The vCPU's general-purpose registers, RIP and RFLAGS (KVM's layout).
@@ -69,6 +71,9 @@ pub enum Error {
     Memory { addr: u64, len: usize },
     #[error("the guest stopped for good ({0}); reset() it first")]
     Dead(String),
+    /// The vCPU could not be run on this thread (one line why).
+    #[error("{0}")]
+    Inline(String),
 }
 
 /// How to build a [`Vm`].
@@ -140,6 +145,8 @@ pub struct Vm {
     dead: Option<String>,
     /// A reset's vCPU half, carried out as the vCPU next starts.
     vcpu_pending: bool,
+    /// The last input ended at a doorbell store (see fuzz::untouched).
+    stopped_at_doorbell: bool,
 }
 
 fn console_target(c: &Console) -> ConsoleTarget {
@@ -201,6 +208,13 @@ impl Vm {
         if vmm.config.cpus != 1 {
             return Err(Error::Cpus(vmm.config.cpus));
         }
+        let mut vmm = vmm;
+        if vmm.devices.disks.is_empty() {
+            // The vCPU runs on the harness's thread: no hand-off per input.
+            // Disks keep their vCPU thread, since their queues are served by
+            // the event loop on this one while the guest runs.
+            vmm.vcpus[0].make_inline().map_err(FuzzError::from)?;
+        }
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         link.arm(true);
         Ok(Vm {
@@ -210,6 +224,7 @@ impl Vm {
             times: ResetTimes::default(),
             dead: None,
             vcpu_pending: false,
+            stopped_at_doorbell: false,
         })
     }
 
@@ -222,6 +237,18 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         if self.vmm.paused {
             self.start_vcpu()?;
+        }
+        // Read by the reset's vCPU half just handed over; this run decides anew.
+        self.stopped_at_doorbell = false;
+        let t = Instant::now();
+        let event = self.run_until(deadline);
+        self.times.guest_run += t.elapsed();
+        event
+    }
+
+    fn run_until(&mut self, deadline: Instant) -> Result<Event, Error> {
+        if self.vmm.vcpus[0].inline.is_some() {
+            return self.run_inline(deadline);
         }
         if !self.vmm.devices.disks.is_empty() {
             return self.run_with_devices(deadline);
@@ -245,6 +272,45 @@ impl Vm {
                 }
                 return Ok(ev);
             }
+        }
+    }
+
+    /// [`Vm::run`] with the vCPU on this thread (see kvm::vcpu_inline).
+    fn run_inline(&mut self, deadline: Instant) -> Result<Event, Error> {
+        let mut seen = Vec::new();
+        let outcome = {
+            let events = &self.vmm.events;
+            let mut vcpu = self.vmm.vcpus[0]
+                .inline()
+                .ok_or_else(|| Error::Inline("the vCPU is not on this thread".into()))?;
+            vcpu.run(deadline, &mut || {
+                let mut ends = false;
+                while let Some(e) = events.recv_timeout(Duration::ZERO) {
+                    ends |= !matches!(
+                        e,
+                        VmEvent::Ready | VmEvent::ExpectMatched(_) | VmEvent::ConsoleClosed
+                    );
+                    seen.push(e);
+                }
+                ends
+            })
+            .map_err(Error::Inline)?
+        };
+        self.vmm.paused = true;
+        // A doorbell or a halt sent its event before the run returned.
+        while let Some(e) = self.vmm.events.recv_timeout(Duration::ZERO) {
+            seen.push(e);
+        }
+        for e in seen {
+            if let Some(ev) = self.stopped_by(e) {
+                return Ok(ev);
+            }
+        }
+        match outcome {
+            InlineStop::TimedOut => Ok(Event::Timeout),
+            other => Err(Error::Dead(format!(
+                "the vCPU stopped ({other:?}) without an event"
+            ))),
         }
     }
 
@@ -286,7 +352,9 @@ impl Vm {
         self.vmm.vcpus[0]
             .request_run_and_resume(task)
             .map_err(FuzzError::from)?;
-        self.times.vcpu_round_trip += t.elapsed();
+        if self.vmm.vcpus[0].inline.is_none() {
+            self.times.vcpu_round_trip += t.elapsed();
+        }
         self.vmm.paused = false;
         Ok(())
     }
@@ -296,7 +364,7 @@ impl Vm {
         match (self.vcpu_pending, &self.snapshot) {
             (true, Some(s)) => {
                 self.vcpu_pending = false;
-                s.vcpu_task(0, then_runs)
+                s.vcpu_task(0, then_runs, self.stopped_at_doorbell)
             }
             _ => Box::new(|_| Ok(())),
         }
@@ -316,6 +384,9 @@ impl Vm {
     /// What a VM event means to the caller; `None` for ones that do not
     /// stop the run (the ready line).
     fn stopped_by(&mut self, event: VmEvent) -> Option<Event> {
+        if matches!(event, VmEvent::Doorbell(_)) {
+            self.stopped_at_doorbell = true;
+        }
         let ev = match event {
             VmEvent::Doorbell(bell) => {
                 // The vCPU parked itself right after the doorbell store.
@@ -462,6 +533,50 @@ impl Vm {
     pub fn disk_scratch_bytes(&self) -> u64 {
         let disks = &self.vmm.devices.disks;
         disks.iter().map(|d| lock(&d.disk).scratch_bytes()).sum()
+    }
+
+    /// Bench support: the floor under a reset on this host
+    /// ([`crate::fuzz::Floor`]), measured from the snapshot over `runs`
+    /// inputs that are not reset in between (only the stack and KVM's dirty
+    /// log are, so every input pays for its first write to each page as a
+    /// reset one does). Memory is not put back: the VM is used up.
+    #[doc(hidden)]
+    pub fn measure_floor(mut self, runs: usize) -> Result<crate::fuzz::Floor, Error> {
+        self.reset()?;
+        self.settle()?;
+        let snap = self.snapshot.as_ref().ok_or(Error::NoSnapshot)?;
+        let regs = snap.vcpu_states()[0].regs;
+        let done =
+            crate::arch::layout::DEBUG_CONSOLE_BASE + crate::devices::debug_console::REG_FUZZ_DONE;
+        // Two pages from the stack pointer down: the doorbell call's frame.
+        let base = (regs.rsp & !(PAGE_SIZE - 1)).saturating_sub(PAGE_SIZE);
+        let mut stack = (base, vec![0u8; 2 * PAGE_SIZE as usize]);
+        self.read_memory(base, &mut stack.1)?;
+        let slots = crate::memory::regions(&self.vmm.mem);
+        let vm = &self.vmm.vm;
+        let mut rearm = || {
+            for (slot, (_, size, _)) in slots.iter().enumerate() {
+                vm.take_dirty_log(slot as u32, *size as usize)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let mut vcpu = self.vmm.vcpus[0]
+            .inline()
+            .ok_or_else(|| Error::Inline("the vCPU is not on this thread".into()))?;
+        let mut floor = crate::fuzz::floor::vcpu_floor(
+            vcpu.vcpu(),
+            &self.vmm.mem,
+            &regs,
+            &stack,
+            done,
+            runs,
+            &mut rearm,
+        )
+        .map_err(Error::Inline)?;
+        drop(vcpu);
+        floor.hand_off = crate::fuzz::floor::hand_off(runs);
+        Ok(floor)
     }
 
     /// Test support: every difference between the VM now and its snapshot

@@ -86,13 +86,31 @@ fn atomic_write_with(
     fsync_dir(parent_dir(path))
 }
 
-/// Writes a new file inside a directory that is published later as a whole
-/// (`publish_dir`): no rename of its own is needed, only the data on disk
-/// before the directory's.
-pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Creates `path` (private, must not exist) holding `bytes`, not yet
+/// durable: see [`sync_together`].
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let mut file = crate::paths::create_private_file(path, true)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    Ok(file)
+}
+
+/// Makes several new files durable for about the price of one: their
+/// writeback is started for all before the first fsync, so that its journal
+/// commit takes every file's blocks and sizes, and the other fsyncs find
+/// nothing left to commit. The error names the file.
+pub fn sync_together(files: &[(&File, &Path)]) -> Result<(), (PathBuf, io::Error)> {
+    use std::os::unix::io::AsRawFd;
+    for (file, _) in files {
+        // SAFETY: sync_file_range on an open fd; it only starts writeback.
+        // A failure here is found again by the fsync below.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    for (file, path) in files {
+        file.sync_all().map_err(|e| (path.to_path_buf(), e))?;
+    }
+    Ok(())
 }
 
 /// Makes directory entry changes (creates, renames, unlinks) in `dir`

@@ -241,7 +241,7 @@ pub fn bundle(mut data: &[u8]) {
 
 /// An incremental memory layer (`memory.delta`) read the way restore reads
 /// it: through `snapshot::chain::open` onto a 1 MiB full parent, then
-/// applied to guest memory. Input = flags byte, then the file. Flag bit 0
+/// mapped as a restore does and applied as a revert does. Input = flags byte, then the file. Flag bit 0
 /// makes the header's CRC-64 agree with the header and index, so mutations
 /// reach the checks behind it.
 pub fn memory_delta(data: &[u8]) {
@@ -270,8 +270,10 @@ pub fn memory_delta(data: &[u8]) {
     f.write_all(&file).expect("delta file");
     drop(f);
     if let Ok(chain) = crate::snapshot::chain::open(&child, MEM) {
+        if let Ok(mem) = crate::snapshot::mapping::map(&chain, MEM) {
+            let _ = chain.data_bitmap(&mem);
+        }
         let mem = crate::memory::create_guest_memory(MEM).expect("guest memory");
-        let _ = chain.data_bitmap(&mem);
         let _ = chain.apply_layers(&mem);
     }
 }

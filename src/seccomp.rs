@@ -1,11 +1,16 @@
 //! Seccomp filters, one per kind of thread in a VM's process, and the one
 //! place that says which system calls each may make (x86-64).
 //!
-//! A VM process runs three kinds of thread (`rewind run`, `rewind restore`):
+//! A VM process runs these kinds of thread (`rewind run`, `rewind restore`):
 //! - **vcpu**: one per vCPU, `KVM_RUN` and the state ioctls; device
 //!   registers it reaches (UART, debug console, virtio-mmio) signal the
 //!   event loop through eventfds and channels.
 //! - **console**: writes guest output to stdout, a file or a pipe.
+//! - **mem-upkeep**: puts guest RAM back into huge pages after a live
+//!   snapshot's writer exits, and reads a new snapshot's memory back into
+//!   the page cache (`memory::upkeep`).
+//! - **fuzzer**: `rewind fuzz`'s main thread, which runs the vCPU and the
+//!   resets itself once the target is booted.
 //! - **vmm**: the main thread once the VM is built: the event loop, every
 //!   device's back end (virtio-blk on qcow2 files), the control API, the
 //!   exec agent link on COM2, snapshot create/revert/delete, the boot cache,
@@ -57,6 +62,8 @@ pub enum Thread {
     Vcpu,
     Console,
     Vmm,
+    Upkeep,
+    Fuzzer,
 }
 
 impl Thread {
@@ -65,6 +72,8 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Console => "console",
             Thread::Vmm => "vmm",
+            Thread::Upkeep => "mem-upkeep",
+            Thread::Fuzzer => "fuzzer",
         }
     }
 
@@ -73,6 +82,8 @@ impl Thread {
             Thread::Vcpu => VCPU,
             Thread::Console => CONSOLE,
             Thread::Vmm => VMM,
+            Thread::Upkeep => UPKEEP,
+            Thread::Fuzzer => FUZZER,
         }
     }
 }
@@ -113,9 +124,38 @@ const COMMON: &[i64] = &[
 /// emulation assist reads guest memory through the mapping (no calls).
 const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_read, libc::SYS_close];
 
+/// `rewind fuzz`'s main thread once the target is booted: it runs the vCPU
+/// itself (`kvm::vcpu_inline`) and resets the VM between inputs, so it has
+/// a vCPU thread's calls (KVM ioctls only) plus the run deadline's timer,
+/// reads of the vCPU's statistics fd, writing the crashing input out, and
+/// looking for the VM's folder to remove when it ends (realpath, statx).
+const FUZZER: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_close,
+    libc::SYS_timer_create,
+    libc::SYS_timer_settime,
+    libc::SYS_timer_delete,
+    libc::SYS_pread64,
+    libc::SYS_openat,
+    libc::SYS_statx,
+    libc::SYS_readlink,
+];
+
 /// Writes to stdout, a file or a pipe (in COMMON); closes a file or pipe
 /// it owns when the VM ends.
 const CONSOLE: &[i64] = &[libc::SYS_close, libc::SYS_fcntl];
+
+/// Collapses guest RAM back into huge pages (`madvise`, in COMMON) and
+/// reads snapshot files back into the page cache: finds their data, starts
+/// readahead, closes them (`memory::upkeep`).
+const UPKEEP: &[i64] = &[
+    libc::SYS_lseek,
+    libc::SYS_fadvise64,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_close,
+];
 
 const VMM: &[i64] = &[
     // Files: snapshots, disk layers (imago), manifests, the boot cache.
@@ -137,6 +177,8 @@ const VMM: &[i64] = &[
     libc::SYS_statfs,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // Starts a snapshot's files' writeback before their fsyncs (fsutil).
+    libc::SYS_sync_file_range,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
     libc::SYS_fadvise64,
@@ -213,6 +255,8 @@ const VMM: &[i64] = &[
     libc::SYS_wait4,
     libc::SYS_getppid,
     libc::SYS_pause,
+    // The event loop wakes when a live snapshot's writer exits.
+    libc::SYS_pidfd_open,
     // glibc's fork resets the child's robust futex list.
     libc::SYS_set_robust_list,
 ];
@@ -250,7 +294,7 @@ fn program(kind: Thread) -> Result<BpfProgram, SeccompError> {
     };
     let mut rules = BTreeMap::new();
     for nr in allowed(kind) {
-        let only = if kind == Thread::Vcpu && nr == libc::SYS_ioctl {
+        let only = if matches!(kind, Thread::Vcpu | Thread::Fuzzer) && nr == libc::SYS_ioctl {
             vec![kvm_ioctls_only().map_err(|e| build(e.to_string()))?]
         } else if nr == libc::SYS_clone {
             vec![fork_only().map_err(|e| build(e.to_string()))?]
@@ -418,7 +462,13 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_no_list_allows_the_dangerous_calls() {
-        for kind in [Thread::Vcpu, Thread::Console, Thread::Vmm] {
+        for kind in [
+            Thread::Vcpu,
+            Thread::Console,
+            Thread::Vmm,
+            Thread::Upkeep,
+            Thread::Fuzzer,
+        ] {
             program(kind).unwrap();
             let allowed = allowed(kind);
             for bad in [

@@ -13,6 +13,8 @@ use rewind::{Console, Event, Vm, VmOptions};
 /// shows the mapping of the previous input (main.c FUZZ_STALE_PT_CODE).
 const STALE_PAGE_TABLE: u64 = 0x57A1E;
 const MAGIC_CRASH: u64 = 0x444E5752;
+/// fuzz.c FUZZ_STALE_MSR_CODE: KERNEL_GS_BASE held an earlier input's value.
+const STALE_MSR: u64 = 0x5157;
 
 fn target(append: &str) -> Vm {
     let mut vm = Vm::boot(&VmOptions {
@@ -65,6 +67,53 @@ fn many_resets_leave_memory_registers_and_devices_as_snapshotted() {
     assert!(t.pages_copied >= 300 * 18, "{t:?}");
 }
 
+/// fuzz.c FUZZ_DIRTY_BASE: `dirty=N` writes one word into each of N pages
+/// from here, which hold zeros in the snapshot.
+const DIRTY_BASE: u64 = 40 << 20;
+
+/// Pages every input writes become hot (src/fuzz/hot.rs): KVM stops
+/// write-protecting them, so the guest's writes to them go unlogged, and
+/// every reset must copy them back anyway. Each input writes `page + its
+/// length` into 16 pages; after every reset, hot or not, they hold the
+/// snapshot's zeros again.
+#[test]
+fn pages_written_by_every_input_turn_hot_and_are_still_reset() {
+    if !kvm_available("reset_hot_pages") {
+        return;
+    }
+    let mut vm = target("dirty=16");
+    let mut page = vec![0u8; 4096];
+    for i in 0..40u32 {
+        let input = vec![b'a'; 1 + i as usize % 9];
+        assert_eq!(run_input(&mut vm, &input), Event::Done, "input {i}");
+        for p in 0..16u64 {
+            vm.read_memory(DIRTY_BASE + p * 4096, &mut page).unwrap();
+            assert!(
+                page.iter().all(|&b| b == 0),
+                "input {i}: page {p} kept the input's write: {:?}",
+                &page[..8]
+            );
+        }
+    }
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    let t = vm.reset_times();
+    assert!(t.hot_pages >= 16, "the 16 pages never turned hot: {t:?}");
+}
+
+/// Runs `n` inputs, each of which crashes with `stale` when it finds what
+/// the input before it left (`what`); every one must end Done, and the VM
+/// must equal its snapshot afterwards.
+fn inputs_never_see_the_last_one(vm: &mut Vm, n: u32, stale: u64, what: &str) {
+    for i in 0..n {
+        let event = run_input(vm, &i.to_le_bytes());
+        assert_ne!(event, Event::Crash(stale), "input {i} found {what}");
+        assert_eq!(event, Event::Done, "input {i}");
+    }
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
 #[test]
 fn page_table_changes_between_resets_stay_exact() {
     if !kvm_available("reset_page_tables") {
@@ -74,17 +123,12 @@ fn page_table_changes_between_resets_stay_exact() {
     // then remaps it: a reset that left KVM's shadow of the new mapping in
     // place shows up as the STALE crash in the next input.
     let mut vm = target("ptchange=1");
-    for i in 0..100u32 {
-        let event = run_input(&mut vm, &i.to_le_bytes());
-        assert_ne!(
-            event,
-            Event::Crash(STALE_PAGE_TABLE),
-            "input {i} saw the page-table mapping of the input before it"
-        );
-        assert_eq!(event, Event::Done, "input {i}");
-    }
-    let diffs = vm.differences_from_snapshot().unwrap();
-    assert!(diffs.is_empty(), "{diffs:?}");
+    inputs_never_see_the_last_one(
+        &mut vm,
+        100,
+        STALE_PAGE_TABLE,
+        "the page-table mapping of the input before it",
+    );
     if is_pvm_host() {
         // Every input rewrote a page table: every reset flushed KVM's shadows.
         assert_eq!(vm.reset_times().slot_reloads, 100);
@@ -108,6 +152,36 @@ fn page_table_changes_between_resets_stay_exact() {
         assert_eq!(run_input(&mut plain, &i.to_le_bytes()), Event::Done);
     }
     assert_eq!(plain.reset_times().slot_reloads, 0);
+}
+
+/// A reset leaves MSRs, XCRs and debug registers unread when the vCPU's
+/// statistics prove the input ran no ring-0 code (src/fuzz/untouched.rs).
+/// With `msrchange=1` every input's ring-0 code writes KERNEL_GS_BASE after
+/// checking that it still holds the snapshot's value: a reset that skipped
+/// the MSRs then shows up as the STALE crash in the next input.
+#[test]
+fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
+    if !kvm_available("reset_msr") {
+        return;
+    }
+    let mut vm = target("msrchange=1");
+    inputs_never_see_the_last_one(
+        &mut vm,
+        30,
+        STALE_MSR,
+        "KERNEL_GS_BASE as the input before it left it",
+    );
+    assert_eq!(vm.reset_times().ring0_unread, 0, "every input ran ring 0");
+    let mut plain = target("");
+    for i in 0..30u32 {
+        assert_eq!(run_input(&mut plain, &i.to_le_bytes()), Event::Done);
+    }
+    let diffs = plain.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    if is_pvm_host() {
+        // The first reset has no earlier statistics to compare with.
+        assert_eq!(plain.reset_times().ring0_unread, 29);
+    }
 }
 
 #[test]

@@ -140,10 +140,34 @@ fn live_snapshots_of_a_busy_guest_restore_and_revert_exactly() {
     let r = create(&clone, serde_json::json!({ "name": "c2" }));
     assert_eq!(r["incremental_on"], "c1", "{r}");
     restores_cleanly(&home, "c", "c2");
+    // In place in the clone, whose memory maps s3's layers: reverting
+    // writes into those mappings.
+    let k = snapshot_tick(&home, "c", "c1");
+    let from = clone.lines().len();
+    clone.api_ok("PUT", "/snapshots/c1/revert", None);
+    let i = clone.wait_for(from, "the tick after c1's", |l| {
+        parse_tick(l) == Some((0, k + 1))
+    });
+    clone.wait_for(i, "four more", |l| parse_tick(l) == Some((0, k + 5)));
     let lines: Vec<String> = vm.lines().into_iter().chain(clone.lines()).collect();
     assert_eq!(clone.stop(), Some(0));
     assert_eq!(vm.stop(), Some(0));
     assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
+}
+
+/// The test guest in `mode=disk` on a fresh 4 MiB raw disk, writing it
+/// every 20 ms.
+fn disk_guest(home: &Home, name: &str, env: &[(&str, &str)]) -> VmProcess {
+    let img = home.path.join(format!("{name}.img"));
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    start_guest_env(
+        home,
+        name,
+        "300",
+        "mode=disk period_ms=20",
+        &["--disk", img.to_str().unwrap()],
+        env,
+    )
 }
 
 #[test]
@@ -152,15 +176,7 @@ fn live_snapshots_while_the_guest_writes_its_disk() {
         return;
     }
     let home = Home::new("livedisk");
-    let img = home.path.join("disk.img");
-    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-    let vm = start_guest(
-        &home,
-        "d",
-        "300",
-        "mode=disk period_ms=20",
-        &["--disk", img.to_str().unwrap()],
-    );
+    let vm = disk_guest(&home, "d", &[]);
     vm.socket_ready();
     vm.wait_for(0, "disk tick 2", |l| l == "tick 2 disk ok");
     for i in 1..=3 {
@@ -424,4 +440,58 @@ fn children_of(pid: u32) -> Vec<i32> {
                 .collect::<Vec<i32>>()
         })
         .collect()
+}
+
+/// While a live snapshot's memory writer runs, the VMM goes on serving the
+/// guest's disk and the API: the writer is held (a test stall) and the
+/// guest's disk ticks and a GET /vm must still complete. Killing the writer
+/// then fails that snapshot only; the VM and its disk run on.
+#[test]
+fn the_vm_keeps_its_disk_and_api_while_memory_is_written() {
+    if !kvm_available("disk_during_write") {
+        return;
+    }
+    let home = Home::new("diskwrite");
+    let vm = disk_guest(
+        &home,
+        "w",
+        &[("REWIND_TEST_STALL_AT", "memory-write-started:held")],
+    );
+    vm.socket_ready();
+    vm.wait_for(0, "disk tick 2", |l| l == "tick 2 disk ok");
+    let snapper = snapshot_in_background(&home, "w", "held");
+    wait_for_path(
+        &home.path.join("stalled-at-memory-write-started"),
+        "the memory writer's stall",
+    );
+    let writer = children_of(vm.pid());
+    assert_eq!(writer.len(), 1, "one forked memory writer: {writer:?}");
+    let from = vm.lines().len();
+    let first = vm.wait_for(from, "a disk tick with the writer held", |l| {
+        first_tick(l).is_some()
+    });
+    let t = first_tick(&vm.lines()[first]).unwrap();
+    vm.wait_for(first, "three more disk ticks with the writer held", |l| {
+        first_tick(l).is_some_and(|n| n >= t + 3)
+    });
+    let info = vm.api_ok("GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(
+        !snapper.is_finished(),
+        "the snapshot ended with its writer held"
+    );
+    // SAFETY: kill(2) of the forked writer, a child of our child.
+    unsafe { libc::kill(writer[0], libc::SIGKILL) };
+    assert!(
+        !snapper.join().unwrap(),
+        "the snapshot succeeded without its writer"
+    );
+    assert!(!snapshots_dir(&home, "w").join("held").exists());
+    create(&vm, serde_json::json!({ "name": "after" }));
+    let from = vm.lines().len();
+    vm.wait_for(from, "a disk tick after", |l| first_tick(l).is_some());
+    let lines = vm.lines();
+    assert_eq!(vm.stop(), Some(0));
+    assert!(!lines.iter().any(|l| l.contains("CORRUPT")), "{lines:?}");
+    check_vm_disks(&home.path, "w");
 }

@@ -33,7 +33,7 @@ fn a_forbidden_call_ends_the_vm_in_every_kind_of_thread() {
         return;
     }
     let home = Home::new("seccomp");
-    for kind in ["vcpu", "console", "vmm"] {
+    for kind in ["vcpu", "console", "vmm", "mem-upkeep"] {
         let o = probe(&home, kind, &[]);
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "{err}");
@@ -74,4 +74,31 @@ fn no_seccomp_lets_the_same_call_through() {
         assert!(stdout(&o).contains("tick 3 ok"), "{}", stdout(&o));
         assert!(!stderr(&o).contains("seccomp"), "{}", stderr(&o));
     }
+}
+
+/// `rewind fuzz` runs the guest on its main thread once the target is
+/// booted; that thread is filtered too.
+#[test]
+fn the_fuzzer_thread_is_filtered() {
+    if !kvm_available("seccomp_fuzzer") {
+        return;
+    }
+    let home = Home::new("seccomp-fuzz");
+    let crash = home.path.join("crash.bin");
+    let fuzz = |extra: &[&str]| {
+        let mut c = home.cmd();
+        c.env("REWIND_TEST_SECCOMP_PROBE", "fuzzer")
+            .args(extra)
+            .args(["fuzz", "--guest", "test", "--seed", "7", "--output"])
+            .arg(&crash);
+        c.output().unwrap()
+    };
+    let o = fuzz(&[]);
+    assert_eq!(o.status.code(), Some(159), "{}", stderr(&o));
+    let needle = "rewind: seccomp: the fuzzer thread made system call 161,";
+    assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+    assert!(!crash.exists());
+    let o = fuzz(&["--no-seccomp"]);
+    assert!(stdout(&o).contains("crash found"), "{}", stderr(&o));
+    assert!(crash.exists());
 }

@@ -221,7 +221,7 @@ gp_isr:
         mov cr3, rbx
         jmp 9f
 7:      cmp rax, 4                      /* MXCSR round trip: set from rbx, read back into rax */
-        jne 10f
+        jne 17f
         sub rsp, 16
         mov [rsp], ebx
         ldmxcsr [rsp]
@@ -229,6 +229,23 @@ gp_isr:
         stmxcsr [rsp + 4]
         mov eax, [rsp + 4]
         add rsp, 16
+        jmp 9f
+17:     cmp rax, 10                     /* KERNEL_GS_BASE swap: old into rax, rbx written (mode=fuzz msrchange=1) */
+        jne 10f
+        push rcx
+        push rdx
+        mov ecx, 0xC0000102
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        push rax
+        mov rax, rbx
+        mov rdx, rbx
+        shr rdx, 32
+        wrmsr
+        pop rax
+        pop rdx
+        pop rcx
         jmp 9f
 /* mode=hostile port sweep over ports [rbx, rcx): read, then write the
  * value in rsi; rax = 5, 6, 7 for 1, 2, 4 bytes. One trap for the whole

@@ -25,6 +25,8 @@
 #define FUZZ_STALE_PT_CODE 0x57A1EULL /* the window showed a page-table mapping the reset undid */
 #define FUZZ_STALE_DISK_CODE 0xD15CULL /* sector 0 held an earlier input's write */
 #define FUZZ_DISK_BEFORE 0xA1 /* sector 0's bytes at the snapshot */
+#define FUZZ_STALE_MSR_CODE 0x5157ULL /* KERNEL_GS_BASE held an earlier input's value */
+#define FUZZ_MSR_BEFORE 0x5EEDULL /* KERNEL_GS_BASE at the snapshot */
 #define FUZZ_DIRTY_BASE (40UL << 20) /* dirty=N pages from here (guest needs 64 MiB) */
 /* ptchange=1: PD entry 500 (virtual 1000 MiB, no RAM there) maps one of
  * two 2 MiB pages, each holding its own marker. */
@@ -104,6 +106,15 @@ static void build_alt_tables(void)
 	pml4[0] = ALT_PDPT | 7;
 }
 
+/* Ring 0 swaps KERNEL_GS_BASE (the `cli` probe, code 10): returns the old
+ * value. An MSR only ring-0 code can write. */
+static uint64_t swap_kernel_gs_base(uint64_t v)
+{
+	uint64_t code = 10;
+	__asm__ volatile("cli" : "+a"(code) : "b"(v) : "memory");
+	return code;
+}
+
 static uint64_t window_marker(void)
 {
 	return *(volatile uint64_t *)PT_WINDOW;
@@ -163,6 +174,8 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 		(void)window_marker(); /* KVM shadows the second address space too */
 		switch_cr3(BOOT_PML4);
 	}
+	if (o->msrchange)
+		(void)swap_kernel_gs_base(FUZZ_MSR_BEFORE);
 	/* Write every page an input will write once now: the CPU sets the
 	 * dirty bit in the page tables here, before the snapshot, instead of
 	 * in every input (a page-table page restored on every reset would make
@@ -199,6 +212,8 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 	}
 	for (uint64_t p = 0; p < o->dirty; p++)
 		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = p + n;
+	if (o->msrchange && swap_kernel_gs_base(0x1000 + n) != FUZZ_MSR_BEFORE)
+		mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_MSR_CODE);
 	if (o->disk)
 		fuzz_disk_input(&disk, n);
 	fuzz_target(fuzz_input.data, n, o);

@@ -31,6 +31,8 @@
  *   cr3switch=1     fuzz: each input switches to a second address space and
  *                   remaps the window there (ptchange's check, not reachable
  *                   from the snapshot's CR3)
+ *   msrchange=1     fuzz: each input checks that KERNEL_GS_BASE holds what it
+ *                   held at the snapshot, then writes another value (ring 0)
  *
  * mode=hostile (hostile.c, needs a disk) attacks rewind's devices, says
  * HOSTILE-DONE, then ticks as mode=verify. mode=fuzz (fuzz.c) is a target
@@ -210,6 +212,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->fuzz.disk = parse_u64(c + 5);
 		else if (starts_with(c, "cr3switch="))
 			o->fuzz.cr3switch = parse_u64(c + 10);
+		else if (starts_with(c, "msrchange="))
+			o->fuzz.msrchange = parse_u64(c + 10);
 		while (*c && *c != ' ')
 			c++;
 	}

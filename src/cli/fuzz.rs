@@ -73,16 +73,22 @@ fn us(d: Duration, n: u64) -> f64 {
 fn time_split(t: &ResetTimes) -> String {
     let n = t.resets;
     let mut s = format!(
-        "per reset: dirty log {:.1} us, page copy {:.1} us ({:.1} pages), vCPU state {:.1} us (on the vCPU thread, handed over in {:.1} us), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
+        "per reset: input run {:.1} us (vCPU told to run until its event is in hand), dirty log {:.1} us, page copy {:.1} us ({:.1} pages, {} of them hot), vCPU state {:.1} us (handed to a vCPU thread in {:.1} us; none when it runs on this one), irqchips/PIT {:.1} us, devices {:.1} us, slot reloads {} ({:.1} us)",
+        us(t.guest_run, n),
         us(t.dirty_log, n),
         us(t.page_copy, n),
         t.pages_copied as f64 / n.max(1) as f64,
+        t.hot_pages,
         us(t.vcpu_state, n),
         us(t.vcpu_round_trip, n),
         us(t.irqchips, n),
         us(t.devices, n),
         t.slot_reloads,
         us(t.slot_reload, n),
+    );
+    s += &format!(
+        "\n  XCRs, debug registers and MSRs left unread in {} of {n} resets (vCPU statistics: no ring-0 code ran)",
+        t.ring0_unread
     );
     s += "\n  vCPU parts, read/write us per reset (writes):";
     for (name, get, set, sets) in &t.vcpu_parts {
@@ -111,6 +117,10 @@ pub fn run(args: FuzzArgs) -> Result<i32, Failure> {
         "rewind: fuzzing the test guest (seed {}, at most {} s)",
         args.seed, args.duration
     );
+    // From here this thread runs the guest (its exits, the resets): it gets
+    // a filter as a vCPU thread does.
+    rewind::seccomp::install(rewind::seccomp::Thread::Fuzzer)
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
     let opts = FuzzOptions {
         seed: args.seed,
         duration: Duration::from_secs(args.duration),
@@ -150,6 +160,27 @@ pub fn run(args: FuzzArgs) -> Result<i32, Failure> {
     Ok(0)
 }
 
+/// What an input costs here with no reset work at all (see
+/// rewind::fuzz::Floor): the ceiling on resets per second on this host.
+fn floor(name: &str, append: &str, inputs: u64) -> Result<(), String> {
+    let vm = target(append, 64).map_err(|e| match e {
+        Failure::Usage(m) | Failure::Runtime(m) | Failure::Timeout(m) => m,
+    })?;
+    let f = vm
+        .measure_floor(inputs as usize)
+        .map_err(|e| e.to_string())?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "floor, {name} (medians of {inputs}): KVM_RUN from the snapshot to DONE {:.1} us (at most {:.0} inputs/s), KVM_RUN with immediate_exit {:.1} us, one vCPU ioctl {:.1} us, thread hand-off {:.1} us",
+        us(f.kvm_run),
+        1.0 / f.kvm_run.as_secs_f64().max(1e-9),
+        us(f.immediate_exit_run),
+        us(f.vcpu_ioctl),
+        us(f.hand_off),
+    );
+    Ok(())
+}
+
 /// `rewind bench reset`: resets per second, input run included, for each
 /// case (median of `runs` VMs, `inputs` resets each).
 pub fn bench(runs: usize, inputs: u64) -> Result<(), String> {
@@ -161,6 +192,8 @@ pub fn bench(runs: usize, inputs: u64) -> Result<(), String> {
         ("16 dirty pages, page-table change", "dirty=16 ptchange=1"),
         ("1 MiB dirty, page-table change", "dirty=256 ptchange=1"),
     ];
+    floor("idle", "", inputs)?;
+    floor("16 dirty pages", "dirty=16", inputs)?;
     for (name, append) in cases {
         let mut rates = Vec::new();
         let mut last = ResetTimes::default();

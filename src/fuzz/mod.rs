@@ -4,11 +4,15 @@
 //! [`crate::Vm`]; `rewind fuzz` is [`engine::fuzz`] on the test guest.
 
 pub mod engine;
+pub mod floor;
+pub(crate) mod hot;
 pub(crate) mod pagetables;
 pub(crate) mod reset;
+pub(crate) mod untouched;
 pub(crate) mod verify;
 
 pub use engine::{fuzz, FuzzOptions, FuzzReport};
+pub use floor::Floor;
 pub use reset::ResetTimes;
 
 #[derive(Debug, thiserror::Error)]

@@ -9,13 +9,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs};
+use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
+use super::hot::HotPages;
 use super::pagetables::page_table_pages;
+use super::untouched::{no_msr_side_effects, Ring0Watch};
 use super::FuzzError;
+use crate::arch::host::HostKind;
 use crate::devices::bus::lock;
 use crate::kvm::vcpu::VcpuTask;
 use crate::kvm::vcpu_state::{self, VcpuState};
@@ -44,13 +47,21 @@ pub struct ResetTimes {
     pub vcpu_state: Duration,
     /// Handing that work to the vCPU thread (not waited for).
     pub vcpu_round_trip: Duration,
+    /// From the vCPU told to run until the harness holds the guest's event:
+    /// the input's own run and the hand-offs around it.
+    pub guest_run: Duration,
     /// Irqchips and PIT (read, written back where they differ).
     pub irqchips: Duration,
     /// rewind's own devices, the doorbell registers and the disks' scratch
     /// layers (emptied: the disk writes since the snapshot are dropped).
     pub devices: Duration,
     pub pages_copied: u64,
+    /// Pages kept writable and copied back at every reset (fuzz::hot), now.
+    pub hot_pages: u64,
     pub slot_reloads: u64,
+    /// Resets that left XCRs, debug registers and MSRs unread: the vCPU's
+    /// statistics proved the guest ran no ring-0 code (fuzz::untouched).
+    pub ring0_unread: u64,
     /// Per vCPU state part: (name, time reading, time writing, writes).
     pub vcpu_parts: Vec<(&'static str, Duration, Duration, u64)>,
 }
@@ -80,6 +91,15 @@ struct PartCost {
     cr3_reloads: u64,
     /// The valid bits are set, so `kvm_run` holds the state of the last exit.
     sync_valid: bool,
+    watch: Ring0Watch,
+    ring0_unread: u64,
+}
+
+/// Parts a reset leaves unread, each proven unchanged (fuzz::untouched).
+#[derive(Clone, Copy, Default)]
+struct Skip {
+    mp_state: bool,
+    ring0: bool,
 }
 
 /// A snapshot taken into memory: no files.
@@ -98,6 +118,7 @@ pub(crate) struct MemSnapshot {
     /// Where KVM shadows the guest's page tables: the slot reload a vCPU
     /// task does itself when CR3 had moved.
     reloader: Option<Arc<SlotReloader>>,
+    hot: Mutex<HotPages>,
 }
 
 fn region_ptr<R: GuestMemoryRegion>(r: &R) -> *mut u8 {
@@ -111,6 +132,9 @@ impl MemSnapshot {
     /// forgotten (its next revert copies everything, as after a restore).
     pub fn take(vmm: &mut Vmm) -> Result<MemSnapshot, FuzzError> {
         vmm.baseline = None;
+        // An earlier snapshot's hot pages go back under the log first, so
+        // the read below re-protects them and counts from here.
+        vmm.vm.forget_hot();
         vmm.take_dirty_logs()?;
         let page = PAGE_SIZE as usize;
         let mut regions = Vec::new();
@@ -145,6 +169,12 @@ impl MemSnapshot {
                 }
             }
         }
+        // Statistics are read on the harness's thread only (the vCPU
+        // thread's seccomp filter has no need for them).
+        let watch = vmm.host == HostKind::Pvm
+            && vmm.vcpus.len() == 1
+            && vmm.vcpus[0].inline.is_some()
+            && no_msr_side_effects(&state.vcpus[0].lapic, &state.vcpus[0].msrs);
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         // Disk writes from here on stay in memory; a reset drops them.
         for d in &vmm.devices.disks {
@@ -152,7 +182,10 @@ impl MemSnapshot {
                 .begin_scratch()
                 .map_err(|e| FuzzError::State(e.to_string()))?;
         }
+        let slot_pages: Vec<usize> = regions.iter().map(|r| r.len() / page).collect();
+        let hot = HotPages::new(&mut vmm.vm, &page_tables, &slot_pages);
         Ok(MemSnapshot {
+            hot: Mutex::new(hot),
             regions,
             vcpus: state.vcpus.iter().cloned().map(Arc::new).collect(),
             state,
@@ -172,6 +205,7 @@ impl MemSnapshot {
             },
             cost: Arc::new(Mutex::new(PartCost {
                 sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                watch: Ring0Watch::new(watch),
                 ..PartCost::default()
             })),
         })
@@ -223,6 +257,11 @@ impl MemSnapshot {
         }
         times.page_copy += t.elapsed();
 
+        let t = Instant::now();
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        times.hot_pages = hot.observe(&mut vmm.vm, &dirty) as u64;
+        times.dirty_log += t.elapsed();
+
         if page_table_hit && vmm.host.shadows_guest_page_tables() {
             let t = Instant::now();
             vmm.vm.reload_memory(&vmm.mem)?;
@@ -251,7 +290,9 @@ impl MemSnapshot {
     /// on the vCPU thread, so the caller need not wait for its answer.
     /// `then_runs`: the vCPU enters the guest right after the task, so the
     /// state may go in through `kvm_run` (see [`restore_with_sync`]).
-    pub fn vcpu_task(&self, index: usize, then_runs: bool) -> VcpuTask {
+    /// `after_doorbell`: the input ended at a doorbell store (see
+    /// fuzz::untouched for what that lets a reset leave unread).
+    pub fn vcpu_task(&self, index: usize, then_runs: bool, after_doorbell: bool) -> VcpuTask {
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
@@ -259,12 +300,19 @@ impl MemSnapshot {
         Box::new(move |fd| {
             let mut cost = cost.lock().unwrap_or_else(|p| p.into_inner());
             let t = Instant::now();
+            let (counters, proven) = cost.watch.check(fd, after_doorbell);
+            let skip = Skip {
+                mp_state: after_doorbell && snap.mp_state.mp_state == KVM_MP_STATE_RUNNABLE,
+                ring0: proven,
+            };
             let moved = if then_runs {
-                restore_with_sync(fd, &snap, &msrs, &mut cost)
+                restore_with_sync(fd, &snap, &msrs, &mut cost, skip)
             } else {
-                restore_vcpu(fd, &snap, &msrs, &mut cost, None)
+                restore_vcpu(fd, &snap, &msrs, &mut cost, None, skip)
             }
             .map_err(|e| e.to_string())?;
+            cost.watch.equal_at(counters);
+            cost.ring0_unread += u64::from(proven);
             cost.total += t.elapsed();
             if let (true, Some(r)) = (moved, &reloader) {
                 r.reload()
@@ -280,6 +328,7 @@ impl MemSnapshot {
         let c = self.cost.lock().unwrap_or_else(|p| p.into_inner());
         times.vcpu_state = c.total;
         times.slot_reloads += c.cr3_reloads;
+        times.ring0_unread = c.ring0_unread;
         times.vcpu_parts = PARTS
             .iter()
             .enumerate()
@@ -393,10 +442,11 @@ fn restore_with_sync(
     snap: &VcpuState,
     msr_indices: &[u32],
     cost: &mut PartCost,
+    skip: Skip,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
     // kvm_run holds them only after an exit with the valid bits set.
     let synced = cost.sync_valid.then(|| fd.sync_regs());
-    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref())?;
+    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref(), skip)?;
     if let Some(now) = synced {
         let t = Instant::now();
         fd.sync_regs_mut().regs = snap.regs;
@@ -427,11 +477,15 @@ fn restore_vcpu(
     msr_indices: &[u32],
     cost: &mut PartCost,
     synced: Option<&kvm_sync_regs>,
+    skip: Skip,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
     step(
         cost,
         0,
-        &mut || Ok(fd.get_mp_state().map_err(kvm_err("read mp_state"))? == snap.mp_state),
+        &mut || {
+            Ok(skip.mp_state
+                || fd.get_mp_state().map_err(kvm_err("read mp_state"))? == snap.mp_state)
+        },
         &mut || {
             fd.set_mp_state(snap.mp_state)
                 .map_err(kvm_err("set mp_state"))
@@ -482,7 +536,7 @@ fn restore_vcpu(
             &mut || vcpu_state::apply_fpu(fd, &snap.fpu),
         )?,
     }
-    if let Some(want) = &snap.xcrs {
+    if let (Some(want), false) = (&snap.xcrs, skip.ring0) {
         step(
             cost,
             4,
@@ -494,10 +548,11 @@ fn restore_vcpu(
         cost,
         5,
         &mut || {
-            Ok(fd
-                .get_debug_regs()
-                .map_err(kvm_err("read debug registers"))?
-                == snap.debugregs)
+            Ok(skip.ring0
+                || fd
+                    .get_debug_regs()
+                    .map_err(kvm_err("read debug registers"))?
+                    == snap.debugregs)
         },
         &mut || {
             fd.set_debug_regs(&snap.debugregs)
@@ -512,11 +567,14 @@ fn restore_vcpu(
     )?;
     // By hand, not through `step`: what is written depends on what was read.
     let t = Instant::now();
-    let now = vcpu_state::read_msrs(fd, msr_indices)?;
+    let now = match skip.ring0 {
+        true => Vec::new(),
+        false => vcpu_state::read_msrs(fd, msr_indices)?,
+    };
     let changed: Vec<kvm_msr_entry> = snap
         .msrs
         .iter()
-        .filter(|m| m.index != MSR_TSC)
+        .filter(|m| m.index != MSR_TSC && !skip.ring0)
         .filter(|m| !now.iter().any(|n| n.index == m.index && n.data == m.data))
         .copied()
         .collect();

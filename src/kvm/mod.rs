@@ -3,5 +3,7 @@
 
 pub(crate) mod assist;
 pub(crate) mod vcpu;
+pub(crate) mod vcpu_inline;
 pub(crate) mod vcpu_state;
+pub(crate) mod vcpu_stats;
 pub(crate) mod vm;

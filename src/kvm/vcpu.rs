@@ -14,7 +14,7 @@ use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::assist;
+use super::vcpu_inline::InlineVcpu;
 use crate::devices::Bus;
 use crate::events::{VmEvent, VmEventSender};
 use crate::memory::GuestMemory;
@@ -38,6 +39,12 @@ thread_local! {
     // Set only while this thread owns a live VcpuFd (trap: the handler must
     // never see a freed kvm_run mapping), cleared before the fd is dropped.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Points this thread's kick handler at `run` (null: at nothing). Whoever
+/// sets it clears it before the vCPU fd can be dropped or leave the thread.
+pub(crate) fn set_kick_target(run: *mut kvm_run) {
+    KVM_RUN_PTR.with(|p| p.set(run));
 }
 
 extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
@@ -70,6 +77,9 @@ pub enum Request {
     /// had stopped for good (a triple fault): a fuzzer's reset puts the
     /// whole state back and goes on in one round trip.
     RunResume(VcpuTask),
+    /// Stop being a thread: hand the vCPU over (stopped, in-flight I/O
+    /// completed) to whoever runs it from here (see vcpu_inline).
+    Handover(Sender<VcpuCore>),
 }
 
 #[derive(Debug)]
@@ -117,6 +127,9 @@ pub struct VcpuHandle {
     next_seq: AtomicU64,
     reply_timeout: Duration,
     thread: Option<JoinHandle<()>>,
+    /// The vCPU after [`VcpuHandle::make_inline`]: run on the caller's
+    /// thread, its own thread gone.
+    pub(crate) inline: Option<Mutex<InlineVcpu>>,
 }
 
 impl VcpuHandle {
@@ -136,7 +149,30 @@ impl VcpuHandle {
             next_seq: AtomicU64::new(1),
             reply_timeout: REPLY_TIMEOUT,
             thread: Some(thread),
+            inline: None,
         })
+    }
+
+    /// Takes the vCPU off its thread (which ends) to be run on the caller's
+    /// from now on ([`InlineVcpu::run`]). The other methods keep working:
+    /// pause and resume have nothing to do, tasks run at once.
+    pub fn make_inline(&mut self) -> Result<(), VcpuError> {
+        if self.inline.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = channel();
+        self.send(Request::Handover(tx))?;
+        let core = rx.recv().map_err(|_| VcpuError::Gone(self.index))?;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.inline = Some(Mutex::new(InlineVcpu::new(core)));
+        Ok(())
+    }
+
+    pub(crate) fn inline(&self) -> Option<std::sync::MutexGuard<'_, InlineVcpu>> {
+        let m = self.inline.as_ref()?;
+        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Queues `req` and kicks the thread; returns the number its reply carries.
@@ -171,10 +207,17 @@ impl VcpuHandle {
 
     /// Asks to pause without waiting, so N vCPUs pause in parallel.
     pub fn request_pause(&self) -> Result<Ticket, VcpuError> {
+        if self.inline.is_some() {
+            // It runs only inside InlineVcpu::run, so it is stopped now.
+            return Ok(Ticket(0));
+        }
         self.send(Request::Pause)
     }
 
     pub fn wait_paused(&self, ticket: Ticket) -> Result<(), VcpuError> {
+        if self.inline.is_some() {
+            return Ok(());
+        }
         match self.wait(ticket)? {
             Reply::Paused => Ok(()),
             _ => Err(VcpuError::Gone(self.index)),
@@ -183,10 +226,16 @@ impl VcpuHandle {
 
     /// Asks to resume without waiting (see `request_pause`).
     pub fn request_resume(&self) -> Result<Ticket, VcpuError> {
+        if self.inline.is_some() {
+            return Ok(Ticket(0));
+        }
         self.send(Request::Resume)
     }
 
     pub fn wait_resumed(&self, ticket: Ticket) -> Result<(), VcpuError> {
+        if self.inline.is_some() {
+            return Ok(());
+        }
         match self.wait(ticket)? {
             Reply::Resumed => Ok(()),
             _ => Err(VcpuError::Gone(self.index)),
@@ -195,6 +244,12 @@ impl VcpuHandle {
 
     /// Runs `task` on the (paused) vCPU thread and waits for it.
     pub fn run_task(&self, task: VcpuTask) -> Result<(), VcpuError> {
+        if let Some(mut v) = self.inline() {
+            return v.run_task(task).map_err(|msg| VcpuError::Task {
+                cpu: self.index,
+                msg,
+            });
+        }
         let ticket = self.send(Request::Run(task))?;
         match self.wait(ticket)? {
             Reply::Done(Ok(())) => Ok(()),
@@ -211,10 +266,17 @@ impl VcpuHandle {
     /// hears from the guest next anyway. A task that fails is
     /// reported as [`VmEvent::Fatal`] (the guest does not run).
     pub fn request_run_and_resume(&self, task: VcpuTask) -> Result<Ticket, VcpuError> {
+        if let Some(mut v) = self.inline() {
+            v.run_task_then_run(task);
+            return Ok(Ticket(0));
+        }
         self.send(Request::RunResume(task))
     }
 
     pub fn stop(&mut self) {
+        if self.inline.take().is_some() {
+            return;
+        }
         let _ = self.send(Request::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -240,17 +302,32 @@ enum State {
     Halted,
 }
 
+/// The vCPU and what it needs to handle its exits: run by its own thread
+/// ([`VcpuThread`]) or on a fuzzer's (see vcpu_inline).
+pub(crate) struct VcpuCore {
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) ctx: VcpuContext,
+    /// The last exit was an MMIO write (KVM had already moved RIP past it).
+    pub(crate) last_exit_mmio_write: bool,
+}
+
 struct VcpuThread {
-    vcpu: VcpuFd,
-    ctx: VcpuContext,
+    core: VcpuCore,
     requests: Receiver<Numbered<Request>>,
     replies: Sender<Numbered<Reply>>,
     state: State,
 }
 
-enum Flow {
+pub(crate) enum Flow {
     Continue,
     Halt,
+}
+
+/// What the thread does after a request.
+enum Next {
+    Go,
+    Stop,
+    Handover(Sender<VcpuCore>),
 }
 
 impl VcpuThread {
@@ -261,8 +338,11 @@ impl VcpuThread {
         replies: Sender<Numbered<Reply>>,
     ) -> Self {
         VcpuThread {
-            vcpu,
-            ctx,
+            core: VcpuCore {
+                vcpu,
+                ctx,
+                last_exit_mmio_write: false,
+            },
             requests,
             replies,
             state: State::Paused,
@@ -271,24 +351,33 @@ impl VcpuThread {
 
     fn run(mut self) {
         crate::seccomp::install_or_exit(crate::seccomp::Thread::Vcpu);
-        let run_ptr: *mut kvm_run = self.vcpu.get_kvm_run();
+        let run_ptr: *mut kvm_run = self.core.vcpu.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        self.event_loop();
+        let next = self.event_loop();
+        // Cleared before the vCPU leaves this thread (see KVM_RUN_PTR).
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        if let Next::Handover(to) = next {
+            let _ = to.send(self.core);
+        }
     }
 
-    /// Returns false on Stop.
-    fn handle(&mut self, req: Numbered<Request>) -> bool {
+    fn handle(&mut self, req: Numbered<Request>) -> Next {
         let seq = req.seq;
         let reply = |msg| Numbered { seq, msg };
         match req.msg {
-            Request::Stop => return false,
+            Request::Stop => return Next::Stop,
+            Request::Handover(to) => {
+                if self.state == State::Running {
+                    self.core.complete_in_flight_io();
+                }
+                return Next::Handover(to);
+            }
             Request::Pause => {
                 if self.state == State::Running {
-                    self.complete_in_flight_io();
+                    self.core.complete_in_flight_io();
                     // Tell a kvmclock-aware guest it was paused, so its
                     // soft-lockup watchdog does not fire after a long pause.
-                    let _ = self.vcpu.kvmclock_ctrl();
+                    let _ = self.core.vcpu.kvmclock_ctrl();
                     self.state = State::Paused;
                 }
                 let _ = self.replies.send(reply(Reply::Paused));
@@ -303,7 +392,7 @@ impl VcpuThread {
                 let result = if self.state == State::Running {
                     Err("vCPU must be paused first".to_string())
                 } else {
-                    task(&mut self.vcpu)
+                    task(&mut self.core.vcpu)
                 };
                 let _ = self.replies.send(reply(Reply::Done(result)));
             }
@@ -311,68 +400,71 @@ impl VcpuThread {
                 let result = if self.state == State::Running {
                     Err("vCPU must be paused first".to_string())
                 } else {
-                    task(&mut self.vcpu)
+                    task(&mut self.core.vcpu)
                 };
                 match &result {
                     Ok(()) => self.state = State::Running,
                     // Whoever did not wait for the reply hears of it here.
-                    Err(msg) => self
-                        .ctx
-                        .events
-                        .send(VmEvent::Fatal(format!("vCPU {}: {msg}", self.ctx.index))),
+                    Err(msg) => self.core.ctx.events.send(VmEvent::Fatal(format!(
+                        "vCPU {}: {msg}",
+                        self.core.ctx.index
+                    ))),
                 }
                 let _ = self.replies.send(reply(Reply::Done(result)));
             }
         }
-        true
+        Next::Go
     }
 
-    fn event_loop(&mut self) {
+    fn event_loop(&mut self) -> Next {
         loop {
             if self.state != State::Running {
                 match self.requests.recv() {
-                    Ok(req) => {
-                        if !self.handle(req) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
+                    Ok(req) => match self.handle(req) {
+                        Next::Go => {}
+                        other => return other,
+                    },
+                    Err(_) => return Next::Stop,
                 }
                 continue;
             }
             // Clear the kick before reading the mailbox: a kick after this
             // point makes the next KVM_RUN return at once.
-            self.vcpu.set_kvm_immediate_exit(0);
+            self.core.vcpu.set_kvm_immediate_exit(0);
             while let Ok(req) = self.requests.try_recv() {
-                if !self.handle(req) {
-                    return;
+                match self.handle(req) {
+                    Next::Go => {}
+                    other => return other,
                 }
             }
             if self.state != State::Running {
                 continue;
             }
-            if let Flow::Halt = self.run_once() {
+            if let Flow::Halt = self.core.run_once() {
                 self.state = State::Halted;
-            } else if self.ctx.park.swap(false, Ordering::SeqCst) {
+            } else if self.core.ctx.park.swap(false, Ordering::SeqCst) {
                 // The device already told the VMM; finish the access so the
                 // saved RIP is past it, then wait for requests.
-                self.complete_in_flight_io();
+                self.core.complete_in_flight_io();
                 self.state = State::Paused;
             }
         }
     }
+}
 
+impl VcpuCore {
     /// Re-enters KVM_RUN with immediate_exit set, so KVM finishes a PIO/MMIO
     /// access whose data we already supplied instead of replaying or losing
     /// it after a snapshot.
-    fn complete_in_flight_io(&mut self) {
+    pub(crate) fn complete_in_flight_io(&mut self) {
         self.vcpu.set_kvm_immediate_exit(1);
         let _ = self.vcpu.run();
         self.vcpu.set_kvm_immediate_exit(0);
     }
 
-    fn run_once(&mut self) -> Flow {
+    pub(crate) fn run_once(&mut self) -> Flow {
         let cpu = self.ctx.index;
+        self.last_exit_mmio_write = false;
         let exit = match self.vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -401,6 +493,7 @@ impl VcpuThread {
             }
             VcpuExit::MmioWrite(addr, data) => {
                 self.ctx.mmio.write(addr, data);
+                self.last_exit_mmio_write = true;
             }
             VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
             VcpuExit::Shutdown => {

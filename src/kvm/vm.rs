@@ -28,6 +28,12 @@ pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub supported_cpuid: CpuId,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: KVM_GET_DIRTY_LOG only
+    /// reads, and [`Vm::take_dirty_log`] clears (re-protects) itself.
+    manual_protect: bool,
+    /// Per slot, one bit per page: pages a fuzzer reset keeps writable
+    /// (fuzz::hot). Only ever set with `manual_protect`.
+    hot: Vec<Vec<u64>>,
 }
 
 impl Vm {
@@ -54,6 +60,8 @@ impl Vm {
             kvm,
             fd,
             supported_cpuid,
+            manual_protect: false,
+            hot: Vec::new(),
         })
     }
 
@@ -228,11 +236,126 @@ impl Vm {
         self.kvm.check_extension(Cap::Xsave)
     }
 
-    /// Pages KVM saw written in `slot` since the last call (which clears them).
+    /// Pages KVM saw written in `slot` since the last call (which clears them
+    /// and write-protects them again), plus every hot page (never cleared,
+    /// so possibly written unseen: always reported, see [`Vm::keep_hot`]).
+    ///
+    /// One meaning whatever the cap: with manual protection on, this is
+    /// KVM_GET_DIRTY_LOG followed by KVM_CLEAR_DIRTY_LOG of what it read,
+    /// which is what KVM_GET_DIRTY_LOG alone does without it. So every
+    /// other user of the log (file snapshots, incremental layers, revert)
+    /// keeps working unchanged on a fuzzer's VM; hot pages only make its
+    /// answer a superset, never miss a write.
     pub fn take_dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, VmError> {
-        self.fd
+        let mut log = self
+            .fd
             .get_dirty_log(slot, size)
-            .map_err(kvm_err("read the dirty page log"))
+            .map_err(kvm_err("read the dirty page log"))?;
+        if !self.manual_protect {
+            return Ok(log);
+        }
+        let hot = self.hot.get(slot as usize);
+        let mut clear = log.clone();
+        if let Some(hot) = hot {
+            for (c, h) in clear.iter_mut().zip(hot) {
+                *c &= !h;
+            }
+        }
+        if clear.iter().any(|&w| w != 0) {
+            self.clear_dirty_log(slot, size, &mut clear)?;
+        }
+        if let Some(hot) = hot {
+            for (l, h) in log.iter_mut().zip(hot) {
+                *l |= h;
+            }
+        }
+        Ok(log)
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG (kvm-ioctls has no call for it): clears the
+    /// pages set in `bitmap` from the log of `slot` (`size` bytes) and
+    /// write-protects them again.
+    fn clear_dirty_log(&self, slot: u32, size: usize, bitmap: &mut [u64]) -> Result<(), VmError> {
+        vmm_sys_util::ioctl_iowr_nr!(
+            KVM_CLEAR_DIRTY_LOG,
+            kvm_bindings::KVMIO,
+            0xc0,
+            kvm_bindings::kvm_clear_dirty_log
+        );
+        let pages = size.div_ceil(memory::PAGE_SIZE as usize);
+        let arg = kvm_bindings::kvm_clear_dirty_log {
+            slot,
+            num_pages: u32::try_from(pages).unwrap_or(u32::MAX),
+            first_page: 0,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_mut_ptr().cast(),
+            },
+        };
+        if bitmap.len() * 64 < pages {
+            return Err(kvm_err("clear the dirty page log")(kvm_ioctls::Error::new(
+                libc::EINVAL,
+            )));
+        }
+        // SAFETY: `arg` points at `bitmap`, which holds at least one bit per
+        // page of the slot (checked above) and outlives the call; KVM only
+        // reads it.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(kvm_err("clear the dirty page log")(
+                kvm_ioctls::Error::last(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns on KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (without
+    /// KVM_DIRTY_LOG_INITIALLY_SET) so that pages can be left out of the
+    /// re-protection. Only a fuzzer's VM asks (fuzz::hot); elsewhere the
+    /// extra KVM_CLEAR_DIRTY_LOG would buy nothing. False where KVM lacks it.
+    pub fn enable_manual_protect(&mut self) -> bool {
+        if self.manual_protect {
+            return true;
+        }
+        let offered = self
+            .kvm
+            .check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+        let bit = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+        if offered < 0 || offered as u32 & bit == 0 {
+            return false;
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(bit);
+        self.manual_protect = self.fd.enable_cap(&cap).is_ok();
+        self.manual_protect
+    }
+
+    /// Leaves page `page` of `slot` writable from its next write on: the
+    /// log stops re-protecting it and reports it always (the caller must
+    /// treat it as written at every read). Needs manual protection.
+    pub fn keep_hot(&mut self, slot: usize, page: usize, slot_pages: usize) {
+        if !self.manual_protect {
+            return;
+        }
+        if self.hot.len() <= slot {
+            self.hot.resize(slot + 1, Vec::new());
+        }
+        let words = &mut self.hot[slot];
+        if words.is_empty() {
+            words.resize(slot_pages.div_ceil(64), 0);
+        }
+        if let Some(w) = words.get_mut(page / 64) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// Forgets every hot page: the next [`Vm::take_dirty_log`] of each slot
+    /// reports and re-protects them like any written page.
+    pub fn forget_hot(&mut self) {
+        self.hot.clear();
     }
 }
 

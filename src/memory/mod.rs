@@ -5,6 +5,8 @@
 //! Memory is `GuestMemoryMmap<AtomicBitmap>` from the start so that every
 //! write rewind itself makes into the guest is visible to dirty tracking.
 
+pub mod upkeep;
+
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -60,6 +62,34 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
         }
     }
     Ok(mem)
+}
+
+/// Makes KVM drop its mappings of guest RAM now, with the guest running,
+/// so that the fork inside the next pause finds few to drop. A fork
+/// write-protects the parent's memory, and KVM answers that by zapping every
+/// page it maps there: on a shadow-paging host (PVM) 3 ms of a 3.4 ms fork
+/// for 256 MiB the guest had written, against 0.4 ms for the fork itself.
+/// Changing the mapping's protection (adding and removing PROT_EXEC) makes
+/// the kernel tell KVM the same, without write-protecting anything; the
+/// guest refaults what it touches next. Best effort: a failure changes
+/// nothing but the pause.
+pub fn drop_kvm_mappings(mem: &GuestMemory) {
+    for (_, size, host) in regions(mem) {
+        let (addr, len) = (host as *mut libc::c_void, size as usize);
+        // SAFETY: the region is a live mapping of `len` bytes that vm-memory
+        // made PROT_READ | PROT_WRITE; it is made so again at once, and
+        // nothing executes guest memory in between.
+        unsafe {
+            if libc::mprotect(
+                addr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            ) == 0
+            {
+                libc::mprotect(addr, len, libc::PROT_READ | libc::PROT_WRITE);
+            }
+        }
+    }
 }
 
 /// (guest address, size, host address) of every region, in slot order.

@@ -61,6 +61,31 @@ pub enum ChainError {
     FullLayer(String),
 }
 
+/// The pages a walk down a chain, from its top layer, has taken already:
+/// each page comes only from the topmost layer that has it.
+pub(crate) struct Taken(Vec<u64>);
+
+impl Taken {
+    /// One bit per page of the chain's memory file.
+    pub fn for_chain(chain: &MemoryChain) -> Taken {
+        let pages = chain.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
+        Taken(vec![0; (pages as usize).div_ceil(64)])
+    }
+
+    /// Takes `page`: false when a layer above took it, or it lies beyond
+    /// the memory file.
+    pub fn take(&mut self, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        match self.0.get_mut(w) {
+            Some(word) if *word & (1 << b) == 0 => {
+                *word |= 1 << b;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One incremental layer of a chain.
 #[derive(Debug)]
 pub struct Layer {
@@ -70,7 +95,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| ChainError::Read {
@@ -194,25 +219,15 @@ impl MemoryChain {
     }
 
     /// Copies the incremental layers over memory that already equals the
-    /// full layer (a fresh private mapping of it, or a full revert). Top
+    /// full layer (a full revert; a restore maps them instead, see
+    /// `mapping`). Top
     /// layer first, and each page only from the topmost layer that has it,
     /// so a deep chain of layers rewriting the same pages costs what one does.
     pub fn apply_layers(&self, mem: &GuestMemory) -> Result<(), ChainError> {
-        let pages = self.base.metadata().map(|m| m.len()).unwrap_or(0) / PAGE_SIZE;
-        let mut done = vec![0u64; (pages as usize).div_ceil(64)];
-        let mut is_done = |p: u64| {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            match done.get_mut(w) {
-                Some(word) if *word & (1 << b) == 0 => {
-                    *word |= 1 << b;
-                    false
-                }
-                _ => true,
-            }
-        };
+        let mut taken = Taken::for_chain(self);
         for layer in self.layers.iter().rev() {
             let todo: Vec<usize> = (0..layer.index.pages.len())
-                .filter(|&i| !is_done(layer.index.pages[i]))
+                .filter(|&i| taken.take(layer.index.pages[i]))
                 .collect();
             delta::apply_some(
                 mem,
@@ -466,7 +481,7 @@ fn copy_data(src: &File, dst: &File) -> io::Result<()> {
 }
 
 /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no more data.
-fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+pub(crate) fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a descriptor `file` owns for the whole call; it only
     // moves the file offset, which nothing uses (all I/O here is positional).
     let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::format::crc64_xz;
+use super::format::{crc64_xz, crc64_xz_add, crc64_xz_end, CRC64_XZ_START};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
 pub const DELTA_FILE: &str = "memory.delta";
@@ -62,23 +62,42 @@ impl DeltaIndex {
             .map(|i| self.data_offset() + i as u64 * PAGE_SIZE)
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(data_offset(self.pages.len()) as usize);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.parent.len() as u32).to_le_bytes());
+    /// Bytes before the pages: header, index and padding.
+    pub fn header_len(&self) -> usize {
+        data_offset(self.pages.len()) as usize
+    }
+
+    /// Writes the header and index into `out` ([`Self::header_len`] bytes).
+    /// No allocation, so a forked child may call it.
+    pub fn encode_into(&self, out: &mut [u8]) {
+        out.fill(0);
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(MAGIC);
+        put(&VERSION.to_le_bytes());
+        put(&(self.parent.len() as u32).to_le_bytes());
         let mut name = [0u8; NAME_MAX];
         name[..self.parent.len()].copy_from_slice(self.parent.as_bytes());
-        out.extend_from_slice(&name);
-        out.extend_from_slice(&self.mem_file_len.to_le_bytes());
-        out.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
-        let crc = crc64_xz(&checked_bytes(&out, &self.pages));
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.resize(HEADER_LEN as usize, 0);
-        for p in &self.pages {
-            out.extend_from_slice(&p.to_le_bytes());
+        put(&name);
+        put(&self.mem_file_len.to_le_bytes());
+        put(&(self.pages.len() as u64).to_le_bytes());
+        let fields_end = at;
+        let index_at = HEADER_LEN as usize;
+        for (i, p) in self.pages.iter().enumerate() {
+            let o = index_at + i * 8;
+            out[o..o + 8].copy_from_slice(&p.to_le_bytes());
         }
-        out.resize(data_offset(self.pages.len()) as usize, 0);
+        let crc = crc64_xz_add(CRC64_XZ_START, &out[..fields_end]);
+        let crc = crc64_xz_add(crc, &out[index_at..index_at + self.pages.len() * 8]);
+        out[fields_end..fields_end + 8].copy_from_slice(&crc64_xz_end(crc).to_le_bytes());
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0; self.header_len()];
+        self.encode_into(&mut out);
         out
     }
 }
@@ -101,20 +120,36 @@ const FIELDS_LEN: usize = 8 + 4 + 4 + NAME_MAX + 8 + 8;
 /// Creates `path` and writes its header and index; the pages follow with
 /// [`write_pages`]. The caller syncs the file.
 pub fn create(path: &Path, index: &DeltaIndex) -> Result<File, DeltaError> {
-    let err = |source| DeltaError::Io {
+    let file = create_empty(path, index)?;
+    write_header(&file, index, &mut index.encode()).map_err(|source| DeltaError::Io {
         path: path.display().to_string(),
         source,
-    };
+    })?;
+    Ok(file)
+}
+
+/// Creates `path` empty, for [`write_header`] and [`write_pages`] to fill
+/// (a live snapshot's writer does both, so the pause only opens the file).
+pub fn create_empty(path: &Path, index: &DeltaIndex) -> Result<File, DeltaError> {
     if index.parent.len() > NAME_MAX || index.parent.is_empty() {
         return Err(DeltaError::Corrupt {
             path: path.display().to_string(),
             what: format!("parent name {:?} is not 1-64 bytes", index.parent),
         });
     }
-    let file = crate::paths::create_private_file(path, true).map_err(err)?;
-    file.set_len(index.file_len()).map_err(err)?;
-    file.write_all_at(&index.encode(), 0).map_err(err)?;
-    Ok(file)
+    crate::paths::create_private_file(path, true).map_err(|source| DeltaError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Sizes the file and writes its header and index, encoded into `buf`
+/// ([`DeltaIndex::header_len`] bytes). No allocation, so a forked child
+/// may call it.
+pub fn write_header(file: &File, index: &DeltaIndex, buf: &mut [u8]) -> io::Result<()> {
+    index.encode_into(buf);
+    file.set_len(index.file_len())?;
+    file.write_all_at(buf, 0)
 }
 
 /// Copies the pages `index` lists from guest memory into the file, one

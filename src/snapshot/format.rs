@@ -160,10 +160,22 @@ const CRC64_TABLE: [u64; 256] = {
 /// CRC-64/XZ of `data` (check value for `b"123456789"` is
 /// `0x995DC9BBDF1939FA`).
 pub fn crc64_xz(data: &[u8]) -> u64 {
-    let mut crc = u64::MAX;
+    crc64_xz_end(crc64_xz_add(CRC64_XZ_START, data))
+}
+
+/// The running value a CRC-64/XZ over several pieces starts from.
+pub const CRC64_XZ_START: u64 = u64::MAX;
+
+/// Adds `data` to a running CRC-64/XZ (no allocation: a forked child may
+/// call it).
+pub fn crc64_xz_add(mut crc: u64, data: &[u8]) -> u64 {
     for &b in data {
         crc = CRC64_TABLE[((crc ^ u64::from(b)) & 0xff) as usize] ^ (crc >> 8);
     }
+    crc
+}
+
+pub fn crc64_xz_end(crc: u64) -> u64 {
     crc ^ u64::MAX
 }
 

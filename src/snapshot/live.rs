@@ -85,6 +85,10 @@ pub fn spawn(stall: &StallMarker, job: impl FnOnce() -> io::Result<()>) -> io::R
 }
 
 impl Writer {
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
     /// Waits for the child; its failure as the error it exited with.
     pub fn wait(self) -> io::Result<()> {
         let mut status = 0;

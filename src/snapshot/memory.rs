@@ -115,6 +115,49 @@ impl MemoryOut {
     }
 }
 
+/// At most this much of a new snapshot's memory is read back into the page
+/// cache after it is written (see [`prefetch`]).
+pub const PREFETCH_LIMIT: u64 = 512 << 20;
+const PREFETCH_STEP: u64 = 128 << 10;
+
+/// Has the kernel read a memory layer just written `O_DIRECT` back into the
+/// page cache (called on the upkeep thread, `memory::upkeep`): a revert to the snapshot just taken (the
+/// common case: take one, try something, go back) then copies its pages from
+/// memory instead of disk (16 MiB: 3 ms against 14 ms here). Only the data,
+/// not the holes of a full layer, and at most `limit` bytes of it. Advice:
+/// errors change nothing but the speed of that revert.
+pub fn prefetch(file: &File, limit: u64) {
+    use std::os::unix::io::AsRawFd;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let (mut pos, mut left) = (0u64, limit);
+    while pos < len && left > 0 {
+        let Ok(Some(data)) = super::chain::seek(file, pos, libc::SEEK_DATA) else {
+            break;
+        };
+        let hole = super::chain::seek(file, data, libc::SEEK_HOLE)
+            .ok()
+            .flatten()
+            .unwrap_or(len);
+        let end = data + (hole - data).min(left);
+        left -= end - data;
+        // In steps: the kernel reads at most its readahead window (at least
+        // 128 KiB, often more) per call and drops the rest.
+        for at in (data..end).step_by(PREFETCH_STEP as usize) {
+            let n = PREFETCH_STEP.min(end - at);
+            // SAFETY: posix_fadvise on an open fd only starts readahead.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    at as libc::off_t,
+                    n as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+        pos = hole;
+    }
+}
+
 /// Creates a full layer's file, `mem_bytes` of guest RAM long and empty.
 pub fn create_full(path: &Path, mem_bytes: u64) -> Result<File, MemoryFileError> {
     let err = |source| MemoryFileError::Write {

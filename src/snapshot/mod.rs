@@ -11,6 +11,7 @@ pub mod delta;
 pub mod format;
 pub mod layers;
 pub mod live;
+pub mod mapping;
 pub(crate) mod memory;
 pub mod ops;
 pub(crate) mod persist;

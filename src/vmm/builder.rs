@@ -108,6 +108,7 @@ impl Vmm {
             },
         )?;
         vmm.kernel_format = Some(loaded.format);
+        vmm.collapse_huge_pages = true;
         Ok(vmm)
     }
 
@@ -134,12 +135,10 @@ impl Vmm {
         let mut config = state.config.clone();
         config.name = name.to_string();
         config.validate(host_mem_mib(), vm.max_vcpus())?;
-        // The full layer is mapped copy-on-write (read lazily, shared by
-        // clones); incremental layers above it are copied in.
-        let mem = snapshot::memory::map_private(&memory.base_path(), config.mem_bytes())
-            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-        memory
-            .apply_layers(&mem)
+        // The full layer and the incremental layers' long runs are mapped
+        // copy-on-write (read lazily, shared by clones), before KVM sees the
+        // memory; short runs are copied in.
+        let mem = snapshot::mapping::map(&memory, config.mem_bytes())
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
         let populated = memory.data_bitmap(&mem);
         let lowers = state
@@ -349,6 +348,10 @@ impl Vmm {
             tsc_khz,
             kernel_identity: None,
             kernel_format: None,
+            // Before the VMM thread's seccomp filter, which forbids threads.
+            upkeep: crate::memory::upkeep::Upkeep::start().ok(),
+            collapse_huge_pages: false,
+            pending: None,
         })
     }
 }

@@ -80,6 +80,14 @@ impl Vmm {
     /// Carries out one command other than `Exec` (which answers later,
     /// see [`Vmm::start_exec`]).
     pub fn handle_command(&mut self, cmd: Command) -> Result<Reply, VmmError> {
+        // These read or change the store or memory a running live
+        // snapshot's writer is still producing: it finishes first.
+        if !matches!(
+            cmd,
+            Command::GetVm | Command::Pause | Command::Resume | Command::SnapshotList
+        ) {
+            self.settle_snapshot();
+        }
         Ok(match cmd {
             Command::GetVm => Reply::Vm(self.describe()),
             Command::Stop => Reply::Stopped,

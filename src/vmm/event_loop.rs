@@ -6,12 +6,14 @@
 //! `Vmm::run` carries out once the turn's events are dispatched.
 
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 
 use super::{Vmm, VmmError};
 use crate::console::{ConsoleInput, ConsoleKey};
@@ -34,6 +36,8 @@ pub(crate) enum Wake {
     Signal,
     /// A client connected to the control socket.
     Control,
+    /// A live snapshot's memory writer exited.
+    SnapshotWritten,
 }
 
 /// What fired during one turn.
@@ -142,6 +146,16 @@ impl<D: VirtioDevice> MutEventSubscriber for Queues<D> {
 pub(crate) struct EventLoop {
     manager: EventManager<Box<dyn MutEventSubscriber>>,
     shared: Shared,
+    writer: Option<WriterWatch>,
+}
+
+/// A live snapshot's memory writer, watched through a pidfd (readable once
+/// it exits; owned here, so that its number stays registered until it is
+/// removed from the loop).
+struct WriterWatch {
+    pid: libc::pid_t,
+    id: SubscriberId,
+    _pidfd: OwnedFd,
 }
 
 fn loop_err(e: impl std::error::Error + Send + Sync + 'static) -> VmmError {
@@ -160,6 +174,43 @@ impl EventLoop {
     fn source(&mut self, fd: RawFd, wake: Wake) -> Result<(), VmmError> {
         let shared = self.shared.clone();
         self.add(Box::new(Source { fd, wake, shared }))
+    }
+
+    /// Watches the memory writer `pid` (the one pending now, or none), in
+    /// place of the one watched before. False when it cannot be watched.
+    pub fn follow_writer(&mut self, pid: Option<libc::pid_t>) -> bool {
+        if self.writer.as_ref().map(|w| w.pid) == pid {
+            return true;
+        }
+        if let Some(old) = self.writer.take() {
+            let _ = self.manager.remove_subscriber(old.id);
+        }
+        let Some(pid) = pid else {
+            return true;
+        };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: the kernel just returned this fd, and nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let shared = self.shared.clone();
+        let id = self.manager.add_subscriber(Box::new(Source {
+            fd: pidfd.as_raw_fd(),
+            wake: Wake::SnapshotWritten,
+            shared,
+        }));
+        if self.shared.borrow_mut().failed.take().is_some() {
+            let _ = self.manager.remove_subscriber(id);
+            return false;
+        }
+        self.writer = Some(WriterWatch {
+            pid,
+            id,
+            _pidfd: pidfd,
+        });
+        true
     }
 
     /// Waits for events (or for `until`), dispatches them, and returns what
@@ -198,6 +249,7 @@ impl Vmm {
         let mut lp = EventLoop {
             manager: EventManager::new().map_err(loop_err)?,
             shared: Shared::default(),
+            writer: None,
         };
         lp.source(self.events.wake_fd().as_raw_fd(), Wake::VmEvents)?;
         lp.source(self.exec.inbox.wake.as_raw_fd(), Wake::ExecInbox)?;

@@ -22,19 +22,25 @@ pub(crate) fn host_identity(
     tsc_khz: Option<u32>,
     cpuid: &[kvm_bindings::kvm_cpuid_entry2],
 ) -> HostIdentity {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    // Read once: the host's CPU does not change under a running process,
+    // and reading /proc/cpuinfo costs a tenth of an idle snapshot.
+    static CPU: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (vendor, model) = CPU.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        (field("vendor_id"), field("model name"))
+    });
     HostIdentity {
         kind: host_kind_name(kind),
-        cpu_vendor: field("vendor_id"),
-        cpu_model: field("model name"),
+        cpu_vendor: vendor.clone(),
+        cpu_model: model.clone(),
         tsc_khz,
         cpu_features: feature_leaves(cpuid),
     }

@@ -101,26 +101,28 @@ impl Vmm {
                 }
             }
             ConsoleKey::Snapshot => {
-                let msg = match self.handle_command(Command::SnapshotCreate {
-                name: None,
-                paused: false,
-                full: false,
-            }) {
-                    Ok(Reply::SnapshotCreated(r)) => format!(
-                        "snapshot {} taken: {:.1} MiB{}, {} guest paused {:.1} ms ({} reverts to it)",
-                        r.name,
-                        r.size_bytes as f64 / 1048576.0,
-                        r.incremental_on
-                            .as_ref()
-                            .map(|p| format!(" (changes over {p})"))
-                            .unwrap_or_default(),
-                        if r.live { "live," } else { "paused," },
-                        r.pause_ms,
-                        hk.key_name('r'),
-                    ),
-                    other => failed("snapshot", other),
-                };
-                self.console.notice(&msg);
+                // Live: the notice comes when the memory writer is done, and
+                // the console and disks are served meanwhile.
+                let console = self.console.clone();
+                let revert_key = hk.key_name('r');
+                let reply: super::snapshots::SnapshotReply = Box::new(move |result| {
+                    let msg = match result {
+                        Ok(r) => format!(
+                            "snapshot {} taken: {:.1} MiB{}, {} guest paused {:.1} ms ({revert_key} reverts to it)",
+                            r.name,
+                            r.size_bytes as f64 / 1048576.0,
+                            r.incremental_on
+                                .as_ref()
+                                .map(|p| format!(" (changes over {p})"))
+                                .unwrap_or_default(),
+                            if r.live { "live," } else { "paused," },
+                            r.pause_ms,
+                        ),
+                        Err(e) => failed("snapshot", Err(e)),
+                    };
+                    console.notice(&msg);
+                });
+                self.snapshot_create_then(None, super::SnapshotHow::default(), reply);
             }
             ConsoleKey::RevertLatest => match self.own_snapshots() {
                 Ok(snaps) => match snaps.last() {

@@ -2,8 +2,10 @@
 //! event loop, and carries out [`crate::control::Command`]s.
 
 mod builder;
+mod capture;
 mod commands;
 mod diagnose;
+mod dirty;
 pub mod disks;
 mod event_loop;
 mod exec;
@@ -205,6 +207,15 @@ pub struct Vmm {
     pub(crate) kernel_identity: Option<String>,
     /// The booted image's kind (None after a restore), for `diagnosis`.
     pub(crate) kernel_format: Option<loader::KernelFormat>,
+    /// Collapses RAM back into huge pages after a live snapshot, reads new
+    /// snapshots back into the page cache (`memory::upkeep`).
+    pub(crate) upkeep: Option<crate::memory::upkeep::Upkeep>,
+    /// RAM is anonymous (a fresh boot), so huge pages can be collapsed; a
+    /// restored VM's is a private file mapping, which the kernel does not
+    /// collapse.
+    pub(crate) collapse_huge_pages: bool,
+    /// A live snapshot an API client waits for, while its writer runs.
+    pub(crate) pending: Option<(snapshots::PendingSnapshot, snapshots::SnapshotReply)>,
 }
 
 /// The devices whose state a snapshot carries.
@@ -328,6 +339,7 @@ impl Vmm {
         }
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.settle_snapshot();
                 return Ok(Outcome::Timeout(opts.timeout.unwrap_or_default()));
             }
             // Wake for the run's deadline or a running command's, whichever is first.
@@ -336,8 +348,17 @@ impl Vmm {
                 .flatten()
                 .min();
             let fired = events.wait(until)?;
+            if fired.has(Wake::SnapshotWritten) {
+                self.settle_snapshot();
+            }
             if let Some(outcome) = self.turn(fired, opts, control, signals, &mut hotkeys) {
+                self.settle_snapshot();
                 return Ok(outcome);
+            }
+            // A live snapshot begun this turn is finished when its writer
+            // exits; where that cannot be watched, now.
+            if !events.follow_writer(self.pending_writer()) {
+                self.settle_snapshot();
             }
         }
     }
@@ -443,6 +464,12 @@ impl Vmm {
             }
             return false;
         }
+        if let Command::SnapshotCreate { name, paused, full } = cmd {
+            let reply: snapshots::SnapshotReply =
+                Box::new(move |r| client.answer(&r.map(Reply::SnapshotCreated)));
+            self.snapshot_create_then(name, SnapshotHow { paused, full }, reply);
+            return false;
+        }
         let result = self.handle_command(cmd);
         let stop = matches!(result, Ok(Reply::Stopped));
         client.answer(&result);
@@ -452,6 +479,7 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        self.settle_snapshot();
         for v in &mut self.vcpus {
             v.stop();
         }

@@ -3,18 +3,21 @@
 //! paused, full or incremental (only the pages written since the VM's
 //! baseline, when that baseline is a snapshot of this VM).
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use zerocopy::IntoBytes;
 
+use super::capture::{Captured, MemoryJob, COPY_IN_PAUSE_PAGES};
+use super::dirty::dirty_pages;
 use super::{Vmm, VmmError};
 use crate::devices::bus::lock;
 use crate::fsutil;
 use crate::snapshot::chain::{self, MAX_DEPTH};
 use crate::snapshot::delta::{self, DeltaIndex, DELTA_FILE};
 use crate::snapshot::format::{crc64_xz, encode_state};
-use crate::snapshot::live::{self, StallMarker};
 use crate::snapshot::state::{Manifest, MANIFEST_FILE, MANIFEST_VERSION, MEMORY_FILE, STATE_FILE};
 use crate::snapshot::{format, memory as snapmem, stall, store};
 
@@ -61,55 +64,32 @@ pub struct PauseParts {
     pub resume: f64,
 }
 
-/// What the pause captured, to be finished with the guest running.
-struct Captured {
-    body: Vec<u8>,
-    memory: snapmem::MemoryOut,
-    delta: Option<DeltaIndex>,
-    writer: Option<live::Writer>,
-    frozen_paths: Vec<PathBuf>,
-    vcpu0: (Option<u32>, Vec<kvm_bindings::kvm_cpuid_entry2>),
-    parts: PauseParts,
+/// A live snapshot's memory writer is running: the snapshot is finished
+/// (manifest, publish) when it exits.
+pub(crate) struct PendingSnapshot {
+    tmp: PathBuf,
+    final_dir: PathBuf,
+    name: String,
+    t0: Instant,
+    captured: Captured,
+    delta_parent: Option<String>,
+    paused: bool,
+    pause_ms: f64,
 }
 
+impl PendingSnapshot {
+    fn writer_pid(&self) -> Option<libc::pid_t> {
+        match &self.captured.job {
+            Some(MemoryJob::Forked(w)) => Some(w.pid()),
+            _ => None,
+        }
+    }
+}
+
+/// Answers the client that asked for a snapshot.
+pub(crate) type SnapshotReply = Box<dyn FnOnce(Result<SnapshotReport, VmmError>)>;
+
 impl Vmm {
-    /// Takes the dirty logs (KVM's for the guest's writes, vm-memory's for
-    /// rewind's own) into `since_baseline` and `populated`. Reading clears
-    /// the logs; nothing is lost, since both sets only grow until a
-    /// snapshot holding them is durable.
-    pub(super) fn collect_dirty(&mut self) -> Result<(), VmmError> {
-        let out = self.take_dirty_logs()?;
-        snapmem::merge_bitmaps(&mut self.since_baseline, &out);
-        Ok(())
-    }
-
-    /// Per slot: the pages written since the logs were last read, by the
-    /// guest (KVM's log) or by rewind (vm-memory's bitmap), also folded into
-    /// `populated`. Reading clears the logs.
-    pub(crate) fn take_dirty_logs(&mut self) -> Result<Vec<Vec<u64>>, VmmError> {
-        let vmm_dirty = snapmem::take_vmm_dirty(&self.mem);
-        let mut out = Vec::new();
-        for (slot, (_, size, _)) in crate::memory::regions(&self.mem).into_iter().enumerate() {
-            let mut log = self.vm.take_dirty_log(slot as u32, size as usize)?;
-            if let Some(extra) = vmm_dirty.get(slot) {
-                for (w, e) in log.iter_mut().zip(extra) {
-                    *w |= e;
-                }
-            }
-            out.push(log);
-        }
-        snapmem::merge_bitmaps(&mut self.populated, &out);
-        Ok(out)
-    }
-
-    /// Memory equals the snapshot just written or reverted to.
-    pub(super) fn set_baseline(&mut self, dir: Option<PathBuf>) {
-        self.baseline = dir;
-        for slot in &mut self.since_baseline {
-            slot.fill(0);
-        }
-    }
-
     fn snapshot_name(&self, name: Option<String>) -> Result<String, VmmError> {
         if let Some(n) = name {
             if !crate::config::valid_name(&n) {
@@ -150,12 +130,57 @@ impl Vmm {
         t0: Instant,
         how: SnapshotHow,
     ) -> Result<SnapshotReport, VmmError> {
+        self.settle_snapshot();
         let tmp = store::begin(final_dir)?;
-        let result = self.write_snapshot(&tmp, final_dir, name, t0, how);
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
+        match self.begin_snapshot(&tmp, final_dir, name, t0, how) {
+            Ok(pending) => self.finish_snapshot(pending),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// [`Vmm::snapshot_create`] for an API client: a live snapshot answers
+    /// when its memory writer is done, and the VMM serves the guest's
+    /// devices and other clients meanwhile (see [`Vmm::settle_snapshot`]).
+    pub(crate) fn snapshot_create_then(
+        &mut self,
+        name: Option<String>,
+        how: SnapshotHow,
+        reply: SnapshotReply,
+    ) {
+        let t0 = Instant::now();
+        self.settle_snapshot();
+        let begun = self.snapshot_name(name).and_then(|name| {
+            let final_dir = store::snapshots_dir(&self.config.name).join(&name);
+            let tmp = store::begin(&final_dir)?;
+            self.begin_snapshot(&tmp, &final_dir, &name, t0, how)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                })
+        });
+        match begun {
+            Ok(p) if p.writer_pid().is_some() => self.pending = Some((p, reply)),
+            Ok(p) => reply(self.finish_snapshot(p)),
+            Err(e) => reply(Err(e)),
+        }
+    }
+
+    /// The pid of a live snapshot's memory writer still running, for the
+    /// event loop to wake when it exits.
+    pub(crate) fn pending_writer(&self) -> Option<libc::pid_t> {
+        self.pending.as_ref().and_then(|(p, _)| p.writer_pid())
+    }
+
+    /// Finishes the live snapshot whose writer is running, if any (waiting
+    /// for the writer), and answers its client. Whatever needs the snapshot
+    /// done or the store still (another snapshot, a revert, a delete, the
+    /// end of the run) calls this first.
+    pub(crate) fn settle_snapshot(&mut self) {
+        if let Some((p, reply)) = self.pending.take() {
+            reply(self.finish_snapshot(p));
+        }
     }
 
     /// The snapshot a new one in `final_dir` may store only changes over:
@@ -211,110 +236,34 @@ impl Vmm {
         Ok((next, prepared))
     }
 
-    /// Inside the pause: dirty logs, disk switch, machine state, and the
-    /// memory write started (live: forked) or done (paused).
-    fn capture(
-        &mut self,
-        tmp: &Path,
-        final_dir: &Path,
-        name: &str,
-        prepared: Vec<crate::disk::PreparedSwitch>,
-        delta_parent: Option<&str>,
-        paused: bool,
-    ) -> Result<Captured, VmmError> {
-        let mut parts = PauseParts::default();
-        let mut lap = Instant::now();
-        let mut split = |into: &mut f64| {
-            *into = ms(lap);
-            lap = Instant::now();
-        };
-        self.collect_dirty()?;
-        split(&mut parts.dirty_log);
-        let mut frozen_paths = Vec::new();
-        for (d, p) in self.devices.disks.iter_mut().zip(prepared) {
-            let frozen = lock(&d.disk).switch_prepared(p).map_err(snap_err)?;
-            d.layer = frozen.clone();
-            frozen_paths.push(frozen);
-        }
-        split(&mut parts.disk_switch);
-        stall::point("overlay-switched", name);
-        let mut state = self.save_state()?;
-        for d in &mut state.devices.disks {
-            d.layer.frozen = super::disks::layer_name_in(final_dir, &d.layer.frozen);
-        }
-        let vcpu0 = state
-            .vcpus
-            .first()
-            .map(|v| (v.tsc_khz, v.cpuid.clone()))
-            .unwrap_or_default();
-        let body = encode_state(&state).map_err(snap_err)?;
-        split(&mut parts.state);
-        let delta = delta_parent.map(|parent| DeltaIndex {
-            parent: parent.to_string(),
-            mem_file_len: crate::memory::ram_end(self.config.mem_bytes()),
-            pages: chain::pages_of(&self.since_baseline, &self.mem),
-        });
-        let (file, path) = match &delta {
-            Some(index) => {
-                let path = tmp.join(DELTA_FILE);
-                (delta::create(&path, index).map_err(snap_err)?, path)
-            }
-            None => {
-                let path = tmp.join(MEMORY_FILE);
-                let file =
-                    snapmem::create_full(&path, self.config.mem_bytes()).map_err(snap_err)?;
-                (file, path)
-            }
-        };
-        let memory = snapmem::MemoryOut::new(file, &path);
-        let mem = &self.mem;
-        let populated = &self.populated;
-        let write = |first_write: &dyn Fn()| match &delta {
-            Some(index) => {
-                first_write();
-                delta::write_pages(&memory, mem, index)
-            }
-            None => snapmem::write_full(mem, populated, &memory, first_write),
-        };
-        let writer = if paused {
-            write(&|| stall::point("memory-write-started", name)).map_err(snap_err)?;
-            None
-        } else {
-            let job = || {
-                write(&|| ())?;
-                memory.file.sync_all()
-            };
-            let stall_marker = StallMarker::for_point("memory-write-started", name);
-            Some(
-                live::spawn(&stall_marker, job)
-                    .map_err(|e| snap_err(format!("cannot start the memory writer: {e}")))?,
-            )
-        };
-        split(&mut parts.memory);
-        Ok(Captured {
-            parts,
-            body,
-            memory,
-            delta,
-            writer,
-            frozen_paths,
-            vcpu0,
-        })
-    }
-
-    fn write_snapshot(
+    /// Pauses, captures and resumes; leaves the memory write running (live)
+    /// and makes the state file and the frozen disk layers durable meanwhile.
+    /// On error the caller removes `tmp`.
+    fn begin_snapshot(
         &mut self,
         tmp: &Path,
         final_dir: &Path,
         name: &str,
         t0: Instant,
         how: SnapshotHow,
-    ) -> Result<SnapshotReport, VmmError> {
+    ) -> Result<PendingSnapshot, VmmError> {
         let paused = how.paused;
         let (next, prepared) = self.prepare_overlays()?;
         stall::point("overlays-created", name);
         let delta_parent = self.incremental_parent(final_dir).filter(|_| !how.full);
         let was_running = !self.paused;
+        // The dirty logs are cumulative, so most of them can be taken with
+        // the guest running: the pause then takes (and write-protects
+        // again) only the pages written since, not all of them.
+        self.collect_dirty()?;
+        // A snapshot that will fork has KVM drop its mappings first, so
+        // that the fork in the pause does not (see drop_kvm_mappings). One
+        // that will copy its few pages in the pause does not fork.
+        let will_copy =
+            delta_parent.is_some() && dirty_pages(&self.since_baseline) <= COPY_IN_PAUSE_PAGES;
+        if !paused && !will_copy {
+            crate::memory::drop_kvm_mappings(&self.mem);
+        }
         let pause_start = Instant::now();
         self.pause()?;
         let stop_vcpus = ms(pause_start);
@@ -350,12 +299,20 @@ impl Vmm {
                 return Err(e);
             }
         };
+        c.parts.stop_vcpus = stop_vcpus;
+        c.parts.resume = resume;
         // While the writer works: the state file, and the layers just frozen,
         // which must survive a crash before the snapshot naming them is
         // published.
         let state_path = tmp.join(STATE_FILE);
-        let state_written = fsutil::write_new_synced(&state_path, &c.body)
-            .map_err(|e| snap_err(format!("cannot write {}: {e}", state_path.display())));
+        let state_written = encode_state(&c.state).map_err(snap_err).and_then(|body| {
+            c.body = body;
+            c.state_file =
+                Some(fsutil::write_new(&state_path, &c.body).map_err(|e| {
+                    snap_err(format!("cannot write {}: {e}", state_path.display()))
+                })?);
+            Ok(())
+        });
         if state_written.is_ok() {
             stall::point("state-written", name);
         }
@@ -366,22 +323,72 @@ impl Vmm {
             }
             Ok::<_, VmmError>(())
         });
-        let memory_durable = match c.writer.take() {
-            Some(w) if disks_durable.is_err() => {
+        if let Err(e) = disks_durable {
+            if let Some(MemoryJob::Forked(w)) = c.job.take() {
                 w.abandon();
-                Ok(())
             }
-            Some(w) => w
-                .wait()
-                .map_err(|e| snap_err(format!("cannot write guest memory: {e}"))),
-            None => c
-                .memory
-                .file
-                .sync_all()
-                .map_err(|e| snap_err(format!("cannot flush guest memory: {e}"))),
-        };
-        disks_durable?;
-        memory_durable?;
+            return Err(e);
+        }
+        Ok(PendingSnapshot {
+            tmp: tmp.to_path_buf(),
+            final_dir: final_dir.to_path_buf(),
+            name: name.to_string(),
+            t0,
+            captured: c,
+            delta_parent,
+            paused,
+            pause_ms,
+        })
+    }
+
+    /// Waits for the memory write, then writes the manifest and publishes.
+    /// Removes the temp directory on error.
+    fn finish_snapshot(&mut self, p: PendingSnapshot) -> Result<SnapshotReport, VmmError> {
+        let tmp = p.tmp.clone();
+        let result = self.publish_snapshot(p);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn publish_snapshot(&mut self, p: PendingSnapshot) -> Result<SnapshotReport, VmmError> {
+        let PendingSnapshot {
+            tmp,
+            final_dir,
+            name,
+            t0,
+            captured: mut c,
+            delta_parent,
+            paused,
+            pause_ms,
+        } = p;
+        let name = name.as_str();
+        // The files the writer did not sync: made durable together below.
+        let mut memory_synced = false;
+        match c.job.take() {
+            Some(MemoryJob::Forked(w)) => {
+                w.wait()
+                    .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?;
+                memory_synced = true;
+            }
+            Some(MemoryJob::Copied(pages)) => {
+                let write = |index: &DeltaIndex| {
+                    delta::write_header(&c.memory.file, index, &mut vec![0; index.header_len()])?;
+                    stall::point("memory-write-started", name);
+                    // Through the page cache: at most 1 MiB, made durable with
+                    // the other files below instead of waiting for the disk here.
+                    c.memory
+                        .file
+                        .write_all_at(pages.as_bytes(), index.data_offset())
+                };
+                c.delta
+                    .as_ref()
+                    .map_or(Ok(()), write)
+                    .map_err(|e| snap_err(format!("cannot write guest memory: {e}")))?;
+            }
+            Some(MemoryJob::Written) | None => {}
+        }
         stall::point("memory-written", name);
         let mem_bytes = match &c.delta {
             Some(index) => index.pages.len() as u64 * crate::memory::PAGE_SIZE,
@@ -413,29 +420,46 @@ impl Vmm {
             disk_layers: c
                 .frozen_paths
                 .iter()
-                .map(|f| super::disks::layer_name_in(final_dir, f))
+                .map(|f| super::disks::layer_name_in(&final_dir, f))
                 .collect(),
         };
         let json = format::json_bytes(&manifest).map_err(snap_err)?;
         let manifest_path = tmp.join(MANIFEST_FILE);
-        fsutil::write_new_synced(&manifest_path, &json)
+        let manifest_file = fsutil::write_new(&manifest_path, &json)
             .map_err(|e| snap_err(format!("cannot write {}: {e}", manifest_path.display())))?;
+        let state_path = tmp.join(STATE_FILE);
+        let memory_path = tmp.join(if c.delta.is_some() {
+            DELTA_FILE
+        } else {
+            MEMORY_FILE
+        });
+        let mut unsynced = vec![(&manifest_file, manifest_path.as_path())];
+        if let Some(f) = &c.state_file {
+            unsynced.push((f, state_path.as_path()));
+        }
+        if !memory_synced {
+            unsynced.push((&c.memory.file, memory_path.as_path()));
+        }
+        fsutil::sync_together(&unsynced)
+            .map_err(|(path, e)| snap_err(format!("cannot flush {}: {e}", path.display())))?;
         stall::point("before-publish", name);
-        store::publish(tmp, final_dir)?;
+        store::publish(&tmp, &final_dir)?;
         stall::point("published", name);
-        self.set_baseline(Some(final_dir.to_path_buf()));
+        self.set_baseline(Some(final_dir.clone()));
+        if let (Some(u), Ok(file)) = (&self.upkeep, c.memory.file.try_clone()) {
+            u.prefetch(file, snapmem::PREFETCH_LIMIT);
+        }
+        if !paused {
+            self.mend_huge_pages();
+        }
         Ok(SnapshotReport {
             name: name.to_string(),
-            path: final_dir.to_path_buf(),
+            path: final_dir,
             size_bytes: state_bytes + mem_bytes,
             incremental_on: delta_parent,
             live: !paused,
             pause_ms,
-            pause_parts_ms: PauseParts {
-                stop_vcpus,
-                resume,
-                ..c.parts
-            },
+            pause_parts_ms: c.parts,
             total_ms: ms(t0),
         })
     }
