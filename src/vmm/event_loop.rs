@@ -163,15 +163,21 @@ fn loop_err(e: impl std::error::Error + Send + Sync + 'static) -> VmmError {
 }
 
 impl EventLoop {
-    fn add(&mut self, subscriber: Box<dyn MutEventSubscriber>) -> Result<(), VmmError> {
-        self.manager.add_subscriber(subscriber);
-        match self.shared.borrow_mut().failed.take() {
-            Some(e) => Err(loop_err(e)),
-            None => Ok(()),
+    /// Registers `subscriber`; one whose fds cannot be watched is taken out
+    /// again.
+    fn add(&mut self, subscriber: Box<dyn MutEventSubscriber>) -> Result<SubscriberId, VmmError> {
+        let id = self.manager.add_subscriber(subscriber);
+        let failed = self.shared.borrow_mut().failed.take();
+        match failed {
+            Some(e) => {
+                let _ = self.manager.remove_subscriber(id);
+                Err(loop_err(e))
+            }
+            None => Ok(id),
         }
     }
 
-    fn source(&mut self, fd: RawFd, wake: Wake) -> Result<(), VmmError> {
+    fn source(&mut self, fd: RawFd, wake: Wake) -> Result<SubscriberId, VmmError> {
         let shared = self.shared.clone();
         self.add(Box::new(Source { fd, wake, shared }))
     }
@@ -195,16 +201,9 @@ impl EventLoop {
         }
         // SAFETY: the kernel just returned this fd, and nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        let shared = self.shared.clone();
-        let id = self.manager.add_subscriber(Box::new(Source {
-            fd: pidfd.as_raw_fd(),
-            wake: Wake::SnapshotWritten,
-            shared,
-        }));
-        if self.shared.borrow_mut().failed.take().is_some() {
-            let _ = self.manager.remove_subscriber(id);
+        let Ok(id) = self.source(pidfd.as_raw_fd(), Wake::SnapshotWritten) else {
             return false;
-        }
+        };
         self.writer = Some(WriterWatch {
             pid,
             id,
