@@ -116,6 +116,9 @@ impl Vmm {
         full: bool,
     ) -> Result<SnapshotReport, VmmError> {
         let t0 = Instant::now();
+        // First, so that a generated name skips the one a pending snapshot
+        // is about to publish.
+        self.settle_snapshot();
         let name = self.snapshot_name(name)?;
         let final_dir = store::snapshots_dir(&self.config.name).join(&name);
         let how = SnapshotHow { paused, full };
@@ -130,15 +133,8 @@ impl Vmm {
         t0: Instant,
         how: SnapshotHow,
     ) -> Result<SnapshotReport, VmmError> {
-        self.settle_snapshot();
-        let tmp = store::begin(final_dir)?;
-        match self.begin_snapshot(&tmp, final_dir, name, t0, how) {
-            Ok(pending) => self.finish_snapshot(pending),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Err(e)
-            }
-        }
+        let pending = self.start_snapshot(final_dir, name, t0, how)?;
+        self.finish_snapshot(pending)
     }
 
     /// [`Vmm::snapshot_create`] for an API client: a live snapshot answers
@@ -154,17 +150,30 @@ impl Vmm {
         self.settle_snapshot();
         let begun = self.snapshot_name(name).and_then(|name| {
             let final_dir = store::snapshots_dir(&self.config.name).join(&name);
-            let tmp = store::begin(&final_dir)?;
-            self.begin_snapshot(&tmp, &final_dir, &name, t0, how)
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(&tmp);
-                })
+            self.start_snapshot(&final_dir, &name, t0, how)
         });
         match begun {
             Ok(p) if p.writer_pid().is_some() => self.pending = Some((p, reply)),
             Ok(p) => reply(self.finish_snapshot(p)),
             Err(e) => reply(Err(e)),
         }
+    }
+
+    /// Finishes a pending snapshot first, then begins one into `final_dir`
+    /// through a temp directory, removed again if the beginning fails.
+    fn start_snapshot(
+        &mut self,
+        final_dir: &Path,
+        name: &str,
+        t0: Instant,
+        how: SnapshotHow,
+    ) -> Result<PendingSnapshot, VmmError> {
+        self.settle_snapshot();
+        let tmp = store::begin(final_dir)?;
+        self.begin_snapshot(&tmp, final_dir, name, t0, how)
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&tmp);
+            })
     }
 
     /// The pid of a live snapshot's memory writer still running, for the
