@@ -481,7 +481,7 @@ fn copy_data(src: &File, dst: &File) -> io::Result<()> {
 }
 
 /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no more data.
-pub(crate) fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a descriptor `file` owns for the whole call; it only
     // moves the file offset, which nothing uses (all I/O here is positional).
     let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };

@@ -121,9 +121,9 @@ pub const PREFETCH_LIMIT: u64 = 512 << 20;
 const PREFETCH_STEP: u64 = 128 << 10;
 
 /// Has the kernel read a memory layer just written `O_DIRECT` back into the
-/// page cache (called on the upkeep thread, `memory::upkeep`): a revert to the snapshot just taken (the
-/// common case: take one, try something, go back) then copies its pages from
-/// memory instead of disk (16 MiB: 3 ms against 14 ms here). Only the data,
+/// page cache (called on the upkeep thread, `memory::upkeep`): a revert to
+/// the snapshot just taken (the common case: take one, try something, go
+/// back) then copies its pages from memory instead of disk (16 MiB: 3 ms against 14 ms here). Only the data,
 /// not the holes of a full layer, and at most `limit` bytes of it. Advice:
 /// errors change nothing but the speed of that revert.
 pub fn prefetch(file: &File, limit: u64) {
@@ -131,13 +131,10 @@ pub fn prefetch(file: &File, limit: u64) {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let (mut pos, mut left) = (0u64, limit);
     while pos < len && left > 0 {
-        let Ok(Some(data)) = super::chain::seek(file, pos, libc::SEEK_DATA) else {
+        let (data, hole) = next_data(file, pos, len);
+        if data >= hole {
             break;
-        };
-        let hole = super::chain::seek(file, data, libc::SEEK_HOLE)
-            .ok()
-            .flatten()
-            .unwrap_or(len);
+        }
         let end = data + (hole - data).min(left);
         left -= end - data;
         // In steps: the kernel reads at most its readahead window (at least

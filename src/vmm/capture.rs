@@ -20,19 +20,15 @@ use std::time::Instant;
 /// 0.1 ms, less than forking the page tables of any but a tiny guest.
 pub(super) const COPY_IN_PAUSE_PAGES: usize = 256;
 
-/// One page, aligned so that a run of them can be written `O_DIRECT`.
-#[derive(zerocopy::IntoBytes, zerocopy::Immutable)]
-#[repr(C, align(4096))]
-pub(super) struct Page(pub(super) [u8; crate::memory::PAGE_SIZE as usize]);
-
 /// Where the memory write stands when the pause ends.
 pub(super) enum MemoryJob {
     /// Written inside the pause (`--paused`); the sync is left.
     Written,
     /// A forked writer writes and syncs it.
     Forked(live::Writer),
-    /// A small delta's pages, copied inside the pause, in index order.
-    Copied(Vec<Page>),
+    /// A small delta's pages, copied inside the pause, packed in index
+    /// order as the delta stores them.
+    Copied(Vec<u8>),
 }
 
 /// What the pause captured, to be finished with the guest running.
@@ -153,19 +149,19 @@ impl Vmm {
     }
 }
 
-/// Copies the pages at these guest page numbers out of guest memory.
-fn copy_pages(mem: &crate::memory::GuestMemory, pages: &[u64]) -> Result<Vec<Page>, VmmError> {
-    let mut out = Vec::with_capacity(pages.len());
-    for &page in pages {
+/// Copies the pages at these guest page numbers out of guest memory,
+/// packed one after another.
+fn copy_pages(mem: &crate::memory::GuestMemory, pages: &[u64]) -> Result<Vec<u8>, VmmError> {
+    let page_len = crate::memory::PAGE_SIZE as usize;
+    let mut out = vec![0u8; pages.len() * page_len];
+    for (&page, to) in pages.iter().zip(out.chunks_exact_mut(page_len)) {
         let Some((host, _)) = delta::host_run(mem, page) else {
             return Err(snap_err(format!("page {page:#x} is outside guest memory")));
         };
-        let mut to = Page([0; crate::memory::PAGE_SIZE as usize]);
         // SAFETY: host_run found this page inside a live guest mapping; the
         // vCPUs are paused, so nothing writes it while it is copied.
-        let from = unsafe { std::slice::from_raw_parts(host, to.0.len()) };
-        to.0.copy_from_slice(from);
-        out.push(to);
+        let from = unsafe { std::slice::from_raw_parts(host, page_len) };
+        to.copy_from_slice(from);
     }
     Ok(out)
 }

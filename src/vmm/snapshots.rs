@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use zerocopy::IntoBytes;
 
 use super::capture::{Captured, MemoryJob, COPY_IN_PAUSE_PAGES};
 use super::dirty::dirty_pages;
@@ -387,9 +386,7 @@ impl Vmm {
                     stall::point("memory-write-started", name);
                     // Through the page cache: at most 1 MiB, made durable with
                     // the other files below instead of waiting for the disk here.
-                    c.memory
-                        .file
-                        .write_all_at(pages.as_bytes(), index.data_offset())
+                    c.memory.file.write_all_at(&pages, index.data_offset())
                 };
                 c.delta
                     .as_ref()
