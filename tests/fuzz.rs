@@ -15,6 +15,8 @@ const STALE_PAGE_TABLE: u64 = 0x57A1E;
 const MAGIC_CRASH: u64 = 0x444E5752;
 /// fuzz.c FUZZ_STALE_MSR_CODE: KERNEL_GS_BASE held an earlier input's value.
 const STALE_MSR: u64 = 0x5157;
+/// fuzz.c FUZZ_STALE_LAPIC_CODE: the LAPIC held an earlier input's write.
+const STALE_LAPIC: u64 = 0x1A71C;
 
 fn target(append: &str) -> Vm {
     let mut vm = Vm::boot(&VmOptions {
@@ -181,7 +183,30 @@ fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
     if is_pvm_host() {
         // The first reset has no earlier statistics to compare with.
         assert_eq!(plain.reset_times().ring0_unread, 29);
+        // No timer, every IOAPIC pin masked: nothing reaches its LAPIC.
+        assert_eq!(plain.reset_times().lapic_unread, 29);
     }
+}
+
+/// A reset leaves the LAPIC unread when, besides the proof above, the
+/// snapshot shows no interrupt can reach it (src/fuzz/untouched.rs). Ring-3
+/// code can still write it through its MMIO page: with `lapicchange=1`
+/// every input checks the timer's divide register, then changes it. A reset
+/// that skipped the LAPIC after such an input shows up as the STALE crash
+/// in the next one.
+#[test]
+fn a_lapic_written_from_ring_3_is_reset() {
+    if !kvm_available("reset_lapic") {
+        return;
+    }
+    let mut vm = target("lapicchange=1");
+    inputs_never_see_the_last_one(
+        &mut vm,
+        30,
+        STALE_LAPIC,
+        "the LAPIC as the input before it left it",
+    );
+    assert_eq!(vm.reset_times().lapic_unread, 0, "every input wrote it");
 }
 
 #[test]

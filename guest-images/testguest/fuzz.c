@@ -27,6 +27,9 @@
 #define FUZZ_DISK_BEFORE 0xA1 /* sector 0's bytes at the snapshot */
 #define FUZZ_STALE_MSR_CODE 0x5157ULL /* KERNEL_GS_BASE held an earlier input's value */
 #define FUZZ_MSR_BEFORE 0x5EEDULL /* KERNEL_GS_BASE at the snapshot */
+#define FUZZ_STALE_LAPIC_CODE 0x1A71CULL /* the LAPIC held an earlier input's write */
+#define LAPIC_TIMER_DIVIDE (0xFEE00000UL + 0x3E0)
+#define LAPIC_DIVIDE_BEFORE 0xB /* divide by 1, set by entry.S before the snapshot */
 #define FUZZ_DIRTY_BASE (40UL << 20) /* dirty=N pages from here (guest needs 64 MiB) */
 /* ptchange=1: PD entry 500 (virtual 1000 MiB, no RAM there) maps one of
  * two 2 MiB pages, each holding its own marker. */
@@ -214,6 +217,12 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = p + n;
 	if (o->msrchange && swap_kernel_gs_base(0x1000 + n) != FUZZ_MSR_BEFORE)
 		mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_MSR_CODE);
+	if (o->lapicchange) {
+		/* The timer is stopped, so its divider only has to come back. */
+		if (*(volatile uint32_t *)LAPIC_TIMER_DIVIDE != LAPIC_DIVIDE_BEFORE)
+			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_LAPIC_CODE);
+		mmio_write32(LAPIC_TIMER_DIVIDE, n & 1 ? 0x0 : 0x1);
+	}
 	if (o->disk)
 		fuzz_disk_input(&disk, n);
 	fuzz_target(fuzz_input.data, n, o);

@@ -33,6 +33,9 @@
  *                   from the snapshot's CR3)
  *   msrchange=1     fuzz: each input checks that KERNEL_GS_BASE holds what it
  *                   held at the snapshot, then writes another value (ring 0)
+ *   lapicchange=1   fuzz: each input checks that the LAPIC timer's divide
+ *                   register holds what it held at the snapshot, then writes
+ *                   another value (ring 3, through the LAPIC's MMIO page)
  *
  * mode=hostile (hostile.c, needs a disk) attacks rewind's devices, says
  * HOSTILE-DONE, then ticks as mode=verify. mode=fuzz (fuzz.c) is a target
@@ -214,6 +217,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->fuzz.cr3switch = parse_u64(c + 10);
 		else if (starts_with(c, "msrchange="))
 			o->fuzz.msrchange = parse_u64(c + 10);
+		else if (starts_with(c, "lapicchange="))
+			o->fuzz.lapicchange = parse_u64(c + 12);
 		while (*c && *c != ' ')
 			c++;
 	}

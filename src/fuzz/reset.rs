@@ -16,7 +16,7 @@ use zerocopy::IntoBytes;
 
 use super::hot::HotPages;
 use super::pagetables::page_table_pages;
-use super::untouched::{no_msr_side_effects, Ring0Watch};
+use super::untouched::{lapic_sealed, no_msr_side_effects, Ring0Watch};
 use super::FuzzError;
 use crate::arch::host::HostKind;
 use crate::devices::bus::lock;
@@ -62,6 +62,9 @@ pub struct ResetTimes {
     /// Resets that left XCRs, debug registers and MSRs unread: the vCPU's
     /// statistics proved the guest ran no ring-0 code (fuzz::untouched).
     pub ring0_unread: u64,
+    /// Of those, resets that also left the LAPIC unread: the snapshot showed
+    /// no interrupt could reach it (fuzz::untouched::lapic_sealed).
+    pub lapic_unread: u64,
     /// Per vCPU state part: (name, time reading, time writing, writes).
     pub vcpu_parts: Vec<(&'static str, Duration, Duration, u64)>,
 }
@@ -93,6 +96,9 @@ struct PartCost {
     sync_valid: bool,
     watch: Ring0Watch,
     ring0_unread: u64,
+    /// The snapshot seals the LAPIC (fuzz::untouched::lapic_sealed).
+    lapic_sealed: bool,
+    lapic_unread: u64,
 }
 
 /// Parts a reset leaves unread, each proven unchanged (fuzz::untouched).
@@ -100,6 +106,7 @@ struct PartCost {
 struct Skip {
     mp_state: bool,
     ring0: bool,
+    lapic: bool,
 }
 
 /// A snapshot taken into memory: no files.
@@ -175,6 +182,12 @@ impl MemSnapshot {
             && vmm.vcpus.len() == 1
             && vmm.vcpus[0].inline.is_some()
             && no_msr_side_effects(&state.vcpus[0].lapic, &state.vcpus[0].msrs);
+        let sealed = watch
+            && lapic_sealed(
+                &state.vcpus[0].lapic,
+                &state.vcpus[0].msrs,
+                &state.vm.ioapic,
+            );
         let link = lock(&vmm.devices.debug_console).fuzz_link();
         // Disk writes from here on stay in memory; a reset drops them.
         for d in &vmm.devices.disks {
@@ -206,6 +219,7 @@ impl MemSnapshot {
             cost: Arc::new(Mutex::new(PartCost {
                 sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
                 watch: Ring0Watch::new(watch),
+                lapic_sealed: sealed,
                 ..PartCost::default()
             })),
         })
@@ -304,6 +318,7 @@ impl MemSnapshot {
             let skip = Skip {
                 mp_state: after_doorbell && snap.mp_state.mp_state == KVM_MP_STATE_RUNNABLE,
                 ring0: proven,
+                lapic: proven && cost.lapic_sealed,
             };
             let moved = if then_runs {
                 restore_with_sync(fd, &snap, &msrs, &mut cost, skip)
@@ -313,6 +328,7 @@ impl MemSnapshot {
             .map_err(|e| e.to_string())?;
             cost.watch.equal_at(counters);
             cost.ring0_unread += u64::from(proven);
+            cost.lapic_unread += u64::from(skip.lapic);
             cost.total += t.elapsed();
             if let (true, Some(r)) = (moved, &reloader) {
                 r.reload()
@@ -329,6 +345,7 @@ impl MemSnapshot {
         times.vcpu_state = c.total;
         times.slot_reloads += c.cr3_reloads;
         times.ring0_unread = c.ring0_unread;
+        times.lapic_unread = c.lapic_unread;
         times.vcpu_parts = PARTS
             .iter()
             .enumerate()
@@ -562,7 +579,10 @@ fn restore_vcpu(
     step(
         cost,
         6,
-        &mut || Ok(fd.get_lapic().map_err(kvm_err("read the LAPIC"))?.regs == snap.lapic.regs),
+        &mut || {
+            Ok(skip.lapic
+                || fd.get_lapic().map_err(kvm_err("read the LAPIC"))?.regs == snap.lapic.regs)
+        },
         &mut || fd.set_lapic(&snap.lapic).map_err(kvm_err("set the LAPIC")),
     )?;
     // By hand, not through `step`: what is written depends on what was read.
