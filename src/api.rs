@@ -42,7 +42,7 @@ use crate::console::ConsoleTarget;
 use crate::devices::bus::lock;
 use crate::devices::debug_console::FuzzLink;
 use crate::events::{Doorbell, VmEvent};
-use crate::fuzz::reset::MemSnapshot;
+use crate::fuzz::reset::{InputEnd, MemSnapshot};
 use crate::fuzz::{FuzzError, ResetTimes};
 use crate::guest::GuestKind;
 use crate::kvm::vcpu::VcpuTask;
@@ -364,7 +364,11 @@ impl Vm {
         match (self.vcpu_pending, &self.snapshot) {
             (true, Some(s)) => {
                 self.vcpu_pending = false;
-                s.vcpu_task(0, then_runs, self.stopped_at_doorbell)
+                let ended = InputEnd {
+                    at_doorbell: self.stopped_at_doorbell,
+                    write_unfinished: self.vmm.vcpus[0].write_unfinished(),
+                };
+                s.vcpu_task(0, then_runs, ended)
             }
             _ => Box::new(|_| Ok(())),
         }

@@ -28,6 +28,8 @@
 #define FUZZ_STALE_MSR_CODE 0x5157ULL /* KERNEL_GS_BASE held an earlier input's value */
 #define FUZZ_MSR_BEFORE 0x5EEDULL /* KERNEL_GS_BASE at the snapshot */
 #define FUZZ_STALE_LAPIC_CODE 0x1A71CULL /* the LAPIC held an earlier input's write */
+#define FUZZ_STALE_SSE_CODE 0x55EULL /* XMM7 held an earlier input's value */
+#define FUZZ_SSE_BEFORE 0x0123456789ABCDEFULL /* XMM7's low half at the snapshot */
 #define LAPIC_TIMER_DIVIDE (0xFEE00000UL + 0x3E0)
 #define LAPIC_DIVIDE_BEFORE 0xB /* divide by 1, set by entry.S before the snapshot */
 #define FUZZ_DIRTY_BASE (40UL << 20) /* dirty=N pages from here (guest needs 64 MiB) */
@@ -118,6 +120,20 @@ static uint64_t swap_kernel_gs_base(uint64_t v)
 	return code;
 }
 
+/* The compiler uses no vector registers here (-mgeneral-regs-only), so
+ * XMM7 holds only what these put there. */
+static uint64_t get_xmm7(void)
+{
+	uint64_t v;
+	__asm__ volatile("movq %%xmm7, %0" : "=r"(v));
+	return v;
+}
+
+static void set_xmm7(uint64_t v)
+{
+	__asm__ volatile("movq %0, %%xmm7" : : "r"(v));
+}
+
 static uint64_t window_marker(void)
 {
 	return *(volatile uint64_t *)PT_WINDOW;
@@ -179,6 +195,8 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 	}
 	if (o->msrchange)
 		(void)swap_kernel_gs_base(FUZZ_MSR_BEFORE);
+	if (o->ssechange)
+		set_xmm7(FUZZ_SSE_BEFORE);
 	/* Write every page an input will write once now: the CPU sets the
 	 * dirty bit in the page tables here, before the snapshot, instead of
 	 * in every input (a page-table page restored on every reset would make
@@ -217,6 +235,11 @@ __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o)
 		*(volatile uint64_t *)(FUZZ_DIRTY_BASE + p * PAGE) = p + n;
 	if (o->msrchange && swap_kernel_gs_base(0x1000 + n) != FUZZ_MSR_BEFORE)
 		mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_MSR_CODE);
+	if (o->ssechange) {
+		if (get_xmm7() != FUZZ_SSE_BEFORE)
+			mmio_write64(DBG_FUZZ_CRASH, FUZZ_STALE_SSE_CODE);
+		set_xmm7(0x1000 + n);
+	}
 	if (o->lapicchange) {
 		/* The timer is stopped, so its divider only has to come back. */
 		if (*(volatile uint32_t *)LAPIC_TIMER_DIVIDE != LAPIC_DIVIDE_BEFORE)

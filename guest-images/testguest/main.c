@@ -33,6 +33,8 @@
  *                   from the snapshot's CR3)
  *   msrchange=1     fuzz: each input checks that KERNEL_GS_BASE holds what it
  *                   held at the snapshot, then writes another value (ring 0)
+ *   ssechange=1     fuzz: each input checks that XMM7 holds what it held at
+ *                   the snapshot, then writes another value (ring 3)
  *   lapicchange=1   fuzz: each input checks that the LAPIC timer's divide
  *                   register holds what it held at the snapshot, then writes
  *                   another value (ring 3, through the LAPIC's MMIO page)
@@ -217,6 +219,8 @@ static void parse_cmdline(const char *c, struct options *o)
 			o->fuzz.cr3switch = parse_u64(c + 10);
 		else if (starts_with(c, "msrchange="))
 			o->fuzz.msrchange = parse_u64(c + 10);
+		else if (starts_with(c, "ssechange="))
+			o->fuzz.ssechange = parse_u64(c + 10);
 		else if (starts_with(c, "lapicchange="))
 			o->fuzz.lapicchange = parse_u64(c + 12);
 		while (*c && *c != ' ')

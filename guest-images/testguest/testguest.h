@@ -47,7 +47,7 @@ void run_hostile(const uint8_t *zp, uint64_t period_ms, uint64_t flood_mib);
 
 /* mode=fuzz options (fuzz.c). */
 struct fuzz_options {
-	uint64_t fault, dirty, ptchange, disk, cr3switch, msrchange, lapicchange;
+	uint64_t fault, dirty, ptchange, disk, cr3switch, msrchange, lapicchange, ssechange;
 };
 __attribute__((noreturn)) void run_fuzz(const struct fuzz_options *o);
 

@@ -87,8 +87,8 @@ fn time_split(t: &ResetTimes) -> String {
         us(t.slot_reload, n),
     );
     s += &format!(
-        "\n  XCRs, debug registers and MSRs left unread in {} of {n} resets (vCPU statistics: no ring-0 code ran), the LAPIC in {} (and no interrupt could reach it)",
-        t.ring0_unread, t.lapic_unread
+        "\n  XCRs, debug registers and MSRs left unread in {} of {n} resets (vCPU statistics: no ring-0 code ran), the LAPIC in {} (and no interrupt could reach it); {} left the doorbell's MMIO write to the input's run",
+        t.ring0_unread, t.lapic_unread, t.writes_left_to_run
     );
     s += "\n  vCPU parts, read/write us per reset (writes):";
     for (name, get, set, sets) in &t.vcpu_parts {

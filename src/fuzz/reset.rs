@@ -65,6 +65,9 @@ pub struct ResetTimes {
     /// Of those, resets that also left the LAPIC unread: the snapshot showed
     /// no interrupt could reach it (fuzz::untouched::lapic_sealed).
     pub lapic_unread: u64,
+    /// Resets that left the doorbell's MMIO write for the input's run to
+    /// finish (nothing had to be read: one KVM_RUN fewer).
+    pub writes_left_to_run: u64,
     /// Per vCPU state part: (name, time reading, time writing, writes).
     pub vcpu_parts: Vec<(&'static str, Duration, Duration, u64)>,
 }
@@ -99,6 +102,17 @@ struct PartCost {
     /// The snapshot seals the LAPIC (fuzz::untouched::lapic_sealed).
     lapic_sealed: bool,
     lapic_unread: u64,
+    writes_left_to_run: u64,
+}
+
+/// How the input before a reset ended.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct InputEnd {
+    /// At a doorbell store (see fuzz::untouched).
+    pub(crate) at_doorbell: bool,
+    /// The vCPU stopped at an MMIO write that its next KVM_RUN finishes
+    /// (kvm::vcpu_inline): state read before then must finish it first.
+    pub(crate) write_unfinished: bool,
 }
 
 /// Parts a reset leaves unread, each proven unchanged (fuzz::untouched).
@@ -304,9 +318,10 @@ impl MemSnapshot {
     /// on the vCPU thread, so the caller need not wait for its answer.
     /// `then_runs`: the vCPU enters the guest right after the task, so the
     /// state may go in through `kvm_run` (see [`restore_with_sync`]).
-    /// `after_doorbell`: the input ended at a doorbell store (see
-    /// fuzz::untouched for what that lets a reset leave unread).
-    pub fn vcpu_task(&self, index: usize, then_runs: bool, after_doorbell: bool) -> VcpuTask {
+    /// `ended`: how the input ended (see fuzz::untouched for what a
+    /// doorbell lets a reset leave unread).
+    pub fn vcpu_task(&self, index: usize, then_runs: bool, ended: InputEnd) -> VcpuTask {
+        let after_doorbell = ended.at_doorbell;
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
@@ -321,7 +336,7 @@ impl MemSnapshot {
                 lapic: proven && cost.lapic_sealed,
             };
             let moved = if then_runs {
-                restore_with_sync(fd, &snap, &msrs, &mut cost, skip)
+                restore_with_sync(fd, &snap, &msrs, &mut cost, skip, ended.write_unfinished)
             } else {
                 restore_vcpu(fd, &snap, &msrs, &mut cost, None, skip)
             }
@@ -346,6 +361,7 @@ impl MemSnapshot {
         times.slot_reloads += c.cr3_reloads;
         times.ring0_unread = c.ring0_unread;
         times.lapic_unread = c.lapic_unread;
+        times.writes_left_to_run = c.writes_left_to_run;
         times.vcpu_parts = PARTS
             .iter()
             .enumerate()
@@ -453,14 +469,23 @@ fn step(
 /// exit are read from there (no ioctl), and the registers and events go back
 /// the same way, applied by KVM as the vCPU next enters (events still last).
 /// Only for a restore followed by a run: a later KVM_GET_REGS would not see
-/// the registers until then.
+/// the registers until then. `write_unfinished`: KVM has yet to finish the
+/// MMIO write the vCPU stopped at; it is left to the coming run unless some
+/// part must be read (the vCPU's state is exact only once it is finished).
 fn restore_with_sync(
     fd: &mut VcpuFd,
     snap: &VcpuState,
     msr_indices: &[u32],
     cost: &mut PartCost,
     skip: Skip,
+    write_unfinished: bool,
 ) -> Result<bool, vcpu_state::VcpuStateError> {
+    let reads = !(skip.mp_state && skip.ring0 && skip.lapic && cost.sync_valid);
+    match (write_unfinished, reads) {
+        (true, true) => crate::kvm::vcpu::complete_in_flight_io(fd),
+        (true, false) => cost.writes_left_to_run += 1,
+        (false, _) => {}
+    }
     // kvm_run holds them only after an exit with the valid bits set.
     let synced = cost.sync_valid.then(|| fd.sync_regs());
     let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref(), skip)?;
@@ -532,26 +557,19 @@ fn restore_vcpu(
                 .map_err(kvm_err("set special registers"))
         },
     )?;
+    // Written, not compared: ring-3 code changes it freely (most targets'
+    // every memcpy), writing costs what reading does, and a write needs no
+    // finished MMIO write (see restore_with_sync).
     match &snap.xsave {
         // XSAVE holds the x87 and SSE state too.
-        Some(want) => step(
-            cost,
-            3,
-            &mut || Ok(fd.get_xsave().map_err(kvm_err("read XSAVE"))?.region == want.region),
+        Some(want) => step(cost, 3, &mut || Ok(false), &mut || {
             // SAFETY: a whole kvm_xsave read by KVM_GET_XSAVE on this vCPU,
             // whose CPUID has not changed since.
-            &mut || unsafe { fd.set_xsave(want) }.map_err(kvm_err("set XSAVE")),
-        )?,
-        None => step(
-            cost,
-            3,
-            &mut || {
-                let now =
-                    vcpu_state::FpuState::from(&fd.get_fpu().map_err(kvm_err("read the FPU"))?);
-                Ok(now == snap.fpu)
-            },
-            &mut || vcpu_state::apply_fpu(fd, &snap.fpu),
-        )?,
+            unsafe { fd.set_xsave(want) }.map_err(kvm_err("set XSAVE"))
+        })?,
+        None => step(cost, 3, &mut || Ok(false), &mut || {
+            vcpu_state::apply_fpu(fd, &snap.fpu)
+        })?,
     }
     if let (Some(want), false) = (&snap.xcrs, skip.ring0) {
         step(

@@ -242,6 +242,12 @@ impl VcpuHandle {
         }
     }
 
+    /// The vCPU runs on the caller's thread and stopped at an MMIO write
+    /// that its next KVM_RUN finishes (see kvm::vcpu_inline).
+    pub fn write_unfinished(&self) -> bool {
+        self.inline().is_some_and(|v| v.write_unfinished())
+    }
+
     /// Runs `task` on the (paused) vCPU thread and waits for it.
     pub fn run_task(&self, task: VcpuTask) -> Result<(), VcpuError> {
         if let Some(mut v) = self.inline() {
@@ -452,14 +458,20 @@ impl VcpuThread {
     }
 }
 
+/// See [`VcpuCore::complete_in_flight_io`]; for a reset's vCPU task, which
+/// holds only the fd.
+pub(crate) fn complete_in_flight_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
 impl VcpuCore {
     /// Re-enters KVM_RUN with immediate_exit set, so KVM finishes a PIO/MMIO
     /// access whose data we already supplied instead of replaying or losing
     /// it after a snapshot.
     pub(crate) fn complete_in_flight_io(&mut self) {
-        self.vcpu.set_kvm_immediate_exit(1);
-        let _ = self.vcpu.run();
-        self.vcpu.set_kvm_immediate_exit(0);
+        complete_in_flight_io(&mut self.vcpu);
     }
 
     pub(crate) fn run_once(&mut self) -> Flow {

@@ -91,6 +91,9 @@ pub(crate) struct InlineVcpu {
     /// A reset's vCPU half failed (its Fatal event was sent): the guest
     /// must not run until a task succeeds.
     halted: bool,
+    /// The vCPU parked at an MMIO write that KVM finishes as it next
+    /// enters (see [`InlineVcpu::run`]).
+    write_unfinished: bool,
 }
 
 impl InlineVcpu {
@@ -99,22 +102,39 @@ impl InlineVcpu {
             core,
             timer: None,
             halted: false,
+            write_unfinished: false,
+        }
+    }
+
+    /// See [`InlineVcpu::run`]: a read of the vCPU's state now must first
+    /// let KVM finish the write ([`Self::finish_write`]).
+    pub(crate) fn write_unfinished(&self) -> bool {
+        self.write_unfinished
+    }
+
+    fn finish_write(&mut self) {
+        if std::mem::take(&mut self.write_unfinished) {
+            self.core.complete_in_flight_io();
         }
     }
 
     /// The stopped vCPU itself (bench support: the bare KVM_RUN loop).
     pub(crate) fn vcpu(&mut self) -> &mut VcpuFd {
+        self.finish_write();
         &mut self.core.vcpu
     }
 
     /// Runs `task` on the stopped vCPU.
     pub(crate) fn run_task(&mut self, task: VcpuTask) -> Result<(), String> {
+        self.finish_write();
         task(&mut self.core.vcpu)
     }
 
     /// Runs `task` (a reset's vCPU half) to be followed by [`Self::run`]. A
     /// failure is reported as a Fatal event, as the vCPU thread does, and
-    /// keeps the guest from running.
+    /// keeps the guest from running. A write left unfinished stays so: the
+    /// task finishes it if it reads state (it knows from
+    /// [`Self::write_unfinished`], asked before).
     pub(crate) fn run_task_then_run(&mut self, task: VcpuTask) {
         match task(&mut self.core.vcpu) {
             Ok(()) => self.halted = false,
@@ -155,6 +175,8 @@ impl InlineVcpu {
         set_kick_target(self.core.vcpu.get_kvm_run());
         self.core.vcpu.set_kvm_immediate_exit(0);
         timer.set(left);
+        // The first KVM_RUN below finishes it.
+        self.write_unfinished = false;
         let outcome = loop {
             if kick_seen(&mut self.core.vcpu) && Instant::now() >= deadline {
                 self.core.complete_in_flight_io();
@@ -169,11 +191,19 @@ impl InlineVcpu {
                 .park
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
             {
-                // Finished here, not left to the next KVM_RUN, even for an
-                // MMIO write whose RIP KVM already moved: on PVM, KVM_GET_XSAVE
-                // before that completion showed an XMM register the guest
-                // never wrote (measured), so state read then is not exact.
-                self.core.complete_in_flight_io();
+                // A doorbell is an MMIO write: KVM has moved RIP past it and
+                // written the registers back, and finishing it changes no
+                // state, so the next KVM_RUN may do it (a reset that only
+                // writes the vCPU's state spares a run). State read before
+                // then is not what the guest will see, though: on PVM,
+                // KVM_GET_XSAVE then reports SSE state in use (XSTATE_BV 2)
+                // where the guest's is still in its initial state (0), so
+                // every reader finishes the write first.
+                if self.core.last_exit_mmio_write {
+                    self.write_unfinished = true;
+                } else {
+                    self.core.complete_in_flight_io();
+                }
                 break InlineStop::Parked;
             }
             if stop() {
