@@ -1,7 +1,8 @@
 //! A snapshot held in memory and the reset back to it: only the pages
 //! dirtied since (KVM's dirty log OR vm-memory's bitmap), only the vCPU and
-//! VM state that differs (read, compare, write what changed), the devices,
-//! and the shadow-MMU flush only when a restored page was a page table.
+//! VM state that differs (read, compare, write what changed; the registers
+//! and the FPU are written every time, unread), the devices, and the
+//! shadow-MMU flush only when a restored page was a page table.
 //!
 //! The vCPU must be stopped (a doorbell parked it, it triple-faulted, or it
 //! was paused) for both. Every step is timed, per part, in [`ResetTimes`].
