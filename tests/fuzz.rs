@@ -118,6 +118,22 @@ fn inputs_never_see_the_last_one(vm: &mut Vm, n: u32, stale: u64, what: &str) {
     assert!(diffs.is_empty(), "{diffs:?}");
 }
 
+/// The target with `append`, through [`inputs_never_see_the_last_one`]
+/// for 30 inputs; `None` (the test skipped) without KVM.
+fn thirty_inputs_each_finding_the_snapshot(
+    test: &str,
+    append: &str,
+    stale: u64,
+    what: &str,
+) -> Option<Vm> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let mut vm = target(append);
+    inputs_never_see_the_last_one(&mut vm, 30, stale, what);
+    Some(vm)
+}
+
 #[test]
 fn page_table_changes_between_resets_stay_exact() {
     if !kvm_available("reset_page_tables") {
@@ -165,16 +181,14 @@ fn page_table_changes_between_resets_stay_exact() {
 /// the MSRs then shows up as the STALE crash in the next input.
 #[test]
 fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
-    if !kvm_available("reset_msr") {
-        return;
-    }
-    let mut vm = target("msrchange=1");
-    inputs_never_see_the_last_one(
-        &mut vm,
-        30,
+    let Some(vm) = thirty_inputs_each_finding_the_snapshot(
+        "reset_msr",
+        "msrchange=1",
         STALE_MSR,
         "KERNEL_GS_BASE as the input before it left it",
-    );
+    ) else {
+        return;
+    };
     assert_eq!(vm.reset_times().ring0_unread, 0, "every input ran ring 0");
     let mut plain = target("");
     for i in 0..30u32 {
@@ -190,12 +204,6 @@ fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
     }
 }
 
-/// A reset leaves the LAPIC unread when, besides the proof above, the
-/// snapshot shows no interrupt can reach it (src/fuzz/untouched.rs). Ring-3
-/// code can still write it through its MMIO page: with `lapicchange=1`
-/// every input checks the timer's divide register, then changes it. A reset
-/// that skipped the LAPIC after such an input shows up as the STALE crash
-/// in the next one.
 /// A reset writes the FPU/SSE state back without reading it, before KVM
 /// has finished the doorbell's MMIO write (the input's next run does): with
 /// `ssechange=1` every input checks that XMM7 holds the snapshot's value,
@@ -203,16 +211,14 @@ fn an_msr_written_by_ring_0_code_is_reset_and_ring_3_inputs_skip_the_read() {
 /// (or skipped it) shows up as the STALE crash in the next input.
 #[test]
 fn sse_registers_written_by_ring_3_are_reset() {
-    if !kvm_available("reset_sse") {
-        return;
-    }
-    let mut vm = target("ssechange=1");
-    inputs_never_see_the_last_one(
-        &mut vm,
-        30,
+    let Some(vm) = thirty_inputs_each_finding_the_snapshot(
+        "reset_sse",
+        "ssechange=1",
         STALE_SSE,
         "XMM7 as the input before it left it",
-    );
+    ) else {
+        return;
+    };
     if is_pvm_host() {
         // Nothing to read after a ring-3 input: the write was left to the
         // run. Not so after the first input (no earlier statistics), nor for
@@ -221,18 +227,22 @@ fn sse_registers_written_by_ring_3_are_reset() {
     }
 }
 
+/// A reset leaves the LAPIC unread when, besides the proof above, the
+/// snapshot shows no interrupt can reach it (src/fuzz/untouched.rs). Ring-3
+/// code can still write it through its MMIO page: with `lapicchange=1`
+/// every input checks the timer's divide register, then changes it. A reset
+/// that skipped the LAPIC after such an input shows up as the STALE crash
+/// in the next one.
 #[test]
 fn a_lapic_written_from_ring_3_is_reset() {
-    if !kvm_available("reset_lapic") {
-        return;
-    }
-    let mut vm = target("lapicchange=1");
-    inputs_never_see_the_last_one(
-        &mut vm,
-        30,
+    let Some(vm) = thirty_inputs_each_finding_the_snapshot(
+        "reset_lapic",
+        "lapicchange=1",
         STALE_LAPIC,
         "the LAPIC as the input before it left it",
-    );
+    ) else {
+        return;
+    };
     assert_eq!(vm.reset_times().lapic_unread, 0, "every input wrote it");
 }
 
