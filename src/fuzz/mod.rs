@@ -9,6 +9,7 @@ pub(crate) mod hot;
 pub(crate) mod pagetables;
 pub(crate) mod reset;
 pub(crate) mod untouched;
+pub(crate) mod vcpu_reset;
 pub(crate) mod verify;
 
 pub use engine::{fuzz, FuzzOptions, FuzzReport};

@@ -10,28 +10,23 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_sync_regs, KVM_MP_STATE_RUNNABLE};
-use kvm_ioctls::{SyncReg, VcpuFd};
+use kvm_bindings::kvm_irqchip;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
 use super::hot::HotPages;
 use super::pagetables::page_table_pages;
 use super::untouched::{lapic_sealed, no_msr_side_effects, Ring0Watch};
+use super::vcpu_reset::{InputEnd, PartCost, MSR_TSC};
 use super::FuzzError;
 use crate::arch::host::HostKind;
 use crate::devices::bus::lock;
 use crate::kvm::vcpu::VcpuTask;
-use crate::kvm::vcpu_state::{self, VcpuState};
+use crate::kvm::vcpu_state::VcpuState;
 use crate::kvm::vm::SlotReloader;
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::Persist;
 use crate::vmm::{MachineState, Vmm};
-
-/// IA32_TSC: the guest's TSC runs on across resets, as its clock does (PVM
-/// cannot set it at all; on hardware a reset that moved it back would make
-/// guest time run backwards between inputs).
-const MSR_TSC: u32 = 0x10;
 
 /// Where a reset spends its time, summed over resets.
 #[derive(Debug, Clone, Default)]
@@ -71,57 +66,6 @@ pub struct ResetTimes {
     pub writes_left_to_run: u64,
     /// Per vCPU state part: (name, time reading, time writing, writes).
     pub vcpu_parts: Vec<(&'static str, Duration, Duration, u64)>,
-}
-
-/// The vCPU state parts in apply order (see kvm::vcpu_state).
-const PARTS: [&str; 9] = [
-    "mp_state",
-    "regs",
-    "sregs",
-    "fpu/xsave",
-    "xcrs",
-    "debugregs",
-    "lapic",
-    "msrs",
-    "events",
-];
-
-#[derive(Default)]
-struct PartCost {
-    get: [Duration; 9],
-    set: [Duration; 9],
-    sets: [u64; 9],
-    total: Duration,
-    /// KVM offers KVM_CAP_SYNC_REGS (registers through `kvm_run`).
-    sync_ok: bool,
-    /// Slot reloads done on the vCPU thread (CR3 had moved).
-    cr3_reloads: u64,
-    /// The valid bits are set, so `kvm_run` holds the state of the last exit.
-    sync_valid: bool,
-    watch: Ring0Watch,
-    ring0_unread: u64,
-    /// The snapshot seals the LAPIC (fuzz::untouched::lapic_sealed).
-    lapic_sealed: bool,
-    lapic_unread: u64,
-    writes_left_to_run: u64,
-}
-
-/// How the input before a reset ended.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct InputEnd {
-    /// At a doorbell store (see fuzz::untouched).
-    pub(crate) at_doorbell: bool,
-    /// The vCPU stopped at an MMIO write that its next KVM_RUN finishes
-    /// (kvm::vcpu_inline): state read before then must finish it first.
-    pub(crate) write_unfinished: bool,
-}
-
-/// Parts a reset leaves unread, each proven unchanged (fuzz::untouched).
-#[derive(Clone, Copy, Default)]
-struct Skip {
-    mp_state: bool,
-    ring0: bool,
-    lapic: bool,
 }
 
 /// A snapshot taken into memory: no files.
@@ -231,12 +175,11 @@ impl MemSnapshot {
                 })?)),
                 false => None,
             },
-            cost: Arc::new(Mutex::new(PartCost {
-                sync_ok: vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
-                watch: Ring0Watch::new(watch),
-                lapic_sealed: sealed,
-                ..PartCost::default()
-            })),
+            cost: Arc::new(Mutex::new(PartCost::new(
+                vmm.vm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
+                Ring0Watch::new(watch),
+                sealed,
+            ))),
         })
     }
 
@@ -318,38 +261,23 @@ impl MemSnapshot {
     /// shadows page tables, it makes KVM drop its shadows too, right there
     /// on the vCPU thread, so the caller need not wait for its answer.
     /// `then_runs`: the vCPU enters the guest right after the task, so the
-    /// state may go in through `kvm_run` (see [`restore_with_sync`]).
+    /// state may go in through `kvm_run` (see fuzz::vcpu_reset).
     /// `ended`: how the input ended (see fuzz::untouched for what a
     /// doorbell lets a reset leave unread).
     pub fn vcpu_task(&self, index: usize, then_runs: bool, ended: InputEnd) -> VcpuTask {
-        let after_doorbell = ended.at_doorbell;
         let snap = self.vcpus[index].clone();
         let msrs = self.msrs.clone();
         let cost = self.cost.clone();
         let reloader = self.reloader.clone();
         Box::new(move |fd| {
             let mut cost = cost.lock().unwrap_or_else(|p| p.into_inner());
-            let t = Instant::now();
-            let (counters, proven) = cost.watch.check(fd, after_doorbell);
-            let skip = Skip {
-                mp_state: after_doorbell && snap.mp_state.mp_state == KVM_MP_STATE_RUNNABLE,
-                ring0: proven,
-                lapic: proven && cost.lapic_sealed,
-            };
-            let moved = if then_runs {
-                restore_with_sync(fd, &snap, &msrs, &mut cost, skip, ended.write_unfinished)
-            } else {
-                restore_vcpu(fd, &snap, &msrs, &mut cost, None, skip)
-            }
-            .map_err(|e| e.to_string())?;
-            cost.watch.equal_at(counters);
-            cost.ring0_unread += u64::from(proven);
-            cost.lapic_unread += u64::from(skip.lapic);
-            cost.total += t.elapsed();
+            let moved = cost
+                .put_back(fd, &snap, &msrs, then_runs, ended)
+                .map_err(|e| e.to_string())?;
             if let (true, Some(r)) = (moved, &reloader) {
                 r.reload()
                     .map_err(|e| format!("cannot re-register guest memory: {e}"))?;
-                cost.cr3_reloads += 1;
+                cost.count_cr3_reload();
             }
             Ok(())
         })
@@ -358,16 +286,7 @@ impl MemSnapshot {
     /// The vCPU time split so far (read on the caller's thread).
     pub fn fill_vcpu_times(&self, times: &mut ResetTimes) {
         let c = self.cost.lock().unwrap_or_else(|p| p.into_inner());
-        times.vcpu_state = c.total;
-        times.slot_reloads += c.cr3_reloads;
-        times.ring0_unread = c.ring0_unread;
-        times.lapic_unread = c.lapic_unread;
-        times.writes_left_to_run = c.writes_left_to_run;
-        times.vcpu_parts = PARTS
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (*n, c.get[i], c.set[i], c.sets[i]))
-            .collect();
+        c.fill(times);
     }
 
     pub fn vcpu_states(&self) -> &[Arc<VcpuState>] {
@@ -436,205 +355,4 @@ fn restore_vm_state(vmm: &Vmm, state: &MachineState) -> Result<(), FuzzError> {
         fd.set_pit2(&state.vm.pit).map_err(kvm("restore the PIT"))?;
     }
     Ok(())
-}
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> vcpu_state::VcpuStateError {
-    move |source| vcpu_state::VcpuStateError::Kvm { what, source }
-}
-
-type Get<'a> = &'a mut dyn FnMut() -> Result<bool, vcpu_state::VcpuStateError>;
-type Set<'a> = &'a mut dyn FnMut() -> Result<(), vcpu_state::VcpuStateError>;
-
-/// One part: read it (`get` says whether it equals the snapshot's), write
-/// it only if not, timing both.
-fn step(
-    cost: &mut PartCost,
-    i: usize,
-    get: Get,
-    set: Set,
-) -> Result<(), vcpu_state::VcpuStateError> {
-    let t = Instant::now();
-    let same = get()?;
-    cost.get[i] += t.elapsed();
-    if !same {
-        let t = Instant::now();
-        set()?;
-        cost.set[i] += t.elapsed();
-        cost.sets[i] += 1;
-    }
-    Ok(())
-}
-
-/// [`restore_vcpu`] with KVM_CAP_SYNC_REGS where KVM has it: the registers,
-/// special registers and pending events KVM stored in `kvm_run` at the last
-/// exit are read from there (no ioctl), and the registers and events go back
-/// the same way, applied by KVM as the vCPU next enters (events still last).
-/// Only for a restore followed by a run: a later KVM_GET_REGS would not see
-/// the registers until then. `write_unfinished`: KVM has yet to finish the
-/// MMIO write the vCPU stopped at; it is left to the coming run unless some
-/// part must be read (the vCPU's state is exact only once it is finished).
-fn restore_with_sync(
-    fd: &mut VcpuFd,
-    snap: &VcpuState,
-    msr_indices: &[u32],
-    cost: &mut PartCost,
-    skip: Skip,
-    write_unfinished: bool,
-) -> Result<bool, vcpu_state::VcpuStateError> {
-    let reads = !(skip.mp_state && skip.ring0 && skip.lapic && cost.sync_valid);
-    match (write_unfinished, reads) {
-        (true, true) => crate::kvm::vcpu::complete_in_flight_io(fd),
-        (true, false) => cost.writes_left_to_run += 1,
-        (false, _) => {}
-    }
-    // kvm_run holds them only after an exit with the valid bits set.
-    let synced = cost.sync_valid.then(|| fd.sync_regs());
-    let moved = restore_vcpu(fd, snap, msr_indices, cost, synced.as_ref(), skip)?;
-    if let Some(now) = synced {
-        let t = Instant::now();
-        fd.sync_regs_mut().regs = snap.regs;
-        fd.set_sync_dirty_reg(SyncReg::Register);
-        cost.set[1] += t.elapsed();
-        cost.sets[1] += 1;
-        if now.events != snap.vcpu_events {
-            fd.sync_regs_mut().events = snap.vcpu_events;
-            fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
-            cost.sets[8] += 1;
-        }
-    }
-    if cost.sync_ok {
-        fd.set_sync_valid_reg(SyncReg::Register);
-        fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        fd.set_sync_valid_reg(SyncReg::VcpuEvents);
-        cost.sync_valid = true;
-    }
-    Ok(moved)
-}
-
-/// Reads each part, writes it back only if it differs from the snapshot, in
-/// kvm::vcpu_state's apply order (LAPIC before MSRs, events last). Returns
-/// whether CR3 had moved (a new address space: KVM's shadows must go).
-fn restore_vcpu(
-    fd: &VcpuFd,
-    snap: &VcpuState,
-    msr_indices: &[u32],
-    cost: &mut PartCost,
-    synced: Option<&kvm_sync_regs>,
-    skip: Skip,
-) -> Result<bool, vcpu_state::VcpuStateError> {
-    step(
-        cost,
-        0,
-        &mut || {
-            Ok(skip.mp_state
-                || fd.get_mp_state().map_err(kvm_err("read mp_state"))? == snap.mp_state)
-        },
-        &mut || {
-            fd.set_mp_state(snap.mp_state)
-                .map_err(kvm_err("set mp_state"))
-        },
-    )?;
-    // The registers always changed: the guest ran. With synced registers
-    // they go in through kvm_run as the vCPU enters (see restore_with_sync).
-    if synced.is_none() {
-        step(cost, 1, &mut || Ok(false), &mut || {
-            fd.set_regs(&snap.regs).map_err(kvm_err("set registers"))
-        })?;
-    }
-    let mut moved = false;
-    step(
-        cost,
-        2,
-        &mut || {
-            let now = match synced {
-                Some(s) => s.sregs,
-                None => fd.get_sregs().map_err(kvm_err("read special registers"))?,
-            };
-            moved = now.cr3 != snap.sregs.cr3;
-            Ok(now == snap.sregs)
-        },
-        &mut || {
-            fd.set_sregs(&snap.sregs)
-                .map_err(kvm_err("set special registers"))
-        },
-    )?;
-    // Written, not compared: ring-3 code changes it freely (most targets'
-    // every memcpy), writing costs what reading does, and a write needs no
-    // finished MMIO write (see restore_with_sync).
-    match &snap.xsave {
-        // XSAVE holds the x87 and SSE state too.
-        Some(want) => step(cost, 3, &mut || Ok(false), &mut || {
-            // SAFETY: a whole kvm_xsave read by KVM_GET_XSAVE on this vCPU,
-            // whose CPUID has not changed since.
-            unsafe { fd.set_xsave(want) }.map_err(kvm_err("set XSAVE"))
-        })?,
-        None => step(cost, 3, &mut || Ok(false), &mut || {
-            vcpu_state::apply_fpu(fd, &snap.fpu)
-        })?,
-    }
-    if let (Some(want), false) = (&snap.xcrs, skip.ring0) {
-        step(
-            cost,
-            4,
-            &mut || Ok(fd.get_xcrs().map_err(kvm_err("read XCRs"))? == *want),
-            &mut || fd.set_xcrs(want).map_err(kvm_err("set XCRs")),
-        )?;
-    }
-    step(
-        cost,
-        5,
-        &mut || {
-            Ok(skip.ring0
-                || fd
-                    .get_debug_regs()
-                    .map_err(kvm_err("read debug registers"))?
-                    == snap.debugregs)
-        },
-        &mut || {
-            fd.set_debug_regs(&snap.debugregs)
-                .map_err(kvm_err("set debug registers"))
-        },
-    )?;
-    step(
-        cost,
-        6,
-        &mut || {
-            Ok(skip.lapic
-                || fd.get_lapic().map_err(kvm_err("read the LAPIC"))?.regs == snap.lapic.regs)
-        },
-        &mut || fd.set_lapic(&snap.lapic).map_err(kvm_err("set the LAPIC")),
-    )?;
-    // By hand, not through `step`: what is written depends on what was read.
-    let t = Instant::now();
-    let now = match skip.ring0 {
-        true => Vec::new(),
-        false => vcpu_state::read_msrs(fd, msr_indices)?,
-    };
-    let changed: Vec<kvm_msr_entry> = snap
-        .msrs
-        .iter()
-        .filter(|m| m.index != MSR_TSC && !skip.ring0)
-        .filter(|m| !now.iter().any(|n| n.index == m.index && n.data == m.data))
-        .copied()
-        .collect();
-    cost.get[7] += t.elapsed();
-    if !changed.is_empty() {
-        let t = Instant::now();
-        vcpu_state::write_msrs(fd, &changed)?;
-        cost.set[7] += t.elapsed();
-        cost.sets[7] += 1;
-    }
-    if synced.is_some() {
-        return Ok(moved);
-    }
-    step(
-        cost,
-        8,
-        &mut || Ok(fd.get_vcpu_events().map_err(kvm_err("read vCPU events"))? == snap.vcpu_events),
-        &mut || {
-            fd.set_vcpu_events(&snap.vcpu_events)
-                .map_err(kvm_err("set vCPU events"))
-        },
-    )?;
-    Ok(moved)
 }
