@@ -49,6 +49,7 @@ use crate::guest::GuestKind;
 use crate::kvm::vcpu::VcpuTask;
 use crate::kvm::vcpu_inline::InlineStop;
 use crate::memory::PAGE_SIZE;
+use crate::vmm::exec::{Finished, Waiter};
 use crate::vmm::{RunOptions, Vmm, VmmError};
 
 /// The vCPU's general-purpose registers, RIP and RFLAGS (KVM's layout).
@@ -62,6 +63,8 @@ pub enum Error {
     Fuzz(#[from] FuzzError),
     #[error("a Vm drives one vCPU (got {0})")]
     Cpus(u32),
+    #[error("the test guest runs no exec agent: start_command needs a Linux guest")]
+    NoAgent,
     #[error("no snapshot taken yet: call snapshot() first")]
     NoSnapshot,
     #[error("the guest declared no input buffer (doorbell register 0x20)")]
@@ -128,6 +131,9 @@ pub enum Event {
     Fault,
     /// The guest ended itself (exit port or doorbell) with this status.
     Exit(i32),
+    /// The command [`Vm::start_command`] started ended with this status
+    /// (124: it ran out of time; 1 also when the agent could not run it).
+    CommandExited(i32),
     /// rewind could not continue the vCPU (one line saying why).
     Fatal(String),
     /// Nothing happened within the timeout (a hang, for a fuzzer).
@@ -210,10 +216,11 @@ impl Vm {
             return Err(Error::Cpus(vmm.config.cpus));
         }
         let mut vmm = vmm;
-        if vmm.devices.disks.is_empty() {
+        if vmm.devices.disks.is_empty() && vmm.config.guest == GuestKind::Test {
             // The vCPU runs on the harness's thread: no hand-off per input.
             // Disks keep their vCPU thread, since their queues are served by
-            // the event loop on this one while the guest runs.
+            // the event loop on this one while the guest runs; so does a
+            // Linux guest, whose exec agent it serves (start_command).
             vmm.vcpus[0].make_inline().map_err(FuzzError::from)?;
         }
         let link = lock(&vmm.devices.debug_console).fuzz_link();
@@ -251,29 +258,7 @@ impl Vm {
         if self.vmm.vcpus[0].inline.is_some() {
             return self.run_inline(deadline);
         }
-        if !self.vmm.devices.disks.is_empty() {
-            return self.run_with_devices(deadline);
-        }
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(event) = self.vmm.events.recv_timeout(left) else {
-                self.vmm.pause()?;
-                // A doorbell that rang while we gave up still counts.
-                if let Some(e) = self.vmm.events.recv_timeout(Duration::ZERO) {
-                    if let Some(ev) = self.stopped_by(e) {
-                        return Ok(ev);
-                    }
-                }
-                return Ok(Event::Timeout);
-            };
-            if let Some(ev) = self.stopped_by(event) {
-                if !self.vmm.paused {
-                    // Exit and fatal events leave the vCPU running or halted.
-                    self.vmm.pause()?;
-                }
-                return Ok(ev);
-            }
-        }
+        self.run_with_devices(deadline)
     }
 
     /// [`Vm::run`] with the vCPU on this thread (see kvm::vcpu_inline).
@@ -315,13 +300,21 @@ impl Vm {
         }
     }
 
-    /// [`Vm::run`] for a VM with virtio devices, whose queue notifications
-    /// need the VMM's event loop (an epoll set, built per run: only VMs with
-    /// disks pay for it).
+    /// [`Vm::run`] for a VM whose vCPU has its own thread: the VMM's event
+    /// loop (an epoll set, built per run) serves the disks' queues and the
+    /// exec agent's channel while the guest runs.
     fn run_with_devices(&mut self, deadline: Instant) -> Result<Event, Error> {
         let mut lp = self.vmm.event_loop(None, None, None)?;
         loop {
             lp.wait(Some(deadline))?;
+            let com2 = &self.vmm.devices.com2;
+            self.vmm.exec.feed(com2);
+            if let Finished::Detached(status) = self.vmm.exec.process(com2) {
+                if !self.vmm.paused {
+                    self.vmm.pause()?;
+                }
+                return Ok(Event::CommandExited(status));
+            }
             for e in self.vmm.events.drain() {
                 if let Some(ev) = self.stopped_by(e) {
                     if !self.vmm.paused {
@@ -531,6 +524,27 @@ impl Vm {
                 fd.set_regs(&regs).map_err(|e| e.to_string())
             }))
             .map_err(FuzzError::from)?;
+        Ok(())
+    }
+
+    /// Starts `cmd` in the guest through its exec agent (the Linux guest
+    /// guest-images/linux builds runs one on its second serial port) and
+    /// returns at once: [`Vm::run`] carries the request to the guest while
+    /// it runs, and returns [`Event::CommandExited`] if the command ends.
+    /// Its output is dropped. This is how a harness starts a fuzz target in
+    /// a restored Linux guest: start it, then run until it rings SNAPSHOT.
+    /// The command has no time limit; give `run` one.
+    pub fn start_command(&mut self, cmd: &str) -> Result<(), Error> {
+        if self.vmm.vcpus[0].inline.is_some() {
+            return Err(Error::NoAgent);
+        }
+        // The agent's request outlives every reset (the guest's side is put
+        // back to where it waits for the command): no deadline of its own.
+        const NO_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+        let com2 = &self.vmm.devices.com2;
+        self.vmm
+            .exec
+            .start(cmd.to_string(), NO_DEADLINE, Waiter::Detached, com2);
         Ok(())
     }
 

@@ -46,6 +46,16 @@ const RECIPE: &[(&str, &str, bool)] = &[
     ("init", include_str!("../guest-images/linux/init"), true),
     ("agent", include_str!("../guest-images/linux/agent"), true),
     (
+        "fuzz-helper/rewind_fuzz.h",
+        include_str!("../guest-images/fuzz-helper/rewind_fuzz.h"),
+        false,
+    ),
+    (
+        "fuzz-helper/example_target.c",
+        include_str!("../guest-images/fuzz-helper/example_target.c"),
+        false,
+    ),
+    (
         "patches/0001-pvm-complete-syscall-in-page-fault.patch",
         include_str!("../guest-images/linux/patches/0001-pvm-complete-syscall-in-page-fault.patch"),
         false,

@@ -527,3 +527,73 @@ fn console_hotkeys_revert_the_shell() {
     assert_eq!(status, 0, "{}", t.screen().join("\n"));
     assert!(tmux::terminal_is_sane(&stty), "terminal left raw:\n{stty}");
 }
+
+/// The fuzz helper on real Linux: the shared boot restored into a
+/// `rewind::Vm`, guest-images/fuzz-helper's example target started through
+/// the exec agent. It maps the doorbell page through /dev/mem, declares its
+/// buffers by their physical addresses and rings SNAPSHOT; from there every
+/// input starts in that process, the planted bug's SIGSEGV is reported by
+/// its handler as CRASH, and each reset undoes the input, the kernel's
+/// signal delivery included (the next input runs in the same, unharmed
+/// process, and a full dump equals the snapshot after 24 resets).
+#[test]
+fn a_linux_fuzz_target_rings_the_doorbells_and_resets() {
+    use rewind::{Console, Event, Vm};
+    use std::time::Duration;
+    if !kvm_available("linux fuzz target") {
+        return;
+    }
+    let _turn = linux_turn();
+    let boot = shared();
+    let entry = cache_entry(&boot.home.path.join("boot-cache")).expect("the boot cache entry");
+    // The Vm's folder (its disk overlay) goes under this home, as a CLI
+    // VM's does; every other check here runs rewind as a child with its own.
+    std::env::set_var("REWIND_HOME", &boot.home.path);
+    let console = boot.home.path.join("fuzz-console.log");
+    let mut vm = Vm::restore(&entry, &Console::File(console.clone())).expect("restore into a Vm");
+    let log = || std::fs::read_to_string(&console).unwrap_or_default();
+    vm.start_command("/bin/rewind-fuzz-example").unwrap();
+    // Starting a program is emulated kernel work on PVM hosts: minutes.
+    let t = Instant::now();
+    let first = vm.run(Duration::from_secs(600)).unwrap();
+    assert_eq!(first, Event::SnapshotRequested, "console:\n{}", log());
+    eprintln!(
+        "linux fuzz target: SNAPSHOT rung {:.1} s after the start",
+        t.elapsed().as_secs_f64()
+    );
+    vm.snapshot().unwrap();
+    const SIGSEGV_CRASH: u64 = 0x5E6F_0000 | 11;
+    let limit = Duration::from_secs(300);
+    let mut run = |input: &[u8]| {
+        vm.write_input(input).unwrap();
+        let t = Instant::now();
+        let event = vm.run(limit).unwrap();
+        let feedback = vm.feedback().unwrap();
+        vm.reset().unwrap();
+        eprintln!(
+            "linux fuzz target: {:?} -> {event:?} in {:.1} ms",
+            String::from_utf8_lossy(input),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        (event, feedback[..5].to_vec())
+    };
+    assert_eq!(run(b"RWNx"), (Event::Done, vec![1, 1, 1, 1, 0]));
+    // The marks of the input before are gone.
+    assert_eq!(run(b"abcd"), (Event::Done, vec![1, 0, 0, 0, 0]));
+    let (event, _) = run(b"RWND");
+    assert_eq!(event, Event::Crash(SIGSEGV_CRASH), "console:\n{}", log());
+    // The process that took the signal is back as it was at SNAPSHOT.
+    assert_eq!(run(b"RWNx"), (Event::Done, vec![1, 1, 1, 1, 0]));
+    for i in 0..20u8 {
+        let (event, _) = run(&[b'R', b'W', b'N', b'D' ^ (i % 2)]);
+        let want = match i % 2 {
+            0 => Event::Crash(SIGSEGV_CRASH),
+            _ => Event::Done,
+        };
+        assert_eq!(event, want, "input {i}");
+    }
+    assert_eq!(vm.reset_times().resets, 24);
+    // Every page, every vCPU part, irqchips, PIT and devices, as snapshotted.
+    let diffs = vm.differences_from_snapshot().unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}

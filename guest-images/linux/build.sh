@@ -6,14 +6,16 @@
 # Outputs go to ${REWIND_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rewind/images}/<key>/, where
 # <key> is the first 16 hex digits of a sha256 over every input: this script, microvm.config,
 # debian-versions (the pinned versions of linux-source-6.1, the cloud kernel package and
-# busybox-static), init, agent and patches/*.patch. stdout gets only that directory; progress
+# busybox-static), init, agent, the fuzz helper's example target and patches/*.patch. stdout gets
+# only that directory; progress
 # (one line per step, with elapsed seconds) goes to stderr. A rerun with the same inputs only
 # hashes files: it never asks apt, so an `apt-get update` does not trigger a rebuild.
 #
 #   microvm   -> vmlinux-microvm (ELF), config-microvm
 #   stock     -> vmlinuz-stock (Debian's bzImage), vmlinux-stock (ELF taken out of it),
 #                config-stock, initramfs-stock.cpio (initramfs + virtio modules)
-#   initramfs -> initramfs.cpio (uncompressed newc: busybox-static, /init, the exec agent)
+#   initramfs -> initramfs.cpio (uncompressed newc: busybox-static, /init, the exec agent,
+#                /bin/rewind-fuzz-example: guest-images/fuzz-helper's target, static)
 #   rootfs    -> rootfs.ext4 (64 MiB ext4 root disk, same contents, /sbin/init is the same init;
 #                boot it with `rewind run --guest linux --disk rootfs.ext4 --root`)
 #
@@ -124,9 +126,20 @@ resolve_versions() { # sets SRC_VER CLOUD_PKG CLOUD_VER BB_VER (slow path only)
 	CLOUD_VER=$(pinned_or_candidate "$CLOUD_PKG") || die "no installable $CLOUD_PKG"
 }
 
+# The fuzz helper lives beside this recipe in the repository (guest-images/fuzz-helper) and inside
+# it where rewind stages the recipe; the key names it the same either way.
+helper=$here/fuzz-helper
+[ -d "$helper" ] || helper=$here/../fuzz-helper
+input_path() { # NAME from input_files: the file
+	case $1 in
+	fuzz-helper/*) echo "$helper/${1#fuzz-helper/}" ;;
+	*) echo "$here/$1" ;;
+	esac
+}
 input_files() { # the recipe's own files, relative to $here, in a fixed order
 	local f
-	for f in build.sh microvm.config debian-versions init agent; do printf '%s\n' "$f"; done
+	for f in build.sh microvm.config debian-versions init agent \
+		fuzz-helper/rewind_fuzz.h fuzz-helper/example_target.c; do printf '%s\n' "$f"; done
 	if [ -d "$here/patches" ]; then
 		(cd "$here" && find patches -type f -name '*.patch' | LC_ALL=C sort)
 	fi
@@ -135,7 +148,7 @@ describe_inputs() { # everything the key covers, human-readable (also stored as 
 	local f
 	echo "rewind linux guest recipe"
 	while read -r f; do
-		printf 'file %s %s\n' "$f" "$(sha256sum <"$here/$f" | cut -c1-64)"
+		printf 'file %s %s\n' "$f" "$(sha256sum <"$(input_path "$f")" | cut -c1-64)"
 	done < <(input_files)
 	printf 'stock kernel override %s\n' "${REWIND_STOCK_KERNEL_PKG:--}"
 }
@@ -215,6 +228,8 @@ deps=(cpio xz-utils)
 [ $need_microvm = 1 ] && deps+=(gcc make bc bison flex libelf-dev libssl-dev binutils patch)
 [ $need_stock = 1 ] && deps+=(kmod lz4 binutils zstd)
 [ $need_rootfs = 1 ] && deps+=(e2fsprogs)
+# The fuzz helper's example target, linked static into the initramfs tree (and so the root disk).
+{ [ $need_initramfs = 1 ] || [ $need_stock = 1 ] || [ $need_rootfs = 1 ]; } && deps+=(gcc libc6-dev)
 missing=()
 for p in "${deps[@]}"; do
 	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -271,6 +286,8 @@ initramfs_tree() { # DIR: busybox-static, /init, the agent, the /dev nodes early
 	done
 	install -m 0755 "$here/init" "$dir/init"
 	install -m 0755 "$here/agent" "$dir/bin/rewind-agent"
+	run gcc -static -O2 -Wall -Werror -o "$dir/bin/rewind-fuzz-example" \
+		"$helper/example_target.c"
 	# Created in the archive itself (we are root), so /init has a console before devtmpfs.
 	mknod -m 0600 "$dir/dev/console" c 5 1
 	mknod -m 0666 "$dir/dev/null" c 1 3

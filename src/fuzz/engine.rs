@@ -156,7 +156,10 @@ pub fn fuzz(vm: &mut Vm, opts: &FuzzOptions) -> Result<FuzzReport, Error> {
                 None
             }
             Event::Done => None,
-            Event::SnapshotRequested | Event::Exit(_) | Event::Fatal(_) => {
+            Event::SnapshotRequested
+            | Event::Exit(_)
+            | Event::CommandExited(_)
+            | Event::Fatal(_) => {
                 return Err(Error::Dead(format!(
                     "the target did not end its input with DONE or CRASH: {event:?}"
                 )))

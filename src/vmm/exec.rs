@@ -26,12 +26,17 @@ pub enum Waiter {
     /// `rewind run --exec`: output streams to our stdout/stderr and the
     /// run ends with the command's status.
     Console,
+    /// A library harness's command (`Vm::start_command`): output dropped,
+    /// its status handed back.
+    Detached,
 }
 
 /// What finished, for the event loop.
 pub enum Finished {
     /// A `--exec` command ended with this status.
     Console(i32),
+    /// A detached command ended with this status.
+    Detached(i32),
     Nothing,
 }
 
@@ -67,7 +72,7 @@ impl ExecLink {
     ) -> u64 {
         let mode = match waiter {
             Waiter::Api(_) => OutputMode::Collect,
-            Waiter::Console => OutputMode::Stream,
+            Waiter::Console | Waiter::Detached => OutputMode::Stream,
         };
         let id = self.engine.start(&cmd, timeout, mode);
         self.waiters.insert(id, waiter);
@@ -104,8 +109,12 @@ impl ExecLink {
 
     fn on_event(&mut self, event: Event) -> Option<Finished> {
         match event {
-            // Only `--exec` commands stream.
-            Event::Output(_, stream, data) => {
+            // Only `--exec` and detached commands stream; the latter's
+            // output goes nowhere.
+            Event::Output(id, stream, data) => {
+                if !matches!(self.waiters.get(&id), Some(Waiter::Console)) {
+                    return None;
+                }
                 let _ = match stream {
                     Stream::Stdout => std::io::stdout()
                         .write_all(&data)
@@ -120,14 +129,19 @@ impl ExecLink {
                     None
                 }
                 (Waiter::Console, Ok(out)) => Some(Finished::Console(out.status)),
-                (Waiter::Console, Err(err)) => {
+                (Waiter::Detached, Ok(out)) => Some(Finished::Detached(out.status)),
+                (waiter, Err(err)) => {
                     eprintln!("rewind: {err}");
                     let timed_out = matches!(err, ExecError::Timeout(_));
-                    Some(Finished::Console(if timed_out {
+                    let status = if timed_out {
                         crate::vmm::EXIT_TIMEOUT
                     } else {
                         1
-                    }))
+                    };
+                    Some(match waiter {
+                        Waiter::Detached => Finished::Detached(status),
+                        _ => Finished::Console(status),
+                    })
                 }
             },
         }
@@ -196,6 +210,21 @@ mod tests {
             .read_to_string(&mut text)
             .expect("the exec caller got an answer");
         text
+    }
+
+    #[test]
+    fn a_detached_command_hands_back_its_status() {
+        let mut l = Link::new();
+        let id = l.link.start(
+            "/bin/rewind-fuzz-example".into(),
+            Duration::from_secs(60),
+            Waiter::Detached,
+            &l.com2,
+        );
+        let said = format!("HELLO rewind-agent 1\nOUTH {id} 6869\nEXIT {id} 3\n");
+        l.guest.write_all(said.as_bytes()).unwrap();
+        assert!(matches!(l.link.process(&l.com2), Finished::Detached(3)));
+        assert!(l.link.engine.is_idle());
     }
 
     #[test]

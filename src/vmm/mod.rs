@@ -8,7 +8,7 @@ mod diagnose;
 mod dirty;
 pub mod disks;
 mod event_loop;
-mod exec;
+pub(crate) mod exec;
 mod host_identity;
 mod hotkeys;
 mod persist;
