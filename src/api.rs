@@ -535,7 +535,7 @@ impl Vm {
     /// a restored Linux guest: start it, then run until it rings SNAPSHOT.
     /// The command has no time limit; give `run` one.
     pub fn start_command(&mut self, cmd: &str) -> Result<(), Error> {
-        if self.vmm.vcpus[0].inline.is_some() {
+        if self.vmm.config.guest != GuestKind::Linux {
             return Err(Error::NoAgent);
         }
         // The agent's request outlives every reset (the guest's side is put

@@ -451,3 +451,19 @@ fn the_linux_doorbell_helper_builds() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(obj.exists());
 }
+
+/// The test guest runs no exec agent: `start_command` says so at once
+/// rather than leave a request nobody will answer.
+#[test]
+fn start_command_needs_a_guest_with_an_exec_agent() {
+    if !kvm_available("start_command") {
+        return;
+    }
+    let mut vm = Vm::boot(&VmOptions {
+        cmdline: "mode=fuzz".into(),
+        ..VmOptions::default()
+    })
+    .unwrap();
+    let err = vm.start_command("true").unwrap_err();
+    assert!(err.to_string().contains("no exec agent"), "{err}");
+}
