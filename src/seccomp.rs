@@ -16,7 +16,7 @@
 //!   exec agent link on COM2, snapshot create/revert/delete, the boot cache,
 //!   and the VM folder's cleanup at the end.
 //!
-//! Each list is [`COMMON`] (what Rust's runtime, the allocator and a
+//! Each list is `COMMON` (what Rust's runtime, the allocator and a
 //! thread's exit need) plus that kind's own. To let a thread make a new
 //! call, add it to its list below with a word on who needs it. A thread
 //! that makes any other call gets SIGSYS; the handler here prints one line

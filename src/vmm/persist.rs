@@ -45,7 +45,7 @@ pub struct MachineState {
     pub devices: DevicesState,
 }
 
-/// One field per member of [`Devices`]: both sides destructure, so a device
+/// One field per member of `Devices`: both sides destructure, so a device
 /// added there and left out here does not compile (com2 once was left out:
 /// a restored guest's agent never got another interrupt).
 #[derive(Clone)]
