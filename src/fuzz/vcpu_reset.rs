@@ -85,6 +85,7 @@ impl PartCost {
     pub(super) fn count_cr3_reload(&mut self) {
         self.cr3_reloads += 1;
     }
+
     /// Puts the vCPU back to `snap` (`msrs`: the MSRs to compare).
     /// `then_runs`: the vCPU enters the guest right after, so the state may
     /// go in through `kvm_run` (see [`restore_with_sync`]). Returns whether

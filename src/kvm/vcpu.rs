@@ -357,11 +357,10 @@ impl VcpuThread {
 
     fn run(mut self) {
         crate::seccomp::install_or_exit(crate::seccomp::Thread::Vcpu);
-        let run_ptr: *mut kvm_run = self.core.vcpu.get_kvm_run();
-        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        set_kick_target(self.core.vcpu.get_kvm_run());
         let next = self.event_loop();
         // Cleared before the vCPU leaves this thread (see KVM_RUN_PTR).
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        set_kick_target(std::ptr::null_mut());
         if let Next::Handover(to) = next {
             let _ = to.send(self.core);
         }
