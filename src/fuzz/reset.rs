@@ -79,7 +79,8 @@ pub(crate) struct MemSnapshot {
     /// Per slot, one bit per page: page tables reachable from CR3.
     page_tables: Vec<Vec<u64>>,
     /// MSRs to compare on reset (all but the TSC).
-    msrs: Vec<u32>,
+    /// Shared with every reset's vCPU task, so none copies the list.
+    msrs: Arc<[u32]>,
     cost: Arc<Mutex<PartCost>>,
     /// Where KVM shadows the guest's page tables: the slot reload a vCPU
     /// task does itself when CR3 had moved.

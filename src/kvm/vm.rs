@@ -255,13 +255,15 @@ impl Vm {
             return Ok(log);
         }
         let hot = self.hot.get(slot as usize);
-        let mut clear = log.clone();
-        if let Some(hot) = hot {
-            for (c, h) in clear.iter_mut().zip(hot) {
-                *c &= !h;
-            }
-        }
-        if clear.iter().any(|&w| w != 0) {
+        let hot_word = |i: usize| hot.and_then(|h| h.get(i)).copied().unwrap_or(0);
+        // Built only when a page that is not hot was written: a fuzzer's
+        // reset, whose written pages are all hot, allocates nothing here.
+        if log.iter().enumerate().any(|(i, &w)| w & !hot_word(i) != 0) {
+            let mut clear: Vec<u64> = log
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| w & !hot_word(i))
+                .collect();
             self.clear_dirty_log(slot, size, &mut clear)?;
         }
         if let Some(hot) = hot {
